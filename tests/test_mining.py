@@ -1,0 +1,71 @@
+"""UTM mining against a brute-force reference on random points."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from vpr.config import MiningConfig
+from vpr.mining import mine_split, radius_neighbours, utm_positives
+
+
+def brute_force(db: np.ndarray, q: np.ndarray, radius: float) -> list[list[int]]:
+    d = np.sqrt(((q[:, None, :] - db[None, :, :]) ** 2).sum(-1))
+    return [sorted(np.flatnonzero(row <= radius).tolist()) for row in d]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_radius_neighbours_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    db = rng.uniform(0, 300, size=(2000, 2)) + [584000, 4477000]
+    q = rng.uniform(0, 300, size=(300, 2)) + [584000, 4477000]
+    for radius in (10.0, 25.0):
+        got = [h.tolist() for h in radius_neighbours(db, q, radius)]
+        assert got == brute_force(db, q, radius)
+
+
+def test_hard_positives_are_subset_of_soft():
+    rng = np.random.default_rng(3)
+    db, q = rng.uniform(0, 100, (500, 2)), rng.uniform(0, 100, (50, 2))
+    hard, soft = utm_positives(db, q, 10, 25)
+    for h, s in zip(hard, soft):
+        assert set(h) <= set(s)
+
+
+def _catalog(db: np.ndarray, q: np.ndarray, split: str) -> pl.DataFrame:
+    rows = [(f"images/{split}/database/db{i:05d}.jpg", "database", *xy) for i, xy in enumerate(db)]
+    rows += [(f"images/{split}/queries/q{i:05d}.jpg", "queries", *xy) for i, xy in enumerate(q)]
+    return pl.DataFrame(rows, schema=["path", "role", "utm_east", "utm_north"], orient="row").with_columns(
+        split=pl.lit(split))
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_mine_split_matches_brute_force_and_drops_only_on_train(split):
+    rng = np.random.default_rng(7)
+    db = rng.uniform(0, 400, (800, 2))
+    q = rng.uniform(0, 400, (200, 2))
+    cfg = MiningConfig(train_positive_m=10, test_positive_m=25)
+    table = mine_split(_catalog(db, q, split), split, cfg)
+    hard_ref, soft_ref = brute_force(db, q, 10), brute_force(db, q, 25)
+    db_paths = [f"images/{split}/database/db{i:05d}.jpg" for i in range(len(db))]
+    expected = {
+        f"images/{split}/queries/q{i:05d}.jpg": ([db_paths[j] for j in h], [db_paths[j] for j in s])
+        for i, (h, s) in enumerate(zip(hard_ref, soft_ref))
+        if split != "train" or h
+    }
+    if split == "train":
+        assert table.height < len(q), "the random layout must leave some queries without a hard positive"
+    else:
+        assert table.height == len(q)
+    assert table["path"].to_list() == sorted(expected)
+    for row in table.iter_rows(named=True):
+        hard, soft = expected[row["path"]]
+        assert row["hard_positives"] == hard
+        assert row["soft_positives"] == soft
+        if split == "train":
+            assert row["hard_positives"], "every kept train query has a hard positive"
+
+
+def test_queries_without_database_is_an_error():
+    cat = _catalog(np.empty((0, 2)), np.ones((3, 2)), "val")
+    with pytest.raises(ValueError, match="no database"):
+        mine_split(cat, "val", MiningConfig())

@@ -1,0 +1,180 @@
+"""One typed configuration, loaded once from ``params.yaml`` and passed down explicitly.
+
+Every knob of the pipeline lives here. Unknown or ill-typed keys fail at load time with a message
+that names the key (``train.lr``), before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+HEADS = ("avg", "gem", "netvlad", "crn")
+Head = Literal["avg", "gem", "netvlad", "crn"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Strict):
+    """Where things live, relative to the project root."""
+
+    data: str = "data"
+    artifacts: str = "artifacts"
+    metrics: str = "metrics"
+    reports: str = "reports"
+    inbox: str = "inbox"
+
+
+class SplitSize(_Strict):
+    database: int = Field(gt=0)
+    queries: int = Field(gt=0)
+
+
+class SynthConfig(_Strict):
+    """The synthetic city: a deterministic datasets_vg tree."""
+
+    seed: int = 0
+    height: int = Field(120, ge=32)
+    width: int = Field(160, ge=32)
+    train: SplitSize = SplitSize(database=400, queries=300)
+    val: SplitSize = SplitSize(database=200, queries=100)
+    test: SplitSize = SplitSize(database=400, queries=200)
+    place_spacing_m: float = Field(5.0, gt=0)
+    facade_styles: int = Field(6, gt=0)
+    distractors: bool = True
+
+
+class IngestConfig(_Strict):
+    workers: int = Field(2, ge=1)
+    max_pixels: int = Field(100_000_000, gt=0)
+
+
+class ShardConfig(_Strict):
+    height: int = Field(120, ge=16)
+    width: int = Field(160, ge=16)
+    jpeg_quality: int = Field(90, ge=10, le=100)
+    samples_per_shard: int = Field(1000, gt=0)
+
+
+class MiningConfig(_Strict):
+    train_positive_m: float = Field(10.0, gt=0)
+    test_positive_m: float = Field(25.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "MiningConfig":
+        if self.train_positive_m > self.test_positive_m:
+            raise ValueError("mining.train_positive_m must not exceed mining.test_positive_m")
+        return self
+
+
+class ModelConfig(_Strict):
+    weights: str = "imagenet"  # "imagenet", "none", or a path to a local .pth state dict
+    freeze_early_layers: bool = True
+    netvlad_clusters: int = Field(64, gt=1)
+    gem_p: float = Field(3.0, gt=0)
+    gem_dim: int = Field(256, gt=0)
+    kmeans_descriptors: int = Field(50_000, gt=0)
+
+
+class AugmentConfig(_Strict):
+    color_jitter: float = Field(0.0, ge=0)
+    horizontal_flip: bool = False
+    random_erasing: float = Field(0.0, ge=0, le=1)
+
+
+class TrainConfig(_Strict):
+    heads: list[Head] = list(HEADS)
+    lr: float = Field(1e-4, gt=0)
+    epochs: int = Field(3, ge=1)
+    queries_per_epoch: int = Field(200, gt=0)
+    batch_queries: int = Field(4, gt=0)
+    negatives: int = Field(10, gt=0)
+    margin: float = Field(0.1, gt=0)
+    mining: Literal["full", "partial", "random"] = "partial"
+    negative_sample: int = Field(500, gt=0)
+    refresh_every: int = Field(100, gt=0)
+    patience: int = Field(3, ge=1)
+    image_scale: float = Field(1.0, gt=0)
+    augment: AugmentConfig = AugmentConfig()
+    seed: int = 0
+    workers: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+
+
+class EvalConfig(_Strict):
+    recall_at: list[int] = [1, 5, 10, 20]
+    batch_size: int = Field(32, gt=0)
+    index: Literal["exact", "ivfpq", "hnsw"] = "exact"
+    pca_dim: int | None = None
+
+    @field_validator("recall_at")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(n <= 0 for n in value):
+            raise ValueError("recall_at must be a non-empty list of positive integers")
+        return sorted(set(value))
+
+
+class OrchestrationConfig(_Strict):
+    task_runner: Literal["threads", "dask"] = "threads"
+    max_workers: int = Field(2, ge=1)
+    dask_address: str | None = None
+    reindex_cron: str = "*/15 * * * *"
+    task_retries: int = Field(2, ge=0)
+
+
+class Config(_Strict):
+    paths: PathsConfig = PathsConfig()
+    synth: SynthConfig = SynthConfig()
+    ingest: IngestConfig = IngestConfig()
+    shards: ShardConfig = ShardConfig()
+    mining: MiningConfig = MiningConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+
+
+class ConfigError(ValueError):
+    """params.yaml is malformed; the message names each offending key."""
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            lines.append(f"{key}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def parse_config(raw: dict | None) -> Config:
+    """Validate a params mapping into a ``Config``; raises ``ConfigError`` naming the bad keys."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("params must be a mapping of sections")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid params: {_describe(exc)}") from None
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Load and validate ``params.yaml`` (missing file → defaults are NOT assumed: it's an error)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(raw)

@@ -1,0 +1,85 @@
+"""Where each pipeline step writes its outputs. One place, so Prefect and DVC agree on paths.
+
+All paths are relative to the project root (the folder holding ``params.yaml``) unless an
+absolute ``root`` is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vpr.config import Config
+
+SPLITS = ("train", "val", "test")
+ROLES = ("database", "queries")
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+    data: Path
+    artifacts: Path
+    metrics: Path
+    reports: Path
+    inbox: Path
+
+    @classmethod
+    def from_config(cls, cfg: Config, root: str | Path = ".") -> "Layout":
+        root = Path(root)
+        p = cfg.paths
+        return cls(root, root / p.data, root / p.artifacts, root / p.metrics, root / p.reports,
+                   root / p.inbox)
+
+    # ingest
+    @property
+    def catalog_dir(self) -> Path:
+        return self.artifacts / "catalog"
+
+    @property
+    def catalog(self) -> Path:
+        return self.catalog_dir / "catalog.parquet"
+
+    @property
+    def rejected(self) -> Path:
+        return self.catalog_dir / "rejected.parquet"
+
+    # shards
+    @property
+    def shards_dir(self) -> Path:
+        return self.artifacts / "shards"
+
+    @property
+    def shard_index(self) -> Path:
+        """Table: one row per image → shard file, member offsets (random access by id)."""
+        return self.shards_dir / "index.parquet"
+
+    # mining
+    @property
+    def mining_dir(self) -> Path:
+        return self.artifacts / "mining"
+
+    def mining(self, split: str) -> Path:
+        return self.mining_dir / f"{split}.parquet"
+
+    # training
+    @property
+    def models_dir(self) -> Path:
+        return self.artifacts / "models"
+
+    def checkpoint(self, head: str) -> Path:
+        return self.models_dir / head / "model.pt"
+
+    def history(self, head: str) -> Path:
+        return self.models_dir / head / "history.csv"
+
+    # evaluation
+    def metrics_file(self, head: str) -> Path:
+        return self.metrics / f"{head}.json"
+
+    def predictions(self, head: str) -> Path:
+        return self.artifacts / "predictions" / f"{head}.parquet"
+
+    # release (index + id table + model) used by locate and reindex
+    def release_dir(self, head: str) -> Path:
+        return self.artifacts / "release" / head
