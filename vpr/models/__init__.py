@@ -1,0 +1,62 @@
+"""VPR models: ResNet-18 conv4 backbone + one descriptor head (avg, gem, netvlad, crn)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from vpr.config import ModelConfig
+from vpr.models.backbone import BACKBONE_CHANNELS, ResNetConv4, build_backbone, imagenet_weights_path
+from vpr.models.heads import AvgHead, CRNHead, GeMHead, NetVLADHead
+
+HEAD_NAMES = ("avg", "gem", "netvlad", "crn")
+
+__all__ = [
+    "HEAD_NAMES",
+    "AvgHead",
+    "CRNHead",
+    "GeMHead",
+    "NetVLADHead",
+    "ResNetConv4",
+    "VPRModel",
+    "build_backbone",
+    "build_head",
+    "build_model",
+    "imagenet_weights_path",
+]
+
+
+def build_head(head: str, cfg: ModelConfig, dim: int = BACKBONE_CHANNELS) -> nn.Module:
+    """One descriptor head by name; unknown names raise ``ValueError`` naming the head."""
+    if head == "avg":
+        return AvgHead(dim)
+    if head == "gem":
+        return GeMHead(dim, out_dim=cfg.gem_dim, p=cfg.gem_p)
+    if head == "netvlad":
+        return NetVLADHead(clusters=cfg.netvlad_clusters, dim=dim)
+    if head == "crn":
+        return CRNHead(clusters=cfg.netvlad_clusters, dim=dim)
+    raise ValueError(f"unknown head {head!r}; expected one of {', '.join(HEAD_NAMES)}")
+
+
+class VPRModel(nn.Module):
+    """Backbone + head: images ``B×3×H×W`` → L2-normalised descriptors ``B×descriptor_dim``."""
+
+    def __init__(self, backbone: ResNetConv4, head: nn.Module, head_name: str) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.head_name = head_name
+        self.descriptor_dim: int = head.out_dim
+
+    def features(self, images: Tensor) -> Tensor:
+        """The conv4 map ``B×256×H/16×W/16`` (k-means sampling, CRN mask visualisation)."""
+        return self.backbone(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.backbone(images))
+
+
+def build_model(head: str, cfg: ModelConfig) -> VPRModel:
+    """Build backbone (weights per ``cfg.weights``) and the named head."""
+    head_module = build_head(head, cfg)  # validate the name before the (possibly warning) backbone build
+    return VPRModel(build_backbone(cfg), head_module, head)

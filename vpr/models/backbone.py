@@ -1,0 +1,94 @@
+"""ResNet-18 truncated after ``layer3`` (conv4): 256 channels at stride 16.
+
+Weights are only ever read from local files: these machines have no internet, so a download attempt would
+hang or fail late. Missing ImageNet weights degrade to random init with a loud warning instead.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+from vpr.config import ModelConfig
+
+IMAGENET_FILE = "resnet18-f37072fd.pth"  # torchvision's cache name for ResNet18_Weights.IMAGENET1K_V1
+BACKBONE_CHANNELS = 256
+BACKBONE_STRIDE = 16
+_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+_FROZEN = ("conv1", "bn1", "layer1", "layer2")
+
+
+class ResNetConv4(nn.Sequential):
+    """ResNet-18 up to ``layer3``; module names match torchvision so state dicts load unchanged.
+
+    With ``freeze_early=True`` everything before ``layer3`` gets ``requires_grad=False`` and stays in eval
+    mode even under ``.train()``: otherwise BatchNorm running statistics would still drift on small
+    place-recognition batches although the weights are frozen.
+    """
+
+    out_channels = BACKBONE_CHANNELS
+    stride = BACKBONE_STRIDE
+
+    def __init__(self, net: nn.Module, freeze_early: bool = True) -> None:
+        super().__init__(OrderedDict((name, getattr(net, name)) for name in _LAYERS))
+        self.freeze_early = freeze_early
+        if freeze_early:
+            for name in _FROZEN:
+                for param in getattr(self, name).parameters():
+                    param.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ResNetConv4":
+        super().train(mode)
+        if self.freeze_early:
+            for name in _FROZEN:
+                getattr(self, name).train(False)
+        return self
+
+
+def imagenet_weights_path() -> Path:
+    """Where torchvision would have cached the ImageNet ResNet-18 weights (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
+
+
+def _load_state(net: nn.Module, path: Path) -> None:
+    """Load a local state dict into a full resnet18; accepts full or conv4-only (layer4/fc-less) dicts."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not contain a state dict (got {type(state).__name__})")
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k.split(".")[0] in _LAYERS]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} is not a ResNet-18 state dict: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+        )
+
+
+def build_backbone(cfg: ModelConfig) -> ResNetConv4:
+    """Build the conv4 backbone with ``cfg.weights`` = ``"imagenet"`` (cache only), ``"none"``, or a .pth path."""
+    net = resnet18(weights=None)  # weights=None never touches the network
+    weights = cfg.weights
+    if weights == "imagenet":
+        path = imagenet_weights_path()
+        if path.is_file():
+            _load_state(net, path)
+        else:
+            warnings.warn(
+                f"ImageNet weights not found at {path}; using random init "
+                f"(place {IMAGENET_FILE} there or set model.weights to a local .pth file)",
+                stacklevel=2,
+            )
+    elif weights != "none":
+        path = Path(os.path.expanduser(weights))
+        if not path.is_file():
+            raise FileNotFoundError(f"model.weights: backbone weights file not found: {path}")
+        _load_state(net, path)
+    return ResNetConv4(net, freeze_early=cfg.freeze_early_layers)
