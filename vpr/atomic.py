@@ -21,6 +21,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; published files are world-readable
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

@@ -72,11 +72,14 @@ def shard(
     """Pack the catalog's images into deterministic WebDataset tars plus an id → shard table."""
     cfg = _config(params)
     from vpr.layout import Layout
-    from vpr.shards import write_shards
+    from vpr.shards import ShardError, write_shards
 
     layout = Layout.from_config(cfg)
-    index = write_shards(catalog or layout.catalog, data_root or layout.data, out or layout.shards_dir,
-                         cfg.shards)
+    try:
+        index = write_shards(catalog or layout.catalog, data_root or layout.data, out or layout.shards_dir,
+                             cfg.shards)
+    except ShardError as exc:
+        _fail(str(exc))
     typer.echo(f"shard index → {index}", err=True)
 
 
@@ -84,24 +87,36 @@ def shard(
 def mine(
     catalog: Path = typer.Option(None, help="catalog.parquet"),
     split: list[str] = typer.Option(["train", "val", "test"], help="split(s) to mine"),
-    out: Path = typer.Option(None, help="output parquet (one split) or folder (several)"),
+    out: Path = typer.Option(None, help="output folder ({split}.parquet per split)"),
     params: Path = ParamsOpt,
 ) -> None:
     """UTM positives per query: hard (≤ train_positive_m) and soft (≤ test_positive_m)."""
     cfg = _config(params)
-    import polars as pl
-
     from vpr.layout import Layout
-    from vpr.mining import mine_split, write_mining
+    from vpr.mining import mine_all
 
     layout = Layout.from_config(cfg)
-    table = pl.read_parquet(catalog or layout.catalog)
-    for s in split:
-        target = out if (out is not None and len(split) == 1) else (
-            (out / f"{s}.parquet") if out is not None else layout.mining(s))
-        mined = mine_split(table, s, cfg.mining)
-        write_mining(mined, target)
-        typer.echo(f"{s}: {mined.height} queries → {target}", err=True)
+    written = mine_all(catalog or layout.catalog, out or layout.mining_dir, cfg.mining, tuple(split))
+    for s, path in written.items():
+        typer.echo(f"{s} → {path}", err=True)
+
+
+@app.command()
+def train(
+    head: str = typer.Option(..., "--head", help="avg | gem | netvlad | crn"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last epoch checkpoint"),
+    params: Path = ParamsOpt,
+) -> None:
+    """Train one head with triplets (UTM positives, descriptor-mined hard negatives)."""
+    cfg = _config(params)
+    from vpr.config import HEADS
+    from vpr.layout import Layout
+    from vpr.train import train_head
+
+    if head not in HEADS:
+        _fail(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    summary = train_head(head, cfg, Layout.from_config(cfg), resume=resume)
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 
 def main() -> None:  # pragma: no cover - console entry

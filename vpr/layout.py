@@ -70,8 +70,13 @@ class Layout:
     def checkpoint(self, head: str) -> Path:
         return self.models_dir / head / "model.pt"
 
+    def last_checkpoint(self, head: str) -> Path:
+        """Every epoch's state (model, optimiser, history) for ``--resume``."""
+        return self.models_dir / head / "last.pt"
+
     def history(self, head: str) -> Path:
-        return self.models_dir / head / "history.csv"
+        """Per-epoch CSV (loss, val recall, speed) that ``dvc plots`` draws."""
+        return self.artifacts / "history" / f"{head}.csv"
 
     # evaluation
     def metrics_file(self, head: str) -> Path:

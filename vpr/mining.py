@@ -74,3 +74,10 @@ def mine_split(catalog: pl.DataFrame, split: str, cfg: MiningConfig) -> pl.DataF
 def write_mining(table: pl.DataFrame, target: str | Path) -> Path:
     """Write a mining table atomically (temp file in the same folder, then rename)."""
     return write_parquet_atomic(table, target)
+
+
+def mine_all(catalog_path: str | Path, out_dir: str | Path, cfg: MiningConfig,
+             splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Path]:
+    """Mine every split of a catalog into ``out_dir/{split}.parquet`` (the DVC/Prefect step)."""
+    catalog = pl.read_parquet(catalog_path)
+    return {s: write_mining(mine_split(catalog, s, cfg), Path(out_dir) / f"{s}.parquet") for s in splits}

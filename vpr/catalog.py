@@ -1,0 +1,288 @@
+"""Ingest: validate a datasets_vg tree once and record every usable image in a catalog table.
+
+Every image is opened and fully decoded exactly once here, so later steps (sharding, training) never
+meet an unreadable file. Files that cannot be used are not fatal: they are listed with a reason in
+``rejected.parquet`` and counted in a summary on stderr. The run fails only when there is nothing
+to work with (missing root, no ``images/<split>/<role>`` folders, zero usable images).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import multiprocessing
+import sys
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+from PIL import Image, ImageFile
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from vpr.atomic import write_parquet_atomic
+from vpr.config import IngestConfig
+from vpr.geo import NameError_, parse_name
+from vpr.layout import ROLES, SPLITS
+
+# Reject reasons: exact strings, asserted by tests and grouped in the summary.
+REASON_EMPTY = "empty file"
+REASON_NOT_IMAGE = "not an image"
+REASON_TRUNCATED = "truncated image"
+REASON_TOO_MANY_PIXELS = "too many pixels"
+REASON_UNREADABLE = "unreadable file"  # the file vanished or cannot be read (permissions, I/O error)
+REASON_BAD_NAME = "bad name"  # full reason: "bad name: <why>" (see ``bad_name_reason``)
+
+CATALOG_FILE = "catalog.parquet"
+REJECTED_FILE = "rejected.parquet"
+
+# EXIF orientations that rotate by 90°/270°: stored width and height are swapped on display.
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION = 0x0112
+
+CATALOG_SCHEMA: dict[str, pl.DataType] = {
+    "path": pl.String, "split": pl.String, "role": pl.String,
+    "utm_east": pl.Float64, "utm_north": pl.Float64, "utm_zone": pl.Int32, "utm_letter": pl.String,
+    "lat": pl.Float64, "lon": pl.Float64, "heading": pl.Float64, "timestamp": pl.String,
+    "width": pl.Int32, "height": pl.Int32, "format": pl.String, "sha256": pl.String,
+    "duplicate_of": pl.String,
+}
+REJECTED_SCHEMA: dict[str, pl.DataType] = {"path": pl.String, "reason": pl.String}
+
+
+class IngestError(Exception):
+    """The input tree cannot produce a catalog at all (the CLI exits non-zero)."""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What ``ingest`` wrote: counts plus the two tables (already on disk)."""
+
+    accepted: int
+    rejected: int
+    catalog: pl.DataFrame
+    rejected_table: pl.DataFrame
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    path: str  # relative to ROOT, posix
+    split: str
+    role: str
+
+
+def bad_name_reason(why: str) -> str:
+    """The reject reason for a file name that ``parse_name`` refused."""
+    return f"{REASON_BAD_NAME}: {why}"
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def find_candidates(root: Path) -> list[_Candidate]:
+    """Every file directly under ``ROOT/images/<split>/<role>/``, sorted by relative path."""
+    if not root.exists():
+        raise IngestError(f"dataset root does not exist: {root}")
+    if not root.is_dir():
+        raise IngestError(f"dataset root is not a folder: {root}")
+    role_dirs = [(s, r, root / "images" / s / r) for s in SPLITS for r in ROLES]
+    role_dirs = [(s, r, d) for s, r, d in role_dirs if d.is_dir()]
+    if not role_dirs:
+        raise IngestError(
+            f"{root} has no images/<split>/<role> folders (expected e.g. {root / 'images/train/database'}"
+            f"; splits {', '.join(SPLITS)}; roles {', '.join(ROLES)})"
+        )
+    found = [
+        _Candidate(f.relative_to(root).as_posix(), split, role)
+        for split, role, folder in role_dirs
+        for f in folder.iterdir()
+        if f.is_file()
+    ]
+    return sorted(found, key=lambda c: c.path)
+
+
+# --------------------------------------------------------------------------- per-image check
+
+
+_PILLOW_GLOBALS = threading.Lock()
+
+
+@contextmanager
+def strict_pillow(max_pixels: int | None) -> Iterator[None]:
+    """Never accept truncated data; put Pillow's own bomb guard at our limit (None: off).
+
+    Pillow keeps both settings in module globals, so they are set under a lock and restored after.
+    """
+    with _PILLOW_GLOBALS:
+        saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
+
+
+def _displayed_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) after applying the EXIF orientation, read from the header only."""
+    width, height = im.size
+    try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001 - a broken EXIF block does not make the pixels unusable
+        orientation = None
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        return height, width
+    return width, height
+
+
+def _decode(data: bytes, max_pixels: int) -> dict | str:
+    """Open and fully decode image bytes: image facts on success, a reject reason otherwise."""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        return REASON_TOO_MANY_PIXELS
+    except Exception:  # noqa: BLE001 - UnidentifiedImageError and friends: not an image we can read
+        return REASON_NOT_IMAGE
+    with im:
+        width, height = im.size
+        if width * height > max_pixels:  # from the header, before any pixel is decoded
+            return REASON_TOO_MANY_PIXELS
+        try:
+            im.load()
+        except Exception:  # noqa: BLE001 - OSError "image file is truncated", SyntaxError, zlib...
+            return REASON_TRUNCATED
+        width, height = _displayed_size(im)
+        return {"width": width, "height": height, "format": im.format}
+
+
+def _name_fields(path: str) -> dict | str:
+    """Geo fields from the base file name, or the ``bad name: ...`` reject reason."""
+    try:
+        geo = parse_name(path)
+    except NameError_ as exc:
+        return bad_name_reason(str(exc))
+    return {
+        "utm_east": geo.utm_east, "utm_north": geo.utm_north, "utm_zone": geo.utm_zone,
+        "utm_letter": geo.utm_letter, "lat": geo.lat, "lon": geo.lon, "heading": geo.heading,
+        "timestamp": geo.timestamp,
+    }
+
+
+def inspect_file(root: Path, cand: _Candidate, max_pixels: int) -> dict:
+    """One catalog row (``reason`` is None) or one rejected row (``reason`` set) for a file."""
+    base = {"path": cand.path, "split": cand.split, "role": cand.role}
+    try:
+        data = (root / cand.path).read_bytes()
+    except OSError:
+        return {**base, "reason": REASON_UNREADABLE}
+    if not data:
+        return {**base, "reason": REASON_EMPTY}
+    name = _name_fields(cand.path)
+    if isinstance(name, str):
+        return {**base, "reason": name}
+    facts = _decode(data, max_pixels)
+    if isinstance(facts, str):
+        return {**base, "reason": facts}
+    return {**base, **name, **facts, "sha256": hashlib.sha256(data).hexdigest(), "reason": None}
+
+
+def _inspect_chunk(root: str, chunk: Sequence[_Candidate], max_pixels: int) -> list[dict]:
+    """Worker entry point: inspect a chunk of files under strict Pillow settings."""
+    with strict_pillow(max_pixels):
+        return [inspect_file(Path(root), c, max_pixels) for c in chunk]
+
+
+# --------------------------------------------------------------------------- parallel driver
+
+
+def _chunks(items: Sequence[_Candidate], workers: int) -> list[Sequence[_Candidate]]:
+    size = max(1, min(64, math.ceil(len(items) / (workers * 4))))
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=False,
+    )
+
+
+def _inspect_all(root: Path, cands: list[_Candidate], cfg: IngestConfig) -> list[dict]:
+    """Inspect every candidate (in a process pool when ``workers`` > 1); rows sorted by path."""
+    rows: list[dict] = []
+    chunks = _chunks(cands, cfg.workers)
+    with _progress() as bar:
+        task = bar.add_task("ingest", total=len(cands))
+        if cfg.workers == 1:
+            for chunk in chunks:
+                rows += _inspect_chunk(str(root), chunk, cfg.max_pixels)
+                bar.advance(task, len(chunk))
+        else:
+            # spawn, not fork: callers (Prefect thread runners) may hold threads and locks
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(cfg.workers, mp_context=ctx) as pool:
+                futures = [pool.submit(_inspect_chunk, str(root), c, cfg.max_pixels) for c in chunks]
+                for fut in as_completed(futures):
+                    done = fut.result()
+                    rows += done
+                    bar.advance(task, len(done))
+    return sorted(rows, key=lambda r: r["path"])
+
+
+# --------------------------------------------------------------------------- tables and output
+
+
+def _mark_duplicates(catalog: pl.DataFrame) -> pl.DataFrame:
+    """``duplicate_of`` = first path (sorted) with the same content; null for originals."""
+    first = pl.col("path").first().over("sha256")
+    return catalog.with_columns(
+        pl.when(pl.col("path") != first).then(first).otherwise(None).alias("duplicate_of")
+    )
+
+
+def _tables(rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    good = [{k: r.get(k) for k in CATALOG_SCHEMA if k != "duplicate_of"} for r in rows if r["reason"] is None]
+    bad = [{"path": r["path"], "reason": r["reason"]} for r in rows if r["reason"] is not None]
+    schema = {k: v for k, v in CATALOG_SCHEMA.items() if k != "duplicate_of"}
+    catalog = _mark_duplicates(pl.DataFrame(good, schema=schema).sort("path"))
+    rejected = pl.DataFrame(bad, schema=REJECTED_SCHEMA).sort("path")
+    return catalog.select(list(CATALOG_SCHEMA)), rejected
+
+
+def _summary(catalog: pl.DataFrame, rejected: pl.DataFrame) -> str:
+    lines = [f"ingest: {catalog.height} accepted, {rejected.height} rejected"]
+    for reason, count in sorted(Counter(rejected["reason"].to_list()).items()):
+        lines.append(f"  rejected {count:>6} × {reason}")
+    dups = catalog.filter(pl.col("duplicate_of").is_not_null())
+    if dups.height:
+        example = dups.row(0, named=True)
+        lines.append(
+            f"  duplicates: {dups.height} image(s) have the same bytes as another "
+            f"(kept; e.g. {example['path']} == {example['duplicate_of']})"
+        )
+    return "\n".join(lines)
+
+
+def ingest(root: str | Path, out_dir: str | Path, cfg: IngestConfig) -> IngestResult:
+    """Decode every image under ``ROOT/images/<split>/<role>`` once; write catalog + rejected list."""
+    root, out_dir = Path(root), Path(out_dir)
+    cands = find_candidates(root)
+    catalog, rejected = _tables(_inspect_all(root, cands, cfg))
+    summary = _summary(catalog, rejected)
+    print(summary, file=sys.stderr)
+    if catalog.height == 0:
+        raise IngestError(
+            f"no usable images under {root / 'images'} ({len(cands)} file(s) found, all rejected)"
+        )
+    write_parquet_atomic(catalog, out_dir / CATALOG_FILE)
+    write_parquet_atomic(rejected, out_dir / REJECTED_FILE)
+    return IngestResult(catalog.height, rejected.height, catalog, rejected)
