@@ -1,0 +1,314 @@
+"""Triplet training of one head: UTM-mined positives, descriptor-mined hard negatives.
+
+Each epoch samples ``queries_per_epoch`` training queries and walks them in chunks of
+``refresh_every``. Before each chunk the negative pool is refreshed: descriptors are computed in
+inference mode (streamed from the shards by id) for the chunk's queries, their hard positives and
+the candidate negatives (``full``: the whole database; ``partial``: one shared random database
+sample; ``random``: none). Selection is vectorised (one distance matrix per chunk), so mining costs
+one inference pass instead of a per-query loop. Every epoch ends with validation Recall@N, an
+atomic checkpoint (``last.pt``, for ``--resume``) and, when R@5 improves, the best model
+(``model.pt``). All randomness of epoch *e* derives from ``(seed, e)``, so a resumed run
+reproduces an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.utils.data import DataLoader, Dataset
+
+from vpr.atomic import atomic_path, write_bytes_atomic
+from vpr.config import Config
+from vpr.descriptors import ShardImages, autocast, extract, image_transform, loader_kwargs, resolve_device
+from vpr.evaluate import exact_search, recall_at_n
+from vpr.layout import Layout
+from vpr.models import VPRModel, build_model
+from vpr.shards import ShardReader, read_index
+
+HISTORY_COLUMNS = ["epoch", "loss", "recall@1", "recall@5", "recall@10", "recall@20", "seconds",
+                   "images_per_s"]
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """A split's mined queries as shard ids, positives as indices into ``db_ids``."""
+
+    db_ids: np.ndarray
+    q_ids: np.ndarray
+    hard: list[np.ndarray]
+    soft: list[np.ndarray]
+
+
+def load_split(index: pl.DataFrame, mining: pl.DataFrame, split: str) -> SplitData:
+    """Join a mining table with the shard index: paths become ids."""
+    rows = index.filter(pl.col("split") == split)
+    db = rows.filter(pl.col("role") == "database").sort("path")
+    db_pos = {p: i for i, p in enumerate(db["path"].to_list())}
+    q_id = dict(rows.filter(pl.col("role") == "queries").select("path", "id").iter_rows())
+    missing = [p for p in mining["path"].to_list() if p not in q_id]
+    if missing:
+        raise ValueError(f"{len(missing)} mined {split} queries are not in the shard index, e.g. {missing[0]}")
+
+    def positions(paths: list[str]) -> np.ndarray:
+        return np.array([db_pos[p] for p in paths], dtype=np.int64)
+
+    return SplitData(
+        db_ids=db["id"].to_numpy().astype(np.int64),
+        q_ids=np.array([q_id[p] for p in mining["path"].to_list()], dtype=np.int64),
+        hard=[positions(h) for h in mining["hard_positives"].to_list()],
+        soft=[positions(s) for s in mining["soft_positives"].to_list()],
+    )
+
+
+def select_triplets(q_desc: np.ndarray, pool_desc: np.ndarray, pool_idx: np.ndarray,
+                    hard: list[np.ndarray], soft: list[np.ndarray], candidates: np.ndarray,
+                    n_neg: int, n_db: int, rng: np.random.Generator) -> np.ndarray:
+    """Per query: [best positive, n_neg hardest negatives] as database indices (m × (1+n_neg)).
+
+    ``pool_idx`` (sorted) lists the database indices whose descriptors are in ``pool_desc``.
+    Negatives are the nearest ``candidates`` that are not soft positives; with no candidates (or
+    too few) the rest is drawn uniformly from the database's non-positives.
+    """
+    m = len(q_desc)
+    out = np.empty((m, 1 + n_neg), dtype=np.int64)
+    cand_rows = np.searchsorted(pool_idx, candidates)
+    cand_desc = pool_desc[cand_rows] if len(candidates) else np.empty((0, q_desc.shape[1]), np.float32)
+    dist = (np.sum(q_desc**2, 1)[:, None] + np.sum(cand_desc**2, 1)[None, :] - 2.0 * q_desc @ cand_desc.T)
+    for i in range(m):
+        pos_rows = np.searchsorted(pool_idx, hard[i])
+        d_pos = np.sum((pool_desc[pos_rows] - q_desc[i]) ** 2, 1)
+        out[i, 0] = hard[i][int(np.argmin(d_pos))]
+        row = dist[i].copy()
+        if len(candidates):
+            row[np.isin(candidates, soft[i])] = np.inf
+        valid = int(np.isfinite(row).sum())
+        take = min(n_neg, valid)
+        chosen = candidates[np.argsort(row, kind="stable")[:take]] if take else np.empty(0, np.int64)
+        if take < n_neg:
+            chosen = np.concatenate([chosen, _random_negatives(n_db, soft[i], chosen, n_neg - take, rng)])
+        out[i, 1:] = chosen
+    return out
+
+
+def _random_negatives(n_db: int, soft: np.ndarray, exclude: np.ndarray, k: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    allowed = np.setdiff1d(np.arange(n_db), np.concatenate([soft, exclude]), assume_unique=False)
+    if len(allowed) == 0:
+        raise ValueError("no database image is a negative for some query: the split is too small")
+    return rng.choice(allowed, size=k, replace=len(allowed) < k)
+
+
+class TripletImages(Dataset):
+    """One query's triplet images stacked: (2 + n_neg) × 3 × H × W."""
+
+    def __init__(self, reader: ShardReader, triplet_ids: np.ndarray, query_transform, db_transform):
+        self.reader, self.ids = reader, triplet_ids
+        self.query_transform, self.db_transform = query_transform, db_transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        row = self.ids[i]
+        images = [self.query_transform(self.reader.load(int(row[0])))]
+        images += [self.db_transform(self.reader.load(int(j))) for j in row[1:]]
+        return torch.stack(images)
+
+
+def triplet_loss(desc: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean triplet margin loss over (query, best positive, each negative); desc is B×(2+N)×D."""
+    q, p, n = desc[:, :1], desc[:, 1:2], desc[:, 2:]
+    return F.triplet_margin_loss(q.expand_as(n), p.expand_as(n), n, margin=margin, p=2)
+
+
+def validate(model: VPRModel, reader: ShardReader, val: SplitData, transform, cfg: Config,
+             device: torch.device) -> dict[int, float]:
+    """Recall@N on the validation split (soft positives, exact search)."""
+    kw = dict(device=device, batch_size=cfg.evaluate.batch_size, workers=cfg.train.workers)
+    db = extract(model, reader, val.db_ids, transform, **kw)
+    q = extract(model, reader, val.q_ids, transform, **kw)
+    _, ranked = exact_search(db, q, max(cfg.evaluate.recall_at))
+    return recall_at_n(ranked, val.soft, cfg.evaluate.recall_at)
+
+
+def init_netvlad(model: VPRModel, reader: ShardReader, db_ids: np.ndarray, transform, cfg: Config,
+                 device: torch.device, seed: int) -> None:
+    """k-means (faiss) centroids from local conv4 descriptors sampled over training images."""
+    rng = np.random.default_rng(seed)
+    target = cfg.model.kmeans_descriptors
+    h = math.ceil(cfg.shards.height * cfg.train.image_scale / 16)
+    w = math.ceil(cfg.shards.width * cfg.train.image_scale / 16)
+    per_image = max(1, min(h * w, 100))
+    n_images = min(len(db_ids), max(cfg.model.netvlad_clusters, math.ceil(target / per_image)))
+    ids = np.sort(rng.choice(db_ids, size=n_images, replace=False))
+    chunks = []
+    model.eval()
+    with torch.inference_mode():
+        loader = DataLoader(ShardImages(reader, ids, transform), batch_size=cfg.evaluate.batch_size,
+                            **loader_kwargs(device, cfg.train.workers))
+        for batch in loader:
+            with autocast(device):
+                feats = model.features(batch.to(device)).float()
+            local = F.normalize(feats, dim=1).flatten(2).transpose(1, 2).cpu().numpy()  # B×HW×D
+            for f in local:
+                chunks.append(f[rng.choice(len(f), size=min(per_image, len(f)), replace=False)])
+    descriptors = np.concatenate(chunks).astype(np.float32)
+    head = model.head
+    head.init_from_descriptors(descriptors, seed=seed)
+    model.train()
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint safely: ``weights_only=True`` never unpickles arbitrary objects."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _save(obj: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _write_history(history: list[dict], path: Path) -> None:
+    table = pl.DataFrame(history, schema={c: pl.Float64 for c in HISTORY_COLUMNS}).with_columns(
+        pl.col("epoch").cast(pl.Int64))
+    write_bytes_atomic(path, table.write_csv().encode())
+
+
+def build_training_model(head: str, cfg: Config, layout: Layout, reader: ShardReader,
+                         train: SplitData, transform, device: torch.device) -> VPRModel:
+    """A fresh model for ``head``; NetVLAD gets k-means centroids, CRN starts from this run's NetVLAD."""
+    model = build_model(head, cfg.model).to(device)
+    if head == "netvlad":
+        init_netvlad(model, reader, train.db_ids, transform, cfg, device, cfg.train.seed)
+    elif head == "crn":
+        source = layout.checkpoint("netvlad")
+        if not source.exists():
+            raise FileNotFoundError(f"CRN starts from this run's NetVLAD, but {source} is missing: "
+                                    "train the netvlad head first")
+        state = load_checkpoint(source)["model"]
+        model.backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items()
+                                        if k.startswith("backbone.")})
+        model.head.load_netvlad_state(state)
+    return model
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+                    transient=not sys.stderr.isatty(), disable=not sys.stderr.isatty())
+
+
+def train_head(head: str, cfg: Config, layout: Layout, *, resume: bool = False,
+               stop_after_batches: int | None = None) -> dict:
+    """Train one head; returns a summary. ``stop_after_batches`` simulates an interruption (tests)."""
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    torch.manual_seed(tc.seed)
+    reader = ShardReader(layout.shards_dir)
+    index = reader.index
+    train = load_split(index, pl.read_parquet(layout.mining("train")), "train")
+    val = load_split(index, pl.read_parquet(layout.mining("val")), "val")
+    if len(train.q_ids) == 0:
+        raise ValueError("no training query has a hard positive: nothing to train on")
+    eval_tf = image_transform(cfg.shards.height, cfg.shards.width, tc.image_scale)
+    query_tf = image_transform(cfg.shards.height, cfg.shards.width, tc.image_scale, tc.augment)
+
+    last_path = layout.last_checkpoint(head)
+    state = load_checkpoint(last_path) if resume and last_path.exists() else None
+    model = (build_model(head, cfg.model).to(device) if state else
+             build_training_model(head, cfg, layout, reader, train, eval_tf, device))
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr)
+    history: list[dict] = []
+    best, bad_epochs, start_epoch = -1.0, 0, 1
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, best, bad_epochs = state["history"], state["best_recall5"], state["bad_epochs"]
+        start_epoch = state["epoch"] + 1
+    step_model = torch.compile(model) if tc.compile and device.type == "cuda" else model
+
+    batches_done = 0
+    for epoch in range(start_epoch, tc.epochs + 1):
+        if bad_epochs >= tc.patience:
+            break
+        rng = np.random.default_rng([tc.seed, epoch])
+        torch.manual_seed(tc.seed * 1_000_003 + epoch)
+        t0, images, losses = time.perf_counter(), 0, []
+        order = rng.permutation(len(train.q_ids))[: tc.queries_per_epoch]
+        n_batches = math.ceil(len(order) / tc.batch_queries)
+        with _progress() as progress:
+            task = progress.add_task(f"{head} epoch {epoch}/{tc.epochs}", total=n_batches, loss=0.0)
+            for start in range(0, len(order), tc.refresh_every):
+                chunk = order[start:start + tc.refresh_every]
+                triplets = _mine_chunk(model, reader, train, chunk, eval_tf, cfg, device, rng)
+                ids = np.concatenate([train.q_ids[chunk][:, None], train.db_ids[triplets]], axis=1)
+                loader = DataLoader(TripletImages(reader, ids, query_tf, eval_tf), batch_size=tc.batch_queries,
+                                    shuffle=False, generator=torch.Generator().manual_seed(int(rng.integers(2**31))),
+                                    **loader_kwargs(device, tc.workers))
+                model.train()
+                for batch in loader:
+                    b, n = batch.shape[:2]
+                    batch = batch.flatten(0, 1).to(device, non_blocking=True)
+                    if device.type == "cuda":
+                        batch = batch.contiguous(memory_format=torch.channels_last)
+                    with autocast(device):
+                        desc = step_model(batch).float().view(b, n, -1)
+                    loss = triplet_loss(desc, tc.margin)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(loss.item())
+                    images += b * n
+                    batches_done += 1
+                    progress.update(task, advance=1, loss=float(np.mean(losses)))
+                    if stop_after_batches is not None and batches_done >= stop_after_batches:
+                        return {"head": head, "interrupted": True, "epoch": epoch}
+        seconds = time.perf_counter() - t0
+        recalls = validate(model, reader, val, eval_tf, cfg, device)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **{f"recall@{n}": recalls.get(n, float("nan"))
+                        for n in (1, 5, 10, 20)}, "seconds": seconds, "images_per_s": images / seconds})
+        improved = recalls[5] > best if 5 in recalls else True
+        if improved:
+            best, bad_epochs = recalls.get(5, best), 0
+            _save({"model": model.state_dict(), "head": head, "epoch": epoch, "recall5": best,
+                   "model_config": cfg.model.model_dump()}, layout.checkpoint(head))
+        else:
+            bad_epochs += 1
+        _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+               "history": history, "best_recall5": best, "bad_epochs": bad_epochs, "head": head}, last_path)
+        _write_history(history, layout.history(head))
+        print(f"{head} epoch {epoch}: loss {history[-1]['loss']:.4f} val R@1 {recalls.get(1, float('nan')):.1f} "
+              f"R@5 {recalls.get(5, float('nan')):.1f} ({seconds:.1f} s, {images / seconds:.1f} img/s)",
+              file=sys.stderr)
+    return {"head": head, "best_recall5": best, "epochs": len(history), "history": history}
+
+
+def _mine_chunk(model: VPRModel, reader: ShardReader, train: SplitData, chunk: np.ndarray, transform,
+                cfg: Config, device: torch.device, rng: np.random.Generator) -> np.ndarray:
+    """Refresh descriptors for a chunk of queries and pick their triplets (database indices)."""
+    tc = cfg.train
+    n_db = len(train.db_ids)
+    if tc.mining == "full":
+        candidates = np.arange(n_db)
+    elif tc.mining == "partial":
+        candidates = np.sort(rng.choice(n_db, size=min(tc.negative_sample, n_db), replace=False))
+    else:
+        candidates = np.empty(0, dtype=np.int64)
+    positives = np.concatenate([train.hard[i] for i in chunk])
+    pool_idx = np.unique(np.concatenate([positives, candidates]))
+    kw = dict(device=device, batch_size=cfg.evaluate.batch_size, workers=tc.workers)
+    pool_desc = extract(model, reader, train.db_ids[pool_idx], transform, **kw)
+    q_desc = extract(model, reader, train.q_ids[chunk], transform, **kw)
+    return select_triplets(q_desc, pool_desc, pool_idx, [train.hard[i] for i in chunk],
+                           [train.soft[i] for i in chunk], candidates, tc.negatives, n_db, rng)
