@@ -119,6 +119,209 @@ def train(
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 
+@app.command()
+def evaluate(
+    head: str = typer.Option(..., "--head", help="avg | gem | netvlad | crn"),
+    untrained: bool = typer.Option(False, "--untrained",
+                                   help="evaluate the head as built, without training (the baseline)"),
+    params: Path = ParamsOpt,
+) -> None:
+    """Recall@1/5/10/20 on the test split → metrics/HEAD.json and the top-20 predictions table."""
+    cfg = _config(params)
+    from vpr.config import HEADS
+    from vpr.evaluate import evaluate_head
+    from vpr.layout import Layout
+
+    if head not in HEADS:
+        _fail(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    try:
+        metrics = evaluate_head(head, cfg, Layout.from_config(cfg), untrained=untrained)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(metrics))
+
+
+@app.command()
+def index(
+    head: Optional[str] = typer.Option(None, "--head", help="head to release (default: index.head)"),
+    params: Path = ParamsOpt,
+) -> None:
+    """Build a release: FAISS IndexIDMap2 of the database, id → metadata table, model (atomic switch)."""
+    cfg = _config(params)
+    from vpr.config import HEADS
+    from vpr.index import ReleaseError, build_release
+    from vpr.layout import Layout
+
+    head = head or cfg.index.head
+    if head not in HEADS:
+        _fail(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    try:
+        version = build_release(head, cfg, Layout.from_config(cfg))
+    except (FileNotFoundError, ReleaseError) as exc:
+        _fail(str(exc))
+    typer.echo(f"release {head} → {version}", err=True)
+
+
+@app.command()
+def locate(
+    images: list[Path] = typer.Argument(..., help="photos to locate"),
+    head: Optional[str] = typer.Option(None, "--head", help="release to answer from (default: index.head)"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="matches per image (default: locate.top_k)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    release: Optional[Path] = typer.Option(None, "--release", help="release folder (default: from params)"),
+    params: Path = ParamsOpt,
+) -> None:
+    """Where was each photo taken? Top-K database matches and an estimated position with a confidence.
+
+    Exit status 1 when any image could not be answered (each such image gets its own error entry).
+    """
+    cfg = _config(params)
+    from vpr.index import ReleaseError
+    from vpr.layout import Layout
+    from vpr.locate import locate as run_locate
+
+    head = head or cfg.index.head
+    release_dir = release or Layout.from_config(cfg).release_dir(head)
+    k = top_k or cfg.locate.top_k
+    if k <= 0:
+        _fail("--top-k must be positive")
+    try:
+        results = run_locate(images, release_dir, k, max_pixels=cfg.locate.max_pixels,
+                             device=cfg.train.device, batch_size=cfg.evaluate.batch_size)
+    except ReleaseError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        _print_locations(results)
+    if not all(r["ok"] for r in results):
+        raise typer.Exit(1)
+
+
+def _print_locations(results: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for r in results:
+        if not r["ok"]:
+            console.print(f"[bold red]{r['image']}[/]: error: {r['error']}")
+            continue
+        est = r["estimate"]
+        where = (f"E {est['utm_east']:.1f}  N {est['utm_north']:.1f}" if est else "unknown")
+        if est and est["lat"] is not None:
+            where += f"  ({est['lat']:.6f}, {est['lon']:.6f})"
+        table = Table(title=f"{r['image']}\n→ {where}   confidence {r['confidence']:.2f}", title_justify="left")
+        for col in ("#", "path", "utm_east", "utm_north", "lat", "lon", "distance"):
+            table.add_column(col, justify="left" if col == "path" else "right")
+        for m in r["matches"]:
+            table.add_row(str(m["rank"]), m["path"], f"{m['utm_east']:.1f}", f"{m['utm_north']:.1f}",
+                          "" if m["lat"] is None else f"{m['lat']:.6f}",
+                          "" if m["lon"] is None else f"{m['lon']:.6f}", f"{m['distance']:.4f}")
+        console.print(table)
+
+
+@app.command()
+def report(params: Path = ParamsOpt) -> None:
+    """reports/results.md (the study's table, all heads + untrained baseline) and PNG figures."""
+    cfg = _config(params)
+    from vpr.layout import Layout
+    from vpr.report import write_report
+
+    path = write_report(cfg, Layout.from_config(cfg))
+    typer.echo(f"report → {path}", err=True)
+
+
+ablation_app = typer.Typer(no_args_is_help=True, help="The study's ablations as queued `dvc exp` runs.")
+app.add_typer(ablation_app, name="ablation")
+
+
+@ablation_app.command("list")
+def ablation_list() -> None:
+    """The ablations and the parameter values each one queues."""
+    from vpr.ablation import ABLATIONS
+
+    for name, ab in ABLATIONS.items():
+        settings = "; ".join(" ".join(f"{k}={v}" for k, v in s.items()) for s in ab.settings)
+        typer.echo(f"{name:16s} {ab.description}\n{'':16s} {settings}")
+
+
+@ablation_app.command("queue")
+def ablation_queue(
+    name: str = typer.Argument(..., help="lr | train-threshold | test-threshold | augmentation | image-scale"),
+    head: str = typer.Option("netvlad", "--head", help="the head each experiment trains and evaluates"),
+    run: bool = typer.Option(False, "--run", help="also start the queue and wait (dvc exp run --run-all)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc commands only"),
+) -> None:
+    """Queue one `dvc exp run --queue -S key=value` experiment per setting of an ablation."""
+    from vpr.ablation import AblationError, queue_ablation, run_queue
+
+    try:
+        for cmd in queue_ablation(name, head, dry_run=dry_run):
+            typer.echo(" ".join(cmd))
+        if run:
+            for cmd in run_queue(dry_run=dry_run):
+                typer.echo(" ".join(cmd))
+    except AblationError as exc:
+        _fail(str(exc))
+
+
+@ablation_app.command("run")
+def ablation_run(
+    jobs: int = typer.Option(1, "--jobs", "-j", help="parallel queue workers"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc command only"),
+) -> None:
+    """Run every queued experiment and wait (dvc exp run --run-all)."""
+    from vpr.ablation import AblationError, run_queue
+
+    try:
+        for cmd in run_queue(jobs=jobs, dry_run=dry_run):
+            typer.echo(" ".join(cmd))
+    except AblationError as exc:
+        _fail(str(exc))
+
+
+@ablation_app.command("table")
+def ablation_table(
+    name: Optional[str] = typer.Argument(None, help="only this ablation's experiments"),
+    head: str = typer.Option("netvlad", "--head", help="whose metrics file to compare"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the markdown here"),
+    exp_json: Optional[Path] = typer.Option(None, "--from-json", help="read `dvc exp show --json` output "
+                                            "from this file instead of running it"),
+) -> None:
+    """Finished experiments (dvc exp show --json) → a markdown comparison table like the study's."""
+    from vpr.ablation import AblationError, comparison_table, exp_show
+
+    try:
+        data = json.loads(exp_json.read_text()) if exp_json else exp_show()
+        text = comparison_table(data, head=head, ablation=name)
+    except AblationError as exc:
+        _fail(str(exc))
+    if out:
+        from vpr.atomic import write_text_atomic
+
+        write_text_atomic(out, text)
+    typer.echo(text)
+
+
+@ablation_app.command("thresholds")
+def ablation_thresholds(
+    head: str = typer.Option("netvlad", "--head", help="whose predictions to re-score"),
+    thresholds: list[float] = typer.Option([10.0, 20.0, 25.0, 30.0, 40.0, 50.0], "--threshold", "-t"),
+    params: Path = ParamsOpt,
+) -> None:
+    """Test-threshold ablation without retraining: Recall@N at each distance from saved predictions."""
+    cfg = _config(params)
+    from vpr.ablation import threshold_table
+    from vpr.layout import Layout
+
+    layout = Layout.from_config(cfg)
+    try:
+        typer.echo(threshold_table(layout, head, thresholds, cfg.evaluate.recall_at))
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

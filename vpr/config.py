@@ -121,12 +121,32 @@ class EvalConfig(_Strict):
         return sorted(set(value))
 
 
+class IndexConfig(_Strict):
+    """The release's FAISS index (``vpr index``) and the approximate-search knobs of ``vpr evaluate``."""
+
+    head: Head = "netvlad"  # which trained head ``vpr index`` / ``vpr locate`` use by default
+    kind: Literal["exact", "ivfpq", "hnsw"] = "exact"
+    splits: list[Literal["train", "val", "test"]] | None = None  # database images of these splits; None: all
+    nlist: int = Field(64, gt=0)  # IVF cells (clamped to the database size when it is small)
+    nprobe: int = Field(8, gt=0)
+    pq_m: int = Field(32, gt=0)  # PQ sub-quantisers (the largest divisor of the dimension ≤ pq_m is used)
+    pq_bits: int = Field(8, ge=1, le=16)
+    hnsw_m: int = Field(32, gt=1)
+    ef_search: int = Field(64, gt=0)
+
+
+class LocateConfig(_Strict):
+    top_k: int = Field(5, gt=0)
+    max_pixels: int = Field(100_000_000, gt=0)  # larger images are refused from their header, never decoded
+
+
 class OrchestrationConfig(_Strict):
     task_runner: Literal["threads", "dask"] = "threads"
     max_workers: int = Field(2, ge=1)
     dask_address: str | None = None
     reindex_cron: str = "*/15 * * * *"
     task_retries: int = Field(2, ge=0)
+    reindex_split: Literal["train", "val", "test"] = "test"  # new inbox imagery joins this split's database
 
 
 class Config(_Strict):
@@ -138,6 +158,8 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvalConfig = EvalConfig()
+    index: IndexConfig = IndexConfig()
+    locate: LocateConfig = LocateConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
 
 

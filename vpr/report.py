@@ -1,0 +1,304 @@
+"""The study's report: results table for every evaluated head plus the untrained baseline, and figures.
+
+``write_report`` reads ``metrics/*.json`` and the predictions tables (it never recomputes a
+metric) and writes, atomically:
+
+- ``reports/results.md``: heads ordered by measured R@1 (whatever that order is), descriptor size,
+  R@1/5/10/20, extraction ms/image, gain over the untrained avg baseline, the study's reference
+  figures beside them, approximate-index losses when evaluated, and links to the figures;
+- ``reports/recall_at_n.csv``: Recall@N per head (``dvc plots show`` draws it);
+- ``reports/figures/*.png`` (matplotlib, Agg, no pyplot state): Recall@N curves, qualitative matches
+  (query + top-5 of the best head, correct in green, wrong in red), CRN context masks over query
+  images (when a CRN checkpoint exists), and a map of database/query positions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before anything imports pyplot: never open a display
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from vpr.atomic import atomic_path, write_bytes_atomic, write_text_atomic  # noqa: E402
+from vpr.config import Config  # noqa: E402
+from vpr.layout import Layout  # noqa: E402
+
+BASELINE = "avg-untrained"
+STUDY_R1 = {"avg": 60.1, "gem": 71.6, "netvlad": 79.1, "crn": 81.7}  # seed report, Pitts30k-test
+STUDY_ORDER = ("crn", "netvlad", "gem", "avg")
+FIGURES = {
+    "recall": "recall_at_n.png",
+    "matches": "matches.png",
+    "crn": "crn_masks.png",
+    "positions": "positions.png",
+}
+_NS = (1, 5, 10, 20)
+
+
+def _load_metrics(cfg: Config, layout: Layout) -> dict[str, dict]:
+    found = {}
+    for name in [*cfg.train.heads, BASELINE]:
+        path = layout.metrics_file(name)
+        if path.exists():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def _fmt(v, digits: int = 1) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _table(metrics: dict[str, dict]) -> list[str]:
+    base = metrics.get(BASELINE, {}).get("recall@1")
+    ranked = sorted(metrics.items(), key=lambda kv: (-kv[1].get("recall@1", -1.0), kv[0]))
+    lines = ["| rank | head | descriptor | R@1 | R@5 | R@10 | R@20 | ms/image | R@1 vs untrained avg | study R@1 |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for rank, (name, m) in enumerate(ranked, start=1):
+        gain = "—" if base is None or name == BASELINE else f"{m['recall@1'] - base:+.1f}"
+        label = f"`{name}` (no VPR training)" if name == BASELINE else f"`{name}`"
+        lines.append("| " + " | ".join([
+            str(rank), label, str(m.get("descriptor_dim", "—")),
+            *(_fmt(m.get(f"recall@{n}")) for n in _NS), _fmt(m.get("ms_per_image"), 2), gain,
+            _fmt(STUDY_R1.get(name)),
+        ]) + " |")
+    return lines
+
+
+def _findings(metrics: dict[str, dict]) -> list[str]:
+    trained = {k: v for k, v in metrics.items() if k != BASELINE}
+    lines = []
+    if trained:
+        order = sorted(trained, key=lambda k: (-trained[k]["recall@1"], k))
+        measured = f"{order[0]} ({trained[order[0]]['recall@1']:.1f})"
+        for prev, k in zip(order, order[1:]):
+            sep = " = " if abs(trained[prev]["recall@1"] - trained[k]["recall@1"]) < 1e-9 else " > "
+            measured += f"{sep}{k} ({trained[k]['recall@1']:.1f})"
+        study = [h for h in STUDY_ORDER if h in trained]
+        verdict = ("the same order as the study" if order == study else
+                   f"not the study's order ({' > '.join(study)})")
+        lines.append(f"- Measured order by R@1: {measured} — {verdict}.")
+    base = metrics.get(BASELINE, {}).get("recall@1")
+    if base is not None:
+        for head in ("netvlad", "crn"):
+            if head in trained:
+                gain = trained[head]["recall@1"] - base
+                ok = "meets" if gain >= 20 else "does NOT meet"
+                lines.append(f"- `{head}` R@1 is {gain:+.1f} points over the untrained avg baseline "
+                             f"({base:.1f}): {ok} the 20-point bar.")
+    ties = [k for k in trained if sum(abs(trained[k]["recall@1"] - v["recall@1"]) < 1e-9 for v in trained.values()) > 1]
+    if ties:
+        lines.append(f"- Tied at R@1 (ordered by name): {', '.join(sorted(ties))}.")
+    any_m = next(iter(metrics.values()), None)
+    if any_m:
+        lines.append(f"- {any_m.get('queries')} test queries ({any_m.get('queries_without_positive', 0)} without any "
+                     f"database image within {any_m.get('test_positive_m')} m, which no method can find) against "
+                     f"{any_m.get('database')} database images; extraction on {any_m.get('device', '?')}.")
+    return lines
+
+
+def _approx_lines(metrics: dict[str, dict]) -> list[str]:
+    rows = [(k, m["approximate"]) for k, m in metrics.items() if "approximate" in m]
+    if not rows:
+        return []
+    lines = ["", "## Approximate search", "",
+             "Recall loss against exact search on the same descriptors (points; positive = worse).", "",
+             "| head | index | PCA dim | R@1 | loss@1 | loss@5 | top-1 agreement % | speed-up |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for k, a in rows:
+        lines.append(f"| `{k}` | {a['index']} | {a.get('pca_dim') or '—'} | {_fmt(a.get('recall@1'))} | "
+                     f"{_fmt(a.get('recall_loss@1'))} | {_fmt(a.get('recall_loss@5'))} | "
+                     f"{_fmt(a.get('top1_agreement'))} | {_fmt(a.get('speedup'), 2)} |")
+    return lines
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _save(fig: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+
+
+def recall_figure(metrics: dict[str, dict], path: Path) -> None:
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for name, m in sorted(metrics.items(), key=lambda kv: -kv[1].get("recall@1", 0)):
+        ns = sorted(int(k.split("@")[1]) for k in m if k.startswith("recall@"))
+        style = dict(linestyle="--", color="grey") if name == BASELINE else {}
+        ax.plot(ns, [m[f"recall@{n}"] for n in ns], marker="o", label=name, **style)
+    ax.set(xlabel="N", ylabel="Recall@N (%)", title="Recall@N on the test split", ylim=(0, 100))
+    ax.set_xticks(list(_NS))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def _framed(ax, image, color: str | None, title: str) -> None:
+    ax.imshow(image)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=7)
+    for spine in ax.spines.values():
+        spine.set_visible(color is not None)
+        if color:
+            spine.set_edgecolor(color)
+            spine.set_linewidth(3)
+
+
+def _pick_queries(preds: pl.DataFrame, count: int = 4) -> pl.DataFrame:
+    """Half found at R@1, half missed (when both kinds exist), deterministic by path."""
+    preds = preds.sort("query").with_columns(pl.col("correct").list.first().fill_null(False).alias("_hit"))
+    hits, misses = preds.filter(pl.col("_hit")), preds.filter(~pl.col("_hit"))
+    n_hit = min(hits.height, max(count - misses.height, count // 2))
+    return pl.concat([hits.head(n_hit), misses.head(count - n_hit)])
+
+
+def matches_figure(preds: pl.DataFrame, reader, head: str, path: Path, top: int = 5) -> None:
+    picked = _pick_queries(preds)
+    fig = Figure(figsize=(1.6 * (top + 1), 1.4 * max(1, picked.height) + 0.4), layout="constrained")
+    fig.suptitle(f"`{head}`: query and top-{top} (green: within the test threshold, red: not)", fontsize=9)
+    axes = fig.subplots(max(1, picked.height), top + 1, squeeze=False)
+    for r, row in enumerate(picked.iter_rows(named=True)):
+        _framed(axes[r][0], reader.load(row["query_id"]), None, "query")
+        for c in range(top):
+            ax = axes[r][c + 1]
+            if c < len(row["prediction_ids"]):
+                ok = row["correct"][c]
+                _framed(ax, reader.load(row["prediction_ids"][c]), "tab:green" if ok else "tab:red",
+                        f"#{c + 1}  d={row['distances'][c]:.3f}")
+            else:
+                ax.axis("off")
+    _save(fig, path)
+
+
+def crn_figure(cfg: Config, layout: Layout, reader, query_ids: list[int], path: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from vpr.evaluate import eval_transform, load_model
+
+    model, _ = load_model(layout.checkpoint("crn"), "cpu")
+    tf = eval_transform(cfg)
+    images = [reader.load(i) for i in query_ids]
+    with torch.inference_mode():
+        batch = torch.stack([tf(im) for im in images])
+        masks = model.head.context_mask(model.features(batch))
+        masks = F.interpolate(masks, size=batch.shape[-2:], mode="bilinear", align_corners=False)[:, 0].numpy()
+    fig = Figure(figsize=(2.4 * len(images), 2.2), layout="constrained")
+    fig.suptitle("CRN context masks (brighter = weighted more)", fontsize=9)
+    axes = fig.subplots(1, len(images), squeeze=False)[0]
+    for ax, im, mask in zip(axes, images, masks):
+        ax.imshow(np.asarray(im.convert("L").resize((batch.shape[-1], batch.shape[-2]))), cmap="gray")
+        shown = ax.imshow(mask, cmap="inferno", alpha=0.55)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(shown, ax=list(axes), shrink=0.8)
+    _save(fig, path)
+
+
+def positions_figure(index: pl.DataFrame, path: Path) -> None:
+    """One panel per split (splits usually lie kilometres apart): database dots, query crosses."""
+    splits = [s for s in ("train", "val", "test") if s in set(index["split"])] or sorted(set(index["split"]))
+    splits += sorted(set(index["split"]) - set(splits))
+    fig = Figure(figsize=(4.2 * len(splits), 4.2), layout="constrained")
+    fig.suptitle("Database and query positions (UTM metres)", fontsize=10)
+    axes = fig.subplots(1, len(splits), squeeze=False)[0]
+    for ax, split in zip(axes, splits):
+        rows = index.filter(pl.col("split") == split)
+        for role, marker, color, size in (("database", ".", "tab:blue", 8), ("queries", "x", "tab:red", 16)):
+            group = rows.filter(pl.col("role") == role)
+            ax.scatter(group["utm_east"], group["utm_north"], s=size, marker=marker, color=color,
+                       label=f"{role} ({group.height})", alpha=0.7)
+        ax.set(title=split, xlabel="east")
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.ticklabel_format(useOffset=False, style="plain")
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("north")
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _recall_csv(metrics: dict[str, dict]) -> str:
+    names = [BASELINE, *[k for k in ("avg", "gem", "netvlad", "crn") if k in metrics],
+             *sorted(k for k in metrics if k not in (BASELINE, "avg", "gem", "netvlad", "crn"))]
+    names = [n for n in names if n in metrics]
+    ns = sorted({int(k.split("@")[1]) for m in metrics.values() for k in m if k.startswith("recall@")})
+    table = pl.DataFrame({"n": ns, **{n: [metrics[n].get(f"recall@{k}") for k in ns] for n in names}})
+    return table.write_csv()
+
+
+def write_report(cfg: Config, layout: Layout) -> Path:
+    """Write ``reports/results.md``, ``reports/recall_at_n.csv`` and ``reports/figures/*.png``; return the md path."""
+    from vpr.shards import ShardReader
+
+    metrics = _load_metrics(cfg, layout)
+    if not metrics:
+        raise FileNotFoundError(f"no metrics in {layout.metrics} (run `vpr evaluate --head ...` first)")
+    figdir = layout.reports / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    made: dict[str, str] = {}
+    notes: list[str] = []
+
+    recall_figure(metrics, figdir / FIGURES["recall"])
+    made["recall"] = "Recall@N curves for every head and the untrained baseline"
+    reader = ShardReader(layout.shards_dir)
+    positions_figure(reader.index, figdir / FIGURES["positions"])
+    made["positions"] = "Map of database and query positions (UTM), all splits"
+
+    trained = [k for k in metrics if k != BASELINE]
+    best = max(trained or [BASELINE], key=lambda k: (metrics[k]["recall@1"], k))
+    preds_path = layout.predictions(best)
+    query_ids: list[int] = []
+    if preds_path.exists():
+        preds = pl.read_parquet(preds_path)
+        matches_figure(preds, reader, best, figdir / FIGURES["matches"])
+        made["matches"] = f"Qualitative matches of the best head (`{best}`): query + top-5, green = correct"
+        query_ids = _pick_queries(preds)["query_id"].to_list()
+    else:
+        notes.append(f"qualitative matches skipped: {preds_path} missing")
+    if layout.checkpoint("crn").exists():
+        if not query_ids:
+            query_ids = reader.index.filter((pl.col("split") == "test") & (pl.col("role") == "queries"))[
+                "id"].head(4).to_list()
+        crn_figure(cfg, layout, reader, query_ids, figdir / FIGURES["crn"])
+        made["crn"] = "CRN context masks over query images"
+    else:
+        notes.append("CRN context masks skipped: no CRN checkpoint")
+    for key, name in FIGURES.items():  # a figure this run could not make must not linger from an older one
+        if key not in made:
+            (figdir / name).unlink(missing_ok=True)
+
+    write_bytes_atomic(layout.reports / "recall_at_n.csv", _recall_csv(metrics).encode())
+    any_m = next(iter(metrics.values()))
+    lines = [
+        "# Results", "",
+        "Visual place recognition on the test split: a query is found at N when one of its first N "
+        f"database matches lies within {any_m.get('test_positive_m', cfg.mining.test_positive_m)} m. "
+        "Exact (FAISS flat L2) search; heads ordered by measured R@1. The study's Pitts30k-test R@1 is "
+        "given for reference only (different data, not run here).", "",
+        *_table(metrics), "",
+        "## Findings", "", *_findings(metrics),
+        *_approx_lines(metrics), "",
+        "## Setup", "",
+        f"- Images {cfg.shards.width}×{cfg.shards.height} × scale {cfg.train.image_scale}; backbone weights "
+        f"`{cfg.model.weights}`; {cfg.train.epochs} epoch(s) × {cfg.train.queries_per_epoch} queries, "
+        f"lr {cfg.train.lr}, {cfg.train.mining} mining; NetVLAD/CRN with {cfg.model.netvlad_clusters} clusters.",
+        "- ms/image: descriptor extraction wall time (decode + transform + model) per image during evaluation.",
+        "- Sources: `metrics/*.json` (`dvc metrics show`), predictions in `artifacts/predictions/`.", "",
+        "## Figures", "",
+        *(f"- [{desc}](figures/{FIGURES[key]})" for key, desc in made.items()),
+        *(f"- ({n})" for n in notes), "",
+        *(f"![{desc}](figures/{FIGURES[key]})\n" for key, desc in made.items()),
+    ]
+    out = layout.reports / "results.md"
+    write_text_atomic(out, "\n".join(lines))
+    return out
