@@ -105,6 +105,9 @@ class TrainConfig(_Strict):
     workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    # Frozen early layers are a fixed function of the image: encode them once per run and train
+    # layer3 + head on the cached maps. auto = on CPU when the layers are frozen and it fits in memory.
+    cache_frozen_trunk: Literal["auto", "on", "off"] = "auto"
 
 
 class EvalConfig(_Strict):

@@ -55,6 +55,10 @@ class VPRModel(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.backbone(images))
 
+    def forward_from_trunk(self, trunk_features: Tensor) -> Tensor:
+        """Descriptors from precomputed ``backbone.trunk`` output (``layer3`` + head only)."""
+        return self.head(self.backbone.layer3(trunk_features))
+
 
 def build_model(head: str, cfg: ModelConfig) -> VPRModel:
     """Build backbone (weights per ``cfg.weights``) and the named head."""

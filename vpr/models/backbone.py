@@ -43,6 +43,12 @@ class ResNetConv4(nn.Sequential):
                 for param in getattr(self, name).parameters():
                     param.requires_grad_(False)
 
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers before ``layer3`` (frozen by default): a fixed function of the image when frozen."""
+        for name in _LAYERS[:-1]:
+            x = getattr(self, name)(x)
+        return x
+
     def train(self, mode: bool = True) -> "ResNetConv4":
         super().train(mode)
         if self.freeze_early:
