@@ -9,3 +9,30 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def micro_template(tmp_path_factory):
+    """A prepared micro project (synth → ingest → shard → mine), built once per session."""
+    from tests.micro import build_micro_project
+
+    root = tmp_path_factory.mktemp("micro") / "project"
+    build_micro_project(root)
+    return root
+
+
+@pytest.fixture
+def micro_project(micro_template, tmp_path):
+    """A private copy of the prepared micro project: (root, cfg, layout)."""
+    from vpr.config import load_config
+    from vpr.layout import Layout
+
+    root = tmp_path / "project"
+    shutil.copytree(micro_template, root)
+    cfg = load_config(root / "params.yaml")
+    return root, cfg, Layout.from_config(cfg, root)

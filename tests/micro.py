@@ -1,0 +1,50 @@
+"""A micro synthetic city and project for tests: real synth, ingest, shards and mining, tiny sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from vpr.config import Config, parse_config
+from vpr.layout import Layout
+
+MICRO_PARAMS: dict = {
+    "synth": {"seed": 0, "height": 48, "width": 64,
+              "train": {"database": 24, "queries": 16},
+              "val": {"database": 12, "queries": 8},
+              "test": {"database": 12, "queries": 8}},
+    "ingest": {"workers": 1},
+    "shards": {"height": 48, "width": 64, "samples_per_shard": 16},
+    "model": {"weights": "none", "netvlad_clusters": 4, "gem_dim": 32, "kmeans_descriptors": 200},
+    "train": {"epochs": 2, "queries_per_epoch": 8, "batch_queries": 2, "negatives": 3, "refresh_every": 8,
+              "negative_sample": 12, "patience": 5, "lr": 0.001},
+    "evaluate": {"batch_size": 16},
+}
+
+
+def write_params(root: Path, overrides: dict | None = None) -> Config:
+    raw = yaml.safe_load(yaml.safe_dump(MICRO_PARAMS))
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    cfg = parse_config(raw)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return cfg
+
+
+def build_micro_project(root: Path, overrides: dict | None = None, *, prepare: bool = True) -> tuple[Config, Layout]:
+    """params.yaml + data/ (synthetic) and, with ``prepare``, catalog, shards and mining tables."""
+    from vpr.catalog import ingest
+    from vpr.mining import mine_all
+    from vpr.shards import write_shards
+    from vpr.synth import generate_city
+
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = write_params(root, overrides)
+    layout = Layout.from_config(cfg, root)
+    generate_city(layout.data, cfg.synth)
+    if prepare:
+        ingest(layout.data, layout.catalog_dir, cfg.ingest)
+        write_shards(layout.catalog, layout.data, layout.shards_dir, cfg.shards)
+        mine_all(layout.catalog, layout.mining_dir, cfg.mining)
+    return cfg, layout

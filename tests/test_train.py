@@ -1,0 +1,105 @@
+"""Training on a micro city: every head learns, CRN starts from NetVLAD, resume is exact."""
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from vpr.descriptors import image_transform
+from vpr.shards import ShardReader
+from vpr.train import (TripletImages, _mine_chunk, build_training_model, load_checkpoint, load_split,
+                       train_head, triplet_loss)
+
+
+def _state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def trained_netvlad(micro_project):
+    root, cfg, layout = micro_project
+    summary = train_head("netvlad", cfg, layout)
+    assert summary["epochs"] == cfg.train.epochs
+    return micro_project
+
+
+@pytest.mark.parametrize("head", ["avg", "gem", "netvlad", "crn"])
+def test_each_head_loss_goes_down(trained_netvlad, head):
+    root, cfg, layout = trained_netvlad
+    torch.manual_seed(0)
+    reader = ShardReader(layout.shards_dir)
+    train = load_split(reader.index, pl.read_parquet(layout.mining("train")), "train")
+    tf = image_transform(cfg.shards.height, cfg.shards.width)
+    model = build_training_model(head, cfg, layout, reader, train, tf, torch.device("cpu"))
+    chunk = np.arange(min(4, len(train.q_ids)))
+    triplets = _mine_chunk(model, reader, train, chunk, tf, cfg, torch.device("cpu"), np.random.default_rng(0))
+    ids = np.concatenate([train.q_ids[chunk][:, None], train.db_ids[triplets]], axis=1)
+    batch = next(iter(DataLoader(TripletImages(reader, ids, tf, tf), batch_size=len(chunk))))
+    b, n = batch.shape[:2]
+    flat = batch.flatten(0, 1)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = triplet_loss(model(flat).view(b, n, -1), cfg.train.margin)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > 0
+    assert losses[-1] < losses[0], losses
+
+
+def test_training_writes_checkpoint_history_and_crn_needs_netvlad(micro_project):
+    root, cfg, layout = micro_project
+    with pytest.raises(FileNotFoundError, match="netvlad"):
+        train_head("crn", cfg, layout)
+    train_head("avg", cfg, layout)
+    ckpt = load_checkpoint(layout.checkpoint("avg"))
+    assert ckpt["head"] == "avg" and 1 <= ckpt["epoch"] <= cfg.train.epochs
+    history = pl.read_csv(layout.history("avg"))
+    assert history["epoch"].to_list() == list(range(1, cfg.train.epochs + 1))
+    assert {"loss", "recall@1", "recall@5", "recall@10", "recall@20", "seconds", "images_per_s"} <= set(history.columns)
+
+
+def test_resume_after_interruption_reproduces_uninterrupted_run(micro_project, tmp_path):
+    import shutil
+
+    from vpr.layout import Layout
+
+    root, cfg, layout = micro_project
+    other = tmp_path / "other"
+    shutil.copytree(root, other)
+    layout_b = Layout.from_config(cfg, other)
+
+    train_head("gem", cfg, layout)  # uninterrupted
+    batches_per_epoch = -(-cfg.train.queries_per_epoch // cfg.train.batch_queries)
+    out = train_head("gem", cfg, layout_b, stop_after_batches=batches_per_epoch + 1)  # dies inside epoch 2
+    assert out["interrupted"] and out["epoch"] == 2
+    train_head("gem", cfg, layout_b, resume=True)
+
+    a, b = load_checkpoint(layout.last_checkpoint("gem")), load_checkpoint(layout_b.last_checkpoint("gem"))
+    assert a["epoch"] == b["epoch"] == cfg.train.epochs
+    assert _state_equal(a["model"], b["model"])
+    assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
+    assert _state_equal(load_checkpoint(layout.checkpoint("gem"))["model"],
+                        load_checkpoint(layout_b.checkpoint("gem"))["model"])
+
+
+def test_trunk_cache_matches_full_forward(micro_project):
+    from vpr.config import ModelConfig
+    from vpr.descriptors import extract
+    from vpr.models import build_model
+    from vpr.train import TrunkCache
+
+    root, cfg, layout = micro_project
+    reader = ShardReader(layout.shards_dir)
+    model = build_model("gem", ModelConfig(weights="none", gem_dim=32))
+    tf = image_transform(cfg.shards.height, cfg.shards.width)
+    ids = np.arange(10)
+    cache = TrunkCache(model, reader, ids, tf, torch.device("cpu"), batch_size=4)
+    full = extract(model, reader, ids, tf, device=torch.device("cpu"), batch_size=4)
+    np.testing.assert_allclose(cache.descriptors(ids[::-1], 3), full[::-1], atol=1e-5)
+    with pytest.raises(KeyError):
+        cache.get(np.array([999]))
