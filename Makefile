@@ -1,6 +1,9 @@
 # Two entry points for a fresh machine (both idempotent, both build their own virtualenv):
-#   make run   — set up, fill data/ from the synthetic city if empty, run the pipeline end to end
+#   make run   — set up, fill data/ from the synthetic city if empty, run the Prefect flow train-all
+#                end to end (embedded local API), print the results table
 #   make test  — set up, run the test suite
+# Orchestration: `make server` (local Prefect API + UI, SQLite) and, in another shell, `make serve`
+# (serves train-all/train-all and the scheduled reindex/reindex); `make repro` runs the same steps via DVC.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,8 +14,12 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PYTHONUNBUFFERED := 1
+# Prefect's database, cache records and results stay inside the project (.prefect/, gitignored);
+# not exported, so the test suite keeps its own temporary PREFECT_HOME
+PREFECT_HOME ?= $(abspath .prefect)
+PREFECT_PORT ?= 4200
 
-.PHONY: setup run test data repro bench clean
+.PHONY: setup run test data repro bench clean server serve
 
 setup: $(STAMP)
 
@@ -34,7 +41,14 @@ data: $(STAMP)
 repro: data
 	dvc repro
 
-run: repro
+run: data
+	PREFECT_HOME=$(PREFECT_HOME) PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 $(BIN)/python -m flows.train_all
+
+server: $(STAMP)
+	PREFECT_HOME=$(PREFECT_HOME) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+serve: $(STAMP)
+	PREFECT_HOME=$(PREFECT_HOME) PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -28,7 +28,8 @@ def write_params(root: Path, overrides: dict | None = None) -> Config:
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update(values)
     cfg = parse_config(raw)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    # the full config, so DVC can resolve every ${...} of dvc.yaml from this params.yaml
+    (root / "params.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return cfg
 
 

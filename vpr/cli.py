@@ -232,6 +232,23 @@ def report(params: Path = ParamsOpt) -> None:
     typer.echo(f"report → {path}", err=True)
 
 
+@app.command()
+def reindex(params: Path = ParamsOpt) -> None:
+    """Add new imagery from the inbox to the shards, catalog and live release (bad files quarantined).
+
+    The same logic as the scheduled Prefect flow ``reindex`` (which also records the change in DVC).
+    """
+    cfg = _config(params)
+    from vpr.layout import Layout
+    from vpr.reindex import ReindexError, run_reindex
+
+    try:
+        result = run_reindex(cfg, Layout.from_config(cfg))
+    except ReindexError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+
+
 ablation_app = typer.Typer(no_args_is_help=True, help="The study's ablations as queued `dvc exp` runs.")
 app.add_typer(ablation_app, name="ablation")
 

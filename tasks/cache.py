@@ -1,0 +1,189 @@
+"""Content-keyed caching: a task's cache key is what DVC compares for the matching stage.
+
+The stage's dependencies, params and outputs are read from ``dvc.yaml`` through DVC's own parser
+(foreach stages resolved), so Prefect and DVC agree on what a step depends on without a second list:
+
+* every dependency path (data, upstream outputs, the ``vpr`` source files the stage names) is hashed
+  by content (SHA-256 of each file, directories walked in sorted order);
+* every params key of the stage (``train``, ``shards.height``...) is taken from the run's validated
+  config, so an edit to an unrelated section does not invalidate the step;
+* the wrapper's own source (Prefect's ``TASK_SOURCE`` policy) is part of the key too.
+
+A stage that ``dvc.yaml`` does not define gets no key at all (never cached), rather than a key that
+would ignore its inputs.
+
+Tensors and other objects never enter the key: tasks receive paths and the config only.
+
+A cache hit must not hide deleted outputs: ``outputs_present`` lets the flow force a refresh when a
+stage's outputs are missing on disk (``refresh_cache=True``), in which case the step runs again and
+its new result replaces the cache record under the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import CachePolicy, TaskSource
+from prefect.context import TaskRunContext
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One DVC stage as the cache sees it (paths relative to the project root)."""
+
+    name: str
+    deps: tuple[str, ...]
+    params: tuple[str, ...]
+    outs: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- dvc.yaml
+
+_SPECS: dict[tuple[str, str], dict[str, StageSpec]] = {}
+_SPECS_LOCK = threading.Lock()
+
+
+def stage_specs(root: str | Path) -> dict[str, StageSpec]:
+    """Every stage of ``ROOT/dvc.yaml`` by its name (``train@netvlad``); {} without dvc.yaml."""
+    root = Path(root).resolve()
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.exists():
+        return {}
+    memo_key = (str(root), hashlib.sha256(dvc_yaml.read_bytes()).hexdigest())
+    with _SPECS_LOCK:
+        if memo_key in _SPECS:
+            return _SPECS[memo_key]
+        from dvc.repo import Repo  # heavy import, only when a key is computed
+
+        specs: dict[str, StageSpec] = {}
+        with Repo(str(root), uninitialized=True) as repo:
+            for stage in repo.index.stages:
+                if Path(stage.path).resolve() != dvc_yaml:  # e.g. data.dvc, nested dvc.yaml files
+                    continue
+                deps, params = [], []
+                for dep in stage.deps:
+                    keys = getattr(dep, "params", None)
+                    if keys is not None:
+                        params += list(keys) if not isinstance(keys, dict) else list(keys)
+                    else:
+                        deps.append(dep.def_path)
+                specs[stage.name] = StageSpec(
+                    stage.name, tuple(deps), tuple(params), tuple(o.def_path for o in stage.outs))
+        _SPECS[memo_key] = specs
+        return specs
+
+
+def stage_spec(root: str | Path, name: str) -> StageSpec | None:
+    return stage_specs(root).get(name)
+
+
+# --------------------------------------------------------------------------- content hashing
+
+_FILE_HASHES: dict[tuple[str, int, int, int], str] = {}
+_HASH_LOCK = threading.Lock()
+
+
+def hash_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, memoised per (path, inode, size, mtime) within the process."""
+    st = path.stat()
+    memo = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    with _HASH_LOCK:
+        cached = _FILE_HASHES.get(memo)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with _HASH_LOCK:
+        _FILE_HASHES[memo] = value
+    return value
+
+
+def hash_path(path: str | Path) -> str:
+    """Content hash of a file or a directory tree (relative names + file hashes); 'missing' if absent."""
+    path = Path(path)
+    if path.is_file():
+        return hash_file(path)
+    if not path.is_dir():
+        return "missing"
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for name in sorted(filenames):
+            f = Path(dirpath) / name
+            digest.update(f.relative_to(path).as_posix().encode() + b"\0" + hash_file(f).encode() + b"\n")
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- params
+
+_MISSING = object()
+
+
+def param_value(cfg: Any, dotted: str) -> Any:
+    """The value of a dotted params key (``shards.height``) in the run's config (None if absent)."""
+    value: Any = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else cfg
+    for part in dotted.split("."):
+        value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING:
+            return None
+    return value
+
+
+# --------------------------------------------------------------------------- keys
+
+def stage_key(root: str | Path, name: str, cfg: Any) -> str | None:
+    """Hash of the stage's dependency contents and params values; None if dvc.yaml lacks the stage."""
+    root = Path(root).resolve()
+    spec = stage_spec(root, name)
+    if spec is None:
+        return None
+    record = {
+        "root": str(root),
+        "stage": name,
+        "deps": {d: hash_path(root / d) for d in spec.deps},
+        "params": {p: param_value(cfg, p) for p in spec.params},
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def outputs_present(root: str | Path, name: str) -> bool:
+    """Whether every output of the stage exists (a cache hit without its files would be a lie)."""
+    spec = stage_spec(root, name)
+    if spec is None:
+        return False
+    return all((Path(root) / o).exists() for o in spec.outs)
+
+
+@dataclass
+class StageInputs(CachePolicy):
+    """Cache key = content of the DVC stage's deps + its params values + the task's source.
+
+    ``stage`` is a template formatted with the task's inputs (``"train@{head}"``); the task must take
+    ``cfg`` (the validated config) and ``root`` (project folder) parameters.
+    """
+
+    stage: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.stage:  # the base class's first field is key_storage: pass stage= by keyword
+            raise ValueError("StageInputs needs stage=... (a dvc.yaml stage name template)")
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        name = self.stage.format(**inputs)
+        key = stage_key(inputs["root"], name, inputs["cfg"])
+        if key is None:
+            return None
+        source = TaskSource().compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+        return hashlib.sha256(f"{key}:{source}".encode()).hexdigest()

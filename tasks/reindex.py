@@ -1,0 +1,18 @@
+"""The re-index step as a Prefect task (logic: ``vpr.reindex``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from vpr.config import Config
+from vpr.layout import Layout
+
+
+@task(name="reindex-batch")
+def reindex_batch(cfg: Config, root: str) -> dict:
+    """Resume a pending batch or add the inbox's new images; never cached (the inbox is the input)."""
+    from vpr.reindex import run_reindex
+
+    return run_reindex(cfg, Layout.from_config(cfg, Path(root))).to_dict()

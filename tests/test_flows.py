@@ -1,0 +1,357 @@
+"""Prefect orchestration under the test harness: train-all (+ cache, + DVC), reindex, deployments, Dask."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from tests.flowkit import REPO, clone_project, exif_photo, make_dvc_project, run, truncated_jpeg
+from vpr.config import load_config
+from vpr.layout import Layout
+
+pytestmark = pytest.mark.timeout(900)
+
+HEADS = ["avg", "gem", "netvlad", "crn"]
+PIPELINE_STEPS = {"ingest", "shard", "mine", *(f"train@{h}" for h in HEADS), *(f"evaluate@{h}" for h in HEADS),
+                  "baseline", "index", "report"}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=None):  # PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(prefect_harness, tmp_path_factory):
+    """A micro project (git + DVC) on which train-all ran once: (root, first result, seconds)."""
+    from flows.train_all import train_all
+
+    root = tmp_path_factory.mktemp("flows") / "project"
+    make_dvc_project(root)
+    t0 = time.perf_counter()
+    result = train_all(root=str(root))
+    return root, result, time.perf_counter() - t0
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- train-all
+
+
+def test_train_all_completes_with_results_and_artifacts(trained):
+    from prefect.client.orchestration import get_client
+
+    root, result, _ = trained
+    assert set(result["steps"]) == PIPELINE_STEPS
+    assert all(state == "Completed" for state in result["steps"].values()), result["steps"]
+    models = [r["model"] for r in result["results"]]
+    assert models == [*HEADS, "avg-untrained"]
+    assert all(0.0 <= r["R@1"] <= r["R@5"] <= 100.0 for r in result["results"])
+    layout = Layout.from_config(load_config(root / "params.yaml"), root)
+    for head in HEADS:
+        assert layout.checkpoint(head).exists() and layout.metrics_file(head).exists()
+    assert (layout.release_dir("netvlad") / "CURRENT").exists()
+    assert Path(result["report"]).exists()
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {"train-all-results", "train-all-report"} <= keys
+
+
+def test_train_all_leaves_dvc_clean_and_repro_has_nothing_to_do(trained):
+    root, result, _ = trained
+    assert "data.dvc" in result["dvc"]["recorded"] and "train@crn" in result["dvc"]["recorded"]
+    assert "up to date" in run(root, sys.executable, "-m", "dvc", "status")
+    out = run(root, sys.executable, "-m", "dvc", "repro")
+    assert "Running stage" not in out, out
+    assert "up to date" in out
+
+
+def test_second_train_all_run_hits_the_cache(trained):
+    from flows.train_all import train_all
+
+    root, first, first_s = trained
+    layout = Layout.from_config(load_config(root / "params.yaml"), root)
+    before = {h: _sha(layout.checkpoint(h)) for h in HEADS}
+    t0 = time.perf_counter()
+    second = train_all(root=str(root), record_dvc=False)
+    second_s = time.perf_counter() - t0
+    assert all(state == "Cached" for state in second["steps"].values()), second["steps"]
+    assert second["results"] == first["results"]
+    assert {h: _sha(layout.checkpoint(h)) for h in HEADS} == before  # nothing retrained
+    assert second_s < first_s
+
+
+def test_cache_key_follows_dvc_stage_inputs(trained):
+    from tasks.cache import stage_key
+
+    root, _, _ = trained
+    cfg = load_config(root / "params.yaml")
+    keys = {s: stage_key(root, s, cfg) for s in ("shard", "mine", "train@avg")}
+    other = cfg.model_copy(update={"mining": cfg.mining.model_copy(update={"test_positive_m": 30.0})})
+    assert stage_key(root, "mine", other) != keys["mine"]  # its params section changed
+    assert stage_key(root, "shard", other) == keys["shard"]  # an unrelated section did not matter
+    assert stage_key(root, "report", cfg) is not None and stage_key(root, "no-such-stage", cfg) is None
+
+
+def test_missing_outputs_force_the_step_to_run(trained):
+    from flows.train_all import train_all_steps
+    from tasks.cache import outputs_present
+
+    root = trained[0]
+    shutil.rmtree(root / "artifacts" / "mining")
+    assert not outputs_present(root, "mine")  # a cache record alone must not stand in for the files
+    result = train_all_steps(str(root / "params.yaml"), str(root), record_dvc=False)
+    assert result["steps"]["mine"] == "Completed" and (root / "artifacts" / "mining" / "test.parquet").exists()
+    # the same mining tables again: every step downstream is still a cache hit
+    assert {s for s, state in result["steps"].items() if state != "Cached"} == {"mine"}
+
+
+# --------------------------------------------------------------------------- reindex
+
+
+def _drop_batch(root: Path) -> dict:
+    """One datasets_vg image, one EXIF-GPS photo, one broken file, from the test split's queries."""
+    from vpr.geo import parse_name
+
+    queries = sorted((root / "data/images/test/queries").iterdir())
+    inbox = root / "inbox"
+    inbox.mkdir(exist_ok=True)
+    named = shutil.copy(queries[0], inbox / queries[0].name)
+    geo = parse_name(queries[1].name)
+    photo = exif_photo(queries[1], inbox / "IMG_0001.jpg", geo.lat, geo.lon, heading=90.0)
+    broken = truncated_jpeg(queries[2], inbox / "@590000.00@4477000.00@.jpg")
+    return {"named": Path(named), "photo": photo, "broken": broken, "photo_source": queries[1]}
+
+
+def _locate(layout: Layout, images: list[Path]) -> list[dict]:
+    from vpr.locate import locate
+
+    return locate(images, layout.release_dir("netvlad"), top_k=5)
+
+
+def test_reindex_adds_batch_quarantines_broken_and_repeats_as_noop(trained, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.reindex import CONCURRENCY_LIMIT, reindex
+    from vpr.index import load_release
+
+    root = clone_project(trained[0], tmp_path / "project")
+    cfg = load_config(root / "params.yaml")
+    layout = Layout.from_config(cfg, root)
+    old_tars = {p.name: _sha(p) for p in layout.shards_dir.glob("*.tar")}
+    n_before = load_release(layout.release_dir("netvlad")).index.ntotal
+    n_catalog = pl.read_parquet(layout.catalog).height
+    files = _drop_batch(root)
+
+    summary = reindex(root=str(root))
+
+    assert len(summary["added"]) == 2 and {a["source"] for a in summary["added"]} == {"name", "exif"}
+    assert [r["inbox"] for r in summary["rejected"]] == [files["broken"].name]
+    assert summary["rejected"][0]["reason"] == "truncated image"
+    quarantined = root / "inbox" / summary["rejected"][0]["quarantined"]
+    assert quarantined.exists() and Path(str(quarantined) + ".reason.txt").read_text().startswith("truncated")
+    # release, shard index and catalog all grew by the two images, under new ids
+    release = load_release(layout.release_dir("netvlad"))
+    assert release.index.ntotal == n_before + 2
+    new_ids = sorted(a["id"] for a in summary["added"])
+    assert new_ids == [release.ids["id"].max() - 1, release.ids["id"].max()]
+    assert pl.read_parquet(layout.catalog).height == n_catalog + 2
+    index = pl.read_parquet(layout.shard_index)
+    assert index["id"].to_list() == list(range(index.height))
+    # existing shards untouched; files moved into the data tree; the inbox holds only the quarantine
+    assert {n: _sha(layout.shards_dir / n) for n in old_tars} == old_tars
+    assert len(list(layout.shards_dir.glob("*.tar"))) == len(old_tars) + 1
+    assert all((layout.data / a["path"]).exists() for a in summary["added"])
+    assert [p.name for p in (root / "inbox").iterdir()] == ["quarantine"]
+    # locate finds the EXIF photo at its own new id
+    answer = _locate(layout, [files["photo_source"]])[0]
+    photo_id = next(a["id"] for a in summary["added"] if a["source"] == "exif")
+    assert answer["ok"] and photo_id in [m["id"] for m in answer["matches"][:2]]
+    # recorded in DVC: the raw data and the stages that own catalog, shards and release are clean
+    assert set(summary["dvc"]["recorded"]) == {"data.dvc", "ingest", "shard", "index"}
+    status = run(root, sys.executable, "-m", "dvc", "status", "data.dvc", "ingest", "shard", "index")
+    assert "up to date" in status, status
+    # summary artifact and the one-at-a-time limit
+    with get_client(sync_client=True) as client:
+        assert "reindex-summary" in {a.key for a in client.read_artifacts()}
+        assert client.read_global_concurrency_limit_by_name(CONCURRENCY_LIMIT).limit == 1
+
+    version = (layout.release_dir("netvlad") / "CURRENT").read_text()
+    catalog_sha = _sha(layout.catalog)
+    again = reindex(root=str(root))
+    assert again["added"] == [] and again["rejected"] == []
+    assert (layout.release_dir("netvlad") / "CURRENT").read_text() == version
+    assert _sha(layout.catalog) == catalog_sha
+
+
+def test_crash_after_new_shards_keeps_previous_index_serving(trained, tmp_path, monkeypatch):
+    import vpr.reindex
+    from flows.reindex import reindex
+
+    root = clone_project(trained[0], tmp_path / "project")
+    layout = Layout.from_config(load_config(root / "params.yaml"), root)
+    probes = sorted((root / "data/images/test/queries").iterdir())[3:6]
+    before = _locate(layout, probes)
+    version = (layout.release_dir("netvlad") / "CURRENT").read_text()
+    catalog_sha, index_sha = _sha(layout.catalog), _sha(layout.shard_index)
+    files = _drop_batch(root)
+
+    def crash(step: str) -> None:
+        if step == "shards-written":
+            raise RuntimeError("injected crash after the new shards were written")
+
+    monkeypatch.setattr(vpr.reindex, "_reached", crash)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        reindex(root=str(root), record_dvc=False)
+    pending = json.loads((root / "artifacts/reindex/pending.json").read_text())
+    new_tars = {it["shard"] for it in pending["items"]}
+    assert all((layout.shards_dir / t).exists() for t in new_tars)  # the crash came after the tars
+    # nothing that serves changed: same release version, same catalog and shard index, same answers
+    assert (layout.release_dir("netvlad") / "CURRENT").read_text() == version
+    assert _sha(layout.catalog) == catalog_sha and _sha(layout.shard_index) == index_sha
+    assert _locate(layout, probes) == before
+    assert files["named"].exists() and files["photo"].exists()
+
+    monkeypatch.undo()
+    summary = reindex(root=str(root), record_dvc=False)
+    assert summary["resumed"] and sorted(a["id"] for a in summary["added"]) == [it["id"] for it in pending["items"]]
+    assert not (root / "artifacts/reindex/pending.json").exists()
+    after = _locate(layout, [files["photo_source"]])[0]
+    assert {a["id"] for a in summary["added"]} & {m["id"] for m in after["matches"]}
+
+
+def test_a_second_reindex_waits_for_the_running_one(trained, tmp_path):
+    from prefect.concurrency.sync import concurrency
+
+    from flows.reindex import CONCURRENCY_LIMIT, ensure_concurrency_limit, reindex
+
+    root = clone_project(trained[0], tmp_path / "project")
+    ensure_concurrency_limit()
+    with concurrency(CONCURRENCY_LIMIT, occupy=1, strict=True):  # a run in progress holds the only slot
+        with pytest.raises(TimeoutError):
+            reindex(root=str(root), wait_timeout_s=2)
+    assert reindex(root=str(root), wait_timeout_s=30)["added"] == []  # slot free again: runs
+
+
+# --------------------------------------------------------------------------- deployments, runners
+
+
+def test_served_deployments_and_reindex_cron_from_params(trained):
+    from flows.serve import build_deployments
+
+    root = trained[0]
+    cfg = load_config(root / "params.yaml")
+    deployments = {f"{d.flow_name}/{d.name}": d for d in build_deployments("params.yaml", str(root))}
+    assert set(deployments) == {"train-all/train-all", "reindex/reindex"}
+    assert deployments["train-all/train-all"].schedules == []
+    crons = [s.schedule.cron for s in deployments["reindex/reindex"].schedules]
+    assert crons == [cfg.orchestration.reindex_cron] == ["7 */2 * * *"]
+    assert deployments["reindex/reindex"].concurrency_limit == 1
+    assert deployments["train-all/train-all"].parameters == {"params": str(root / "params.yaml"),
+                                                             "root": str(root)}
+
+
+def test_prefect_yaml_matches_the_flows_and_params():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    assert by_name["train-all"]["entrypoint"] == "flows/train_all.py:train_all"
+    assert by_name["reindex"]["entrypoint"] == "flows/reindex.py:reindex"
+    cron = load_config(REPO / "params.yaml").orchestration.reindex_cron
+    assert [s["cron"] for s in by_name["reindex"]["schedules"]] == [cron]
+    assert by_name["reindex"]["concurrency_limit"]["limit"] == 1
+    pools = {d["work_pool"]["name"] for d in spec["deployments"]}
+    assert len(pools) == 1
+
+
+def test_task_runner_comes_from_params():
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.runners import make_task_runner
+    from vpr.config import OrchestrationConfig
+
+    threads = make_task_runner(OrchestrationConfig(max_workers=3))
+    assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
+    assert isinstance(make_task_runner(OrchestrationConfig(task_runner="dask")), DaskTaskRunner)
+    remote = make_task_runner(OrchestrationConfig(task_runner="dask", dask_address="tcp://10.0.0.1:8786"))
+    assert remote.address == "tcp://10.0.0.1:8786"
+
+
+def test_dask_runner_runs_the_shard_step_on_a_local_cluster(prefect_harness, micro_project):
+    from prefect import flow, task
+
+    import tasks
+    from flows.runners import make_task_runner
+    from vpr.config import OrchestrationConfig
+    from vpr.shards import ShardReader
+
+    root, cfg, layout = micro_project
+    shutil.rmtree(layout.shards_dir)
+
+    @task
+    def worker_pid() -> int:
+        return os.getpid()
+
+    runner = make_task_runner(OrchestrationConfig(task_runner="dask", max_workers=1))
+
+    @flow(task_runner=runner)
+    def shard_on_dask() -> tuple[dict, int]:
+        shard = tasks.shard.submit(cfg, str(root))
+        return shard.result(), worker_pid.submit().result()
+
+    result, pid = shard_on_dask()
+    assert pid != os.getpid()  # tasks ran in the cluster's worker process
+    assert Path(result["index"]).exists()
+    assert len(ShardReader(layout.shards_dir)) == pl.read_parquet(layout.catalog).height
+
+
+def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_it(prefect_harness, tmp_path):
+    """`prefect deploy --all` with prefect.yaml, then one process worker picks a reindex run up."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    project = tmp_path / "checkout"
+    project.mkdir()
+    for name in ("flows", "tasks", "vpr"):
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("prefect.yaml", "params.yaml"):
+        shutil.copy(REPO / name, project / name)
+    prefect = [sys.executable, "-m", "prefect"]
+    api = {"PREFECT_API_URL": PREFECT_API_URL.value()}
+
+    def cli(*args: str, cwd: Path = project) -> str:
+        import subprocess
+
+        from tests.flowkit import env
+
+        proc = subprocess.run([*prefect, *args], cwd=cwd, env={**env(), **api}, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+        return proc.stdout
+
+    cli("work-pool", "create", "vpr-process", "--type", "process", "--overwrite")
+    cli("deploy", "--all", "--no-prompt")
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("reindex/reindex")
+        assert deployment.work_pool_name == "vpr-process"
+        assert [s.schedule.cron for s in deployment.schedules] == ["*/15 * * * *"]
+        client.read_deployment_by_name("train-all/train-all")
+        run_id = client.create_flow_run_from_deployment(deployment.id).id
+    cli("worker", "start", "--pool", "vpr-process", "--run-once", cwd=tmp_path)
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    assert state.is_completed(), state
