@@ -64,7 +64,8 @@ def test_images_have_configured_size(micro_city):
 
 def test_splits_do_not_share_places(micro_city):
     def positions(split):
-        return [(g.utm_east, g.utm_north) for g in map(parse_name, (micro_city / "images" / split).rglob("*.jpg"))]
+        paths = (micro_city / "images" / split).rglob("*.jpg")
+        return [(g.utm_east, g.utm_north) for g in map(parse_name, paths)]
 
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         nearest = min(((e1 - e2) ** 2 + (n1 - n2) ** 2) ** 0.5

@@ -69,8 +69,13 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed % 2**63, *keys]))
 
 
+def _rgb(values: Iterable[float]) -> RGB:
+    r, g, b = (int(np.clip(v, 0, 255)) for v in values)
+    return r, g, b
+
+
 def _jitter(rng: np.random.Generator, colour: Iterable[float], amount: float) -> RGB:
-    return tuple(int(np.clip(c + rng.uniform(-amount, amount), 0, 255)) for c in colour)  # type: ignore
+    return _rgb([c + rng.uniform(-amount, amount) for c in colour])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,7 +339,9 @@ class Condition:
 
 def _day(rng: np.random.Generator) -> Condition:
     b = float(rng.uniform(0.95, 1.1))
-    return Condition("day", tuple(b * float(rng.uniform(0.96, 1.04)) for _ in range(3)), 1.0, 1.0,  # type: ignore
+    red, green, blue = (b * float(t) for t in rng.uniform(0.96, 1.04, 3))
+    illum = (red, green, blue)
+    return Condition("day", illum, 1.0, 1.0,
                      _jitter(rng, (80, 130, 205), 15), _jitter(rng, (175, 205, 235), 10),
                      str(rng.choice(["none", "partial", "full"], p=[0.3, 0.5, 0.2])), 0.0, False,
                      0.0, 0.0, 1.0, 2.0, int(rng.poisson(3)))
@@ -518,7 +525,7 @@ def _shader(cond: Condition) -> Callable[[RGB], RGB]:
             grey = float(c.mean())
             c = grey + (c - grey) * cond.saturation
             c = np.clip(c * np.asarray(cond.illum) * 255.0, 0, 255)
-            cache[rgb] = tuple(int(v) for v in c)  # type: ignore
+            cache[rgb] = _rgb(c)
         return cache[rgb]
 
     return shade
@@ -631,9 +638,9 @@ def _draw_pattern(cv: Canvas, b: Building, s: Style, shade: Callable[[RGB], RGB]
         cv.rect(x0, 0, x0 + 0.5, b.height, shade(s.trim))
         cv.rect(x1 - 0.5, 0, x1, b.height, shade(s.trim))
     elif s.pattern == "brick":
-        dark = tuple(int(c * 0.85) for c in b.wall)
+        dark = _rgb(c * 0.85 for c in b.wall)
         for z in np.arange(b.ground_h + 0.6, b.height - 0.5, 0.6):
-            cv.rect(x0, float(z), x1, float(z) + 0.08, shade(dark))  # type: ignore[arg-type]
+            cv.rect(x0, float(z), x1, float(z) + 0.08, shade(dark))
 
 
 def _draw_sign(cv: Canvas, sign: Sign, shade: Callable[[RGB], RGB]) -> None:
@@ -676,7 +683,7 @@ def _draw_trees_and_lamps(cv: Canvas, facade: Facade, x0: float, x1: float,
         if x0 - 2 * r < x < x1 + 2 * r:
             cv.rect(x - 0.15, 0.0, x + 0.15, 3.0, shade((90, 65, 45)))
             cv.ellipse(x, 4.2, r, r * 1.1, shade(colour))
-            cv.ellipse(x - r * 0.5, 3.8, r * 0.7, r * 0.7, shade(tuple(int(c * 0.85) for c in colour)))  # type: ignore
+            cv.ellipse(x - r * 0.5, 3.8, r * 0.7, r * 0.7, shade(_rgb(c * 0.85 for c in colour)))
 
 
 def _solid_mask(size: tuple[int, int], cv: Canvas, facade: Facade, x0: float, x1: float,
@@ -729,7 +736,8 @@ def visible_box(cam: Camera, width: int, height: int) -> tuple[float, float, flo
     corners = np.array([[0, 0, 1], [width, 0, 1], [0, height, 1], [width, height, 1]], dtype=float).T
     h = cam.facade_homography() @ corners
     xs, zs = h[0] / h[2], h[1] / h[2]
-    return float(xs.min()) - 1, float(xs.max()) + 1, max(float(zs.min()) - 1, -8.0), min(float(zs.max()) + 1, 60.0)
+    zmin, zmax = max(float(zs.min()) - 1, -200.0), min(float(zs.max()) + 1, 200.0)  # bounded if nearly parallel
+    return float(xs.min()) - 1, float(xs.max()) + 1, zmin, zmax
 
 
 def render_facade_view(facade: Facade, styles: tuple[Style, ...], cam: Camera, width: int, height: int,
@@ -744,10 +752,10 @@ def render_facade_view(facade: Facade, styles: tuple[Style, ...], cam: Camera, w
     for _ in range(cond.clouds):
         cv.ellipse(float(rng.uniform(x0, x1)), float(rng.uniform(14, 30)), float(rng.uniform(3, 9)),
                    float(rng.uniform(1, 2.5)), _jitter(rng, (240, 242, 245), 8))
-    haze = tuple(int(0.5 * a + 0.5 * b) for a, b in zip(shade((110, 115, 125)), cond.sky_bottom))
+    haze = _rgb(0.5 * a + 0.5 * b for a, b in zip(shade((110, 115, 125)), cond.sky_bottom))
     for sx0, sx1, sh in facade.skyline:
         if sx0 < x1 and sx1 > x0:
-            cv.rect(sx0, 0.0, sx1, sh, haze)  # type: ignore[arg-type]
+            cv.rect(sx0, 0.0, sx1, sh, haze)
     _draw_ground(cv, x0, x1, zmin, shade)
     windows: list[tuple[float, float, float, float]] = []
     for b in facade.buildings:
@@ -758,13 +766,16 @@ def render_facade_view(facade: Facade, styles: tuple[Style, ...], cam: Camera, w
         tex = _apply_shadow(tex, cv, facade, (x0, x1, zmin, zmax), rng, cond.shadow)
         cv = Canvas(tex, x0, zmax, ppm)
     _draw_emissive(cv, facade, windows, cond, rng, x0, x1)
-    to_tex = np.array([[ppm, 0.0, -x0 * ppm], [0.0, -ppm, zmax * ppm], [0.0, 0.0, 1.0]]) @ cam.facade_homography()
+    metres_to_tex = np.array([[ppm, 0.0, -x0 * ppm], [0.0, -ppm, zmax * ppm], [0.0, 0.0, 1.0]])
+    to_tex = metres_to_tex @ cam.facade_homography()
     to_tex /= to_tex[2, 2]
     return tex.transform((width, height), Image.PERSPECTIVE, tuple(to_tex.ravel()[:8]), Image.BILINEAR,
                          fillcolor=cond.sky_top)
 
 
-def _quad(cam: Camera, y: float, x0: float, z0: float, x1: float, z1: float) -> list[tuple[float, float]] | None:
+def _quad(cam: Camera, y: float, x0: float, z0: float, x1: float,
+          z1: float) -> list[tuple[float, float]] | None:
+    """Image polygon of an upright rectangle at depth plane ``y``; None if it reaches behind the camera."""
     pts = [cam.project((x, y, z)) for x, z in ((x0, z0), (x1, z0), (x1, z1), (x0, z1))]
     if any(p[2] <= 0.5 for p in pts):
         return None
@@ -949,7 +960,8 @@ def _remove_stale(folder: Path, keep: set[str]) -> None:
 
 def _queries_without_match(captures: list[Capture], streets: tuple[Street, ...], radius: float) -> int:
     def xy(role: str) -> np.ndarray:
-        return np.array([camera_utm(streets[c.street], c.offset, c.lateral) for c in captures if c.role == role])
+        return np.array([camera_utm(streets[c.street], c.offset, c.lateral)
+                         for c in captures if c.role == role])
 
     db, q = xy("database"), xy("queries")
     d2 = ((q[:, None, :] - db[None, :, :]) ** 2).sum(-1)
@@ -966,7 +978,8 @@ def generate_city(out_root: str | Path, cfg: SynthConfig, workers: int | None = 
     root = Path(out_root)
     styles = make_styles(cfg.seed, cfg.facade_styles)
     city = plan_city(cfg, styles)
-    captures = {(split, role): plan_captures(cfg, split, role, city[split]) for split in SPLITS for role in ROLES}
+    captures = {(split, role): plan_captures(cfg, split, role, city[split])
+                for split in SPLITS for role in ROLES}
     jobs = [cap for caps in captures.values() for cap in caps]
     for split, role in captures:
         (root / "images" / split / role).mkdir(parents=True, exist_ok=True)
