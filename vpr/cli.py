@@ -111,11 +111,15 @@ def train(
     cfg = _config(params)
     from vpr.config import HEADS
     from vpr.layout import Layout
-    from vpr.train import train_head
+    from vpr.shards import ShardError
+    from vpr.train import CheckpointError, train_head
 
     if head not in HEADS:
         _fail(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
-    summary = train_head(head, cfg, Layout.from_config(cfg), resume=resume)
+    try:
+        summary = train_head(head, cfg, Layout.from_config(cfg), resume=resume)
+    except (ShardError, CheckpointError) as exc:
+        _fail(str(exc))
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 
@@ -131,12 +135,13 @@ def evaluate(
     from vpr.config import HEADS
     from vpr.evaluate import evaluate_head
     from vpr.layout import Layout
+    from vpr.shards import ShardError
 
     if head not in HEADS:
         _fail(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
     try:
         metrics = evaluate_head(head, cfg, Layout.from_config(cfg), untrained=untrained)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ShardError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(metrics))
 
@@ -151,13 +156,15 @@ def index(
     from vpr.config import HEADS
     from vpr.index import ReleaseError, build_release
     from vpr.layout import Layout
+    from vpr.shards import ShardError
+    from vpr.train import CheckpointError
 
     head = head or cfg.index.head
     if head not in HEADS:
         _fail(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
     try:
         version = build_release(head, cfg, Layout.from_config(cfg))
-    except (FileNotFoundError, ReleaseError) as exc:
+    except (FileNotFoundError, ReleaseError, ShardError, CheckpointError) as exc:
         _fail(str(exc))
     typer.echo(f"release {head} → {version}", err=True)
 
@@ -179,6 +186,7 @@ def locate(
     from vpr.index import ReleaseError
     from vpr.layout import Layout
     from vpr.locate import locate as run_locate
+    from vpr.train import CheckpointError
 
     head = head or cfg.index.head
     release_dir = release or Layout.from_config(cfg).release_dir(head)
@@ -188,7 +196,7 @@ def locate(
     try:
         results = run_locate(images, release_dir, k, max_pixels=cfg.locate.max_pixels,
                              device=cfg.train.device, batch_size=cfg.evaluate.batch_size)
-    except ReleaseError as exc:
+    except (ReleaseError, CheckpointError) as exc:
         _fail(str(exc))
     if as_json:
         typer.echo(json.dumps(results, indent=2))
@@ -337,6 +345,22 @@ def ablation_thresholds(
         typer.echo(threshold_table(layout, head, thresholds, cfg.evaluate.recall_at))
     except FileNotFoundError as exc:
         _fail(str(exc))
+
+
+@app.command()
+def profile(
+    name: str = typer.Argument(..., help="profile name: a file profiles/NAME.yaml (cpu, paper)"),
+    params: Path = ParamsOpt,
+) -> None:
+    """Switch params.yaml to a named profile (e.g. `paper`: 480×640, the study's Pitts30k settings)."""
+    from vpr.config import ConfigError
+    from vpr.profiles import apply_profile
+
+    try:
+        apply_profile(name, params)
+    except ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(f"params.yaml ← profiles/{name}.yaml", err=True)
 
 
 def main() -> None:  # pragma: no cover - console entry
