@@ -290,7 +290,7 @@ def write_report(cfg: Config, layout: Layout) -> Path:
         *_approx_lines(metrics), "",
         "## Setup", "",
         f"- Images {cfg.shards.width}×{cfg.shards.height} × scale {cfg.train.image_scale}; backbone weights "
-        f"`{cfg.model.weights}`; {cfg.train.epochs} epoch(s) × {cfg.train.queries_per_epoch} queries, "
+        f"{_weights_note(cfg)}; {cfg.train.epochs} epoch(s) × {cfg.train.queries_per_epoch} queries, "
         f"lr {cfg.train.lr}, {cfg.train.mining} mining; NetVLAD/CRN with {cfg.model.netvlad_clusters} clusters.",
         "- ms/image: descriptor extraction wall time (decode + transform + model) per image during evaluation.",
         "- Sources: `metrics/*.json` (`dvc metrics show`), predictions in `artifacts/predictions/`.", "",
@@ -302,3 +302,12 @@ def write_report(cfg: Config, layout: Layout) -> Path:
     out = layout.reports / "results.md"
     write_text_atomic(out, "\n".join(lines))
     return out
+
+
+def _weights_note(cfg: Config) -> str:
+    """Say plainly when 'imagenet' fell back to random init (no cached weights on this machine)."""
+    from vpr.models.backbone import imagenet_weights_path
+
+    if cfg.model.weights == "imagenet" and not imagenet_weights_path().exists():
+        return "`imagenet` requested but not found locally, so **random init**"
+    return f"`{cfg.model.weights}`"
