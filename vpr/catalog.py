@@ -12,6 +12,7 @@ import hashlib
 import io
 import math
 import multiprocessing
+import os
 import sys
 import threading
 import warnings
@@ -31,6 +32,7 @@ from vpr.atomic import write_parquet_atomic
 from vpr.config import IngestConfig
 from vpr.geo import NameError_, parse_name
 from vpr.layout import ROLES, SPLITS
+from vpr.procs import exit_with_parent
 
 # Reject reasons: exact strings, asserted by tests and grouped in the summary.
 REASON_EMPTY = "empty file"
@@ -76,6 +78,16 @@ class _Candidate:
     path: str  # relative to ROOT, posix
     split: str
     role: str
+
+
+def printable_path(path: str) -> str:
+    """``path`` as valid UTF-8 text for tables and messages: undecodable bytes (which the OS hands over
+    as surrogate escapes) are spelled ``\\xNN``. Only for reporting; never used to open a file."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path
 
 
 def bad_name_reason(why: str) -> str:
@@ -178,8 +190,12 @@ def _name_fields(path: str) -> dict | str:
 
 
 def inspect_file(root: Path, cand: _Candidate, max_pixels: int) -> dict:
-    """One catalog row (``reason`` is None) or one rejected row (``reason`` set) for a file."""
-    base = {"path": cand.path, "split": cand.split, "role": cand.role}
+    """One catalog row (``reason`` is None) or one rejected row (``reason`` set) for a file.
+
+    A name that is not valid UTF-8 (or holds a path separator or control character) is rejected as a
+    bad name and listed under its printable spelling; accepted paths are always plain relative paths.
+    """
+    base = {"path": printable_path(cand.path), "split": cand.split, "role": cand.role}
     try:
         data = (root / cand.path).read_bytes()
     except OSError:
@@ -229,7 +245,8 @@ def _inspect_all(root: Path, cands: list[_Candidate], cfg: IngestConfig) -> list
         else:
             # spawn, not fork: callers (Prefect thread runners) may hold threads and locks
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(cfg.workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=exit_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
                 futures = [pool.submit(_inspect_chunk, str(root), c, cfg.max_pixels) for c in chunks]
                 for fut in as_completed(futures):
                     done = fut.result()

@@ -31,6 +31,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_SCALE = np.float32(1.0 / 255)
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+_STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+
+
+def normalize_uint8(image: torch.Tensor) -> torch.Tensor:
+    """uint8 3×H×W → contiguous float32, (x/255 − mean)/std: bit-identical to torchvision's
+    ``ToDtype(scale=True)`` + ``Normalize``, but one single-threaded numpy pass per image.
+
+    torch spreads each elementwise op over its intra-op threads; on one small image with the cores
+    busy (other processes, or the model running beside the loader) that synchronisation made the
+    transform 10–100× slower than the JPEG decode (bench/loader.py).
+    """
+    out = np.empty(image.shape, dtype=np.float32)
+    np.multiply(image.numpy(), _SCALE, out=out, dtype=np.float32)
+    out -= _MEAN
+    out /= _STD
+    return torch.from_numpy(out)
+
+
 def image_transform(height: int, width: int, scale: float = 1.0,
                     augment: AugmentConfig | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """PIL RGB → normalised float tensor, resized to ``scale`` × (height, width), with optional augmentation."""
@@ -43,7 +63,7 @@ def image_transform(height: int, width: int, scale: float = 1.0,
         steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(0.5, j / 2)))
     if augment is not None and augment.horizontal_flip:
         steps.append(T.RandomHorizontalFlip())
-    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps.append(normalize_uint8)  # = ToDtype(float32, scale=True) + Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if augment is not None and augment.random_erasing > 0:
         steps.append(T.RandomErasing(p=augment.random_erasing))
     return T.Compose(steps)

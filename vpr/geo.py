@@ -47,9 +47,22 @@ def _optional_float(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _check_characters(name: str) -> None:
+    """Names from untrusted folders: valid UTF-8, no path separator of any platform, no control characters."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes arrive from the OS as surrogate escapes
+        raise NameError_("name is not valid UTF-8") from None
+    if "\\" in name or "/" in name:
+        raise NameError_("name contains a path separator")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise NameError_("name contains control characters")
+
+
 def parse_name(path: str | PurePath) -> GeoName:
     """Parse a datasets_vg name (``@E@N@...@.ext``); raises ``NameError_`` with the reason."""
     name = PurePath(path).name
+    _check_characters(name)
     stem, dot, _ext = name.rpartition(".")
     if not dot:
         stem = name

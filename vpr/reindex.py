@@ -63,12 +63,14 @@ from vpr.catalog import (
     _decode,
     _mark_duplicates,
     _name_fields,
+    printable_path,
     strict_pillow,
 )
 from vpr.config import Config
 from vpr.geo import format_name, latlon_to_utm
 from vpr.layout import Layout
-from vpr.shards import INDEX_SCHEMA, _meta_json, encode_image, read_index, sample_key, shard_name, write_tar
+from vpr.shards import (INDEX_SCHEMA, _meta_json, checksum, encode_image, read_index, sample_key, shard_name,
+                         write_tar)
 
 QUARANTINE = "quarantine"
 PENDING = "pending.json"
@@ -248,17 +250,23 @@ def check_file(inbox: Path, rel: str, split: str, max_pixels: int) -> dict:
 
 
 def quarantine(inbox: Path, rel: str, reason: str) -> Path:
-    """Move a rejected file to ``inbox/quarantine/`` (never overwriting) with a ``.reason.txt`` beside it."""
+    """Move a rejected file to ``inbox/quarantine/`` (never overwriting) with a ``.reason.txt`` beside it.
+
+    The file keeps its base name only (it lands directly in the quarantine folder, whatever folders or
+    ``..`` parts ``rel`` has), spelled as printable UTF-8 when the original bytes are not.
+    """
     qdir = inbox / QUARANTINE
     qdir.mkdir(parents=True, exist_ok=True)
-    name = Path(rel).name
+    name = printable_path(Path(rel).name)
+    if name in ("", ".", ".."):
+        name = "unnamed"
     target = qdir / name
     n = 1
     while target.exists() or target.with_name(target.name + ".reason.txt").exists():
         target = qdir / f"{Path(name).stem}.{n}{Path(name).suffix}"
         n += 1
     write_text_atomic(target.with_name(target.name + ".reason.txt"),
-                      f"{reason}\nfrom inbox/{rel} at {_now()}\n")
+                      f"{reason}\nfrom inbox/{printable_path(rel)} at {_now()}\n")
     _move(inbox / rel, target)
     return target
 
@@ -352,7 +360,7 @@ def _validate_inbox(cfg: Config, layout: Layout, result: ReindexResult) -> list[
                 reason = f"{REASON_OTHER_ZONE}: zone {row['utm_zone']} is not the catalog's ({have})"
         if reason is not None:
             target = quarantine(inbox, rel, reason)
-            result.rejected.append({"inbox": rel, "reason": reason,
+            result.rejected.append({"inbox": printable_path(rel), "reason": reason,
                                     "quarantined": target.relative_to(layout.inbox).as_posix()})
             continue
         seen.add(row["path"])
@@ -393,11 +401,12 @@ def _write_batch_shards(plan: dict, layout: Layout, cfg: Config) -> list[dict]:
             jpg = encode_image(str(src), sc.height, sc.width, sc.jpeg_quality)
             samples.append((it["key"], jpg, _meta_json(it["row"], it["id"], it["key"])))
         ranges = write_tar(target, samples)
-        for it, (offset, size) in zip(items, ranges):
+        for it, (offset, size), (_, jpg, _) in zip(items, ranges, samples):
             r = it["row"]
             rows.append({"id": it["id"], "key": it["key"], "path": r["path"], "split": r["split"],
                          "role": r["role"], "utm_east": r["utm_east"], "utm_north": r["utm_north"],
-                         "lat": r["lat"], "lon": r["lon"], "shard": name, "offset": offset, "size": size})
+                         "lat": r["lat"], "lon": r["lon"], "shard": name, "offset": offset, "size": size,
+                         "crc32": checksum(jpg)})
     return rows
 
 
@@ -446,6 +455,8 @@ def _add_to_releases(cfg: Config, layout: Layout, rows: list[dict], result: Rein
 
 def _append_index(layout: Layout, rows: list[dict]) -> None:
     index = read_index(layout.shards_dir)
+    if "crc32" not in index.columns:  # an index from before checksums: its rows stay unchecked
+        index = index.with_columns(pl.lit(None, pl.Int64).alias("crc32"))
     new = pl.DataFrame(rows, schema=INDEX_SCHEMA)
     write_parquet_atomic(pl.concat([index.cast(INDEX_SCHEMA), new]).sort("id"),  # type: ignore[arg-type]
                          layout.shards_dir / "index.parquet")
@@ -499,8 +510,13 @@ def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> No
     _reached("catalog-written")
     _move_files(layout, plan)
     _reached("files-moved")
-    result.added = [{"id": it["id"], "path": it["row"]["path"], "source": it["source"], "inbox": it["inbox"],
-                     "utm_east": it["row"]["utm_east"], "utm_north": it["row"]["utm_north"]}
+    paths = [it["row"]["path"] for it in plan["items"]]
+    duplicate_of = dict(_catalog(layout).filter(pl.col("path").is_in(paths))
+                        .select("path", "duplicate_of").iter_rows())  # same bytes as an earlier image
+    result.added = [{"id": it["id"], "path": it["row"]["path"], "source": it["source"],
+                     "inbox": printable_path(it["inbox"]),
+                     "utm_east": it["row"]["utm_east"], "utm_north": it["row"]["utm_north"],
+                     "duplicate_of": duplicate_of.get(it["row"]["path"])}
                     for it in plan["items"]]
 
 
@@ -550,5 +566,9 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
         _apply(plan, cfg, layout, result)
         pending_path.unlink()
         result.note = f"added {len(result.added)} image(s)" + (" (resumed batch)" if result.resumed else "")
+        dups = [a for a in result.added if a["duplicate_of"]]
+        if dups:
+            result.note += (f"; {len(dups)} with the same bytes as an image already indexed (kept; e.g. "
+                            f"{dups[0]['path']} == {dups[0]['duplicate_of']})")
         _log(layout, result)
         return result

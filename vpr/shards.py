@@ -4,9 +4,19 @@ After this step nothing reads the original image folders again. Each sample is a
 and a JSON metadata record under a dot-free key. The tars are byte-identical for the same catalog
 and parameters (fixed tar headers, sorted order), so DVC sees no change when nothing changed.
 
-``index.parquet`` gives, for every image id, the shard file and the byte range of its JPEG data
-inside the tar, so ``ShardReader`` can serve random access (training batches) with one ``pread``,
-while ``iter_split`` streams a split in order through ``webdataset.WebDataset`` (extraction).
+``index.parquet`` gives, for every image id, the shard file, the byte range of its JPEG data
+inside the tar and the CRC-32 of those bytes, so ``ShardReader`` can serve random access (training
+batches) with one ``pread``, while ``iter_split`` streams a split in order through
+``webdataset.WebDataset`` (extraction). Both readers check every sample against the index (size,
+checksum, members): a truncated or corrupted tar is an error naming the shard and the sample, never
+a silently different image, and a sample carrying any member but ``.jpg`` and ``.json`` (e.g. a
+``.pyd``/``.pickle`` payload) is refused; nothing is ever unpickled.
+
+Writing is all-or-nothing for readers: every new tar and the new index are first written to
+staging names (``*.tar.tmp``); only when all of them are on disk is the old index removed, the tars
+renamed into place and the new index renamed last. A failure while staging (full disk, unreadable
+source) leaves the previous shards and index untouched; a ``kill -9`` during the commit leaves no
+index (readers refuse with "run `vpr shard`"), never an old index over new tars.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import multiprocessing
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -28,11 +39,13 @@ from PIL import Image, ImageOps
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vpr.atomic import write_parquet_atomic
 from vpr.catalog import strict_pillow
 from vpr.config import ShardConfig
+from vpr.procs import exit_with_parent
 
 INDEX_FILE = "index.parquet"
+STAGED_INDEX_FILE = "index.parquet.tmp"  # the next index, written before the commit (never read)
+SAMPLE_MEMBERS = frozenset({"jpg", "json"})  # anything else in a sample is refused, never decoded
 META_FIELDS = ("path", "split", "role", "utm_east", "utm_north", "lat", "lon", "heading", "sha256")
 _SHARD_NAME = re.compile(r"^[a-z]+-[a-z]+-\d{6}\.tar(\.tmp)?$")
 _BLOCK = tarfile.BLOCKSIZE
@@ -41,7 +54,7 @@ _JPEG_SOI = b"\xff\xd8"
 INDEX_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.Int64, "key": pl.String, "path": pl.String, "split": pl.String, "role": pl.String,
     "utm_east": pl.Float64, "utm_north": pl.Float64, "lat": pl.Float64, "lon": pl.Float64,
-    "shard": pl.String, "offset": pl.Int64, "size": pl.Int64,
+    "shard": pl.String, "offset": pl.Int64, "size": pl.Int64, "crc32": pl.Int64,
 }
 
 
@@ -56,6 +69,11 @@ def sample_key(split: str, role: str, n: int) -> str:
 
 def shard_name(split: str, role: str, n: int) -> str:
     return f"{split}-{role}-{n:06d}.tar"
+
+
+def checksum(data: bytes) -> int:
+    """CRC-32 of a sample's JPEG bytes, as stored in the index's ``crc32`` column."""
+    return zlib.crc32(data)
 
 
 # --------------------------------------------------------------------------- encoding (workers)
@@ -100,12 +118,16 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_tar(path: Path, samples: Sequence[tuple[str, bytes, bytes]]) -> list[tuple[int, int]]:
-    """Write ``(key, jpg, json)`` samples to ``path`` atomically; returns each jpg's (offset, size)."""
-    tmp = path.with_name(path.name + ".tmp")
+def staged(path: Path) -> Path:
+    """Where a tar is written before it is renamed into place (matched by the stale-file sweep)."""
+    return path.with_name(path.name + ".tmp")
+
+
+def _write_tar_file(dest: Path, samples: Sequence[tuple[str, bytes, bytes]]) -> list[tuple[int, int]]:
+    """Write and fsync a tar at ``dest`` (removed again on any failure); each jpg's (offset, size)."""
     ranges: list[tuple[int, int]] = []
     try:
-        with open(tmp, "wb") as f:
+        with open(dest, "wb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for key, jpg, meta in samples:
                     tar.addfile(_tarinfo(f"{key}.jpg", len(jpg)), io.BytesIO(jpg))
@@ -114,6 +136,17 @@ def write_tar(path: Path, samples: Sequence[tuple[str, bytes, bytes]]) -> list[t
                     tar.addfile(_tarinfo(f"{key}.json", len(meta)), io.BytesIO(meta))
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return ranges
+
+
+def write_tar(path: Path, samples: Sequence[tuple[str, bytes, bytes]]) -> list[tuple[int, int]]:
+    """Write ``(key, jpg, json)`` samples to ``path`` atomically; returns each jpg's (offset, size)."""
+    tmp = staged(path)
+    ranges = _write_tar_file(tmp, samples)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -184,11 +217,23 @@ def _remove_stale(out_dir: Path, keep: set[str]) -> None:
             f.unlink(missing_ok=True)
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _pack(plan: list[tuple[str, list[dict]]], data_root: Path, out_dir: Path, cfg: ShardConfig,
           workers: int) -> list[dict]:
-    """Encode and write every planned shard; index rows (catalog row + shard, offset, size)."""
+    """Encode every planned shard into its staging file; index rows (catalog row + shard, offset, size, crc32).
+
+    Nothing a reader looks at is touched: the tars are written as ``*.tar.tmp`` (see ``_commit``).
+    """
     index_rows: list[dict] = []
-    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=exit_with_parent, initargs=(os.getpid(),))
             if workers > 1 else None)  # spawn: callers (Prefect thread runners) may hold locks
     try:
         with _progress() as bar:
@@ -196,14 +241,41 @@ def _pack(plan: list[tuple[str, list[dict]]], data_root: Path, out_dir: Path, cf
             for name, rows in plan:
                 jpgs = _encode_rows(rows, data_root, cfg, pool)
                 samples = [(r["key"], j, _meta_json(r, r["id"], r["key"])) for r, j in zip(rows, jpgs)]
-                ranges = write_tar(out_dir / name, samples)
-                index_rows += [{**r, "shard": name, "offset": off, "size": size}
-                               for r, (off, size) in zip(rows, ranges)]
+                try:
+                    ranges = _write_tar_file(staged(out_dir / name), samples)
+                except OSError as exc:  # ENOSPC, EDQUOT, EIO...: name the file and the cause
+                    raise ShardError(f"cannot write shard {name} in {out_dir}: {exc.strerror or exc}; "
+                                     "the previous shards and index are unchanged") from exc
+                index_rows += [{**r, "shard": name, "offset": off, "size": size, "crc32": checksum(j)}
+                               for r, j, (off, size) in zip(rows, jpgs, ranges)]
                 bar.advance(task, len(rows))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return index_rows
+
+
+def _commit(out_dir: Path, names: Sequence[str]) -> Path:
+    """Switch from the previous shards to the staged ones; only renames and unlinks (no space needed).
+
+    The old index goes first, so at no moment does an index name a tar it was not written with: a
+    crash in here leaves no index (readers refuse) and the next ``write_shards`` redoes the lot.
+    """
+    index_path = out_dir / INDEX_FILE
+    index_path.unlink(missing_ok=True)
+    _fsync_dir(out_dir)
+    for name in names:
+        os.replace(staged(out_dir / name), out_dir / name)
+    _fsync_dir(out_dir)  # every tar in place before the index that names them
+    os.replace(out_dir / STAGED_INDEX_FILE, index_path)
+    _fsync_dir(out_dir)
+    return index_path
+
+
+def _discard_staged(out_dir: Path, names: Sequence[str]) -> None:
+    for name in names:
+        staged(out_dir / name).unlink(missing_ok=True)
+    (out_dir / STAGED_INDEX_FILE).unlink(missing_ok=True)
 
 
 def write_shards(
@@ -217,16 +289,30 @@ def write_shards(
     """Pack every catalog image into ``{split}-{role}-NNNNNN.tar``; return ``out_dir/index.parquet``.
 
     ``workers`` (default: CPU count) resize images in parallel; output does not depend on it.
-    The index is written last, then shards of an earlier run that it does not name are deleted.
+    All tars and the index are staged first, then switched in (``_commit``); shards of an earlier
+    run that the new index does not name are deleted last. A failure before the switch raises
+    ``ShardError`` and leaves the previous shards and index as they were.
     """
     catalog_path, data_root, out_dir = Path(catalog_path), Path(data_root), Path(out_dir)
     plan = plan_shards(_load_catalog(catalog_path), cfg.samples_per_shard)
+    names = [name for name, _ in plan]
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = _pack(plan, data_root, out_dir, cfg, workers or os.cpu_count() or 1)
-    index = pl.DataFrame([{k: r[k] for k in INDEX_SCHEMA} for r in rows], schema=INDEX_SCHEMA)
-    index_path = out_dir / INDEX_FILE
-    write_parquet_atomic(index.sort("id"), index_path)
-    _remove_stale(out_dir, {name for name, _ in plan})
+    try:
+        rows = _pack(plan, data_root, out_dir, cfg, workers or os.cpu_count() or 1)
+        index = pl.DataFrame([{k: r[k] for k in INDEX_SCHEMA} for r in rows], schema=INDEX_SCHEMA)
+        try:
+            index.sort("id").write_parquet(out_dir / STAGED_INDEX_FILE)
+            with open(out_dir / STAGED_INDEX_FILE, "rb") as fh:
+                os.fsync(fh.fileno())
+        except Exception as exc:  # noqa: BLE001 - OSError or polars' own I/O error (full disk...)
+            why = getattr(exc, "strerror", None) or exc
+            raise ShardError(f"cannot write the shard index in {out_dir}: {why}; "
+                             "the previous shards and index are unchanged") from exc
+    except BaseException:
+        _discard_staged(out_dir, names)
+        raise
+    index_path = _commit(out_dir, names)
+    _remove_stale(out_dir, set(names))
     return index_path
 
 
@@ -258,6 +344,9 @@ class ShardReader:
         self._key: list[str] = index["key"].to_list()
         self._offset: list[int] = index["offset"].to_list()
         self._size: list[int] = index["size"].to_list()
+        # indexes written before checksums were recorded (or rows appended without one): size check only
+        self._crc: list[int | None] = (index["crc32"].to_list() if "crc32" in index.columns
+                                       else [None] * index.height)
         self._fds: dict[str, int] = {}
         self._pid = os.getpid()
 
@@ -289,6 +378,10 @@ class ShardReader:
                              f"{self._offset[i]}, got {len(data)}")
         if not data.startswith(_JPEG_SOI):
             raise ShardError(f"corrupt {self._where(i)}: data at offset {self._offset[i]} is not a JPEG")
+        crc = self._crc[i]
+        if crc is not None and checksum(data) != crc:
+            raise ShardError(f"corrupt {self._where(i)}: the {self._size[i]} bytes at offset {self._offset[i]} "
+                             f"do not match the index checksum (crc32 {checksum(data):08x}, expected {crc:08x})")
         return data
 
     def load(self, i: int) -> Image.Image:
@@ -331,16 +424,20 @@ class _ShardPlan:
     url: Path
     keys: list[str]
     ends: list[int]  # offset + size of each sample's jpg data
+    crcs: list[int | None]  # the index's checksum of each sample's jpg data (None: not recorded)
 
 
 def split_shards(shards_dir: str | Path, split: str, role: str) -> list[_ShardPlan]:
     """Shard files of one split/role in order, each with the samples the index says it holds."""
     index = read_index(shards_dir).filter((pl.col("split") == split) & (pl.col("role") == role)).sort("id")
+    if "crc32" not in index.columns:
+        index = index.with_columns(pl.lit(None, pl.Int64).alias("crc32"))
     plans: dict[str, _ShardPlan] = {}
-    for shard, key, offset, size in index.select("shard", "key", "offset", "size").iter_rows():
-        plan = plans.setdefault(shard, _ShardPlan(Path(shards_dir) / shard, [], []))
+    for shard, key, offset, size, crc in index.select("shard", "key", "offset", "size", "crc32").iter_rows():
+        plan = plans.setdefault(shard, _ShardPlan(Path(shards_dir) / shard, [], [], []))
         plan.keys.append(key)
         plan.ends.append(offset + size)
+        plan.crcs.append(crc)
     return [plans[name] for name in sorted(plans)]
 
 
@@ -362,7 +459,10 @@ def _stream_shard(plan: _ShardPlan) -> Iterator[tuple[str, Image.Image, dict]]:
     url, expected = plan.url, plan.keys
     if not url.exists():
         raise ShardError(f"shard missing: {url}")
-    dataset = wds.WebDataset(str(url), shardshuffle=False, empty_check=False, handler=wds.reraise_exception)
+    # workersplitter=None: this one shard is read whole wherever it runs (WebDataset's default would give
+    # it to DataLoader worker 0 only and leave the others empty, so streaming in workers failed)
+    dataset = wds.WebDataset(str(url), shardshuffle=False, empty_check=False, handler=wds.reraise_exception,
+                             workersplitter=None)
     n = 0
     try:
         for sample in dataset:
@@ -370,8 +470,17 @@ def _stream_shard(plan: _ShardPlan) -> Iterator[tuple[str, Image.Image, dict]]:
             if n >= len(expected) or key != expected[n]:
                 raise ShardError(f"shard {url}: unexpected sample {key} (index expects "
                                  f"{expected[n] if n < len(expected) else 'end of shard'})")
+            members = {k for k in sample if not k.startswith("__")}
+            if members - SAMPLE_MEMBERS:  # e.g. .pyd / .pickle: a payload we never decode, let alone unpickle
+                extra = ", ".join(f".{m}" for m in sorted(members - SAMPLE_MEMBERS))
+                raise ShardError(f"shard {url}: sample {key} has unexpected member(s) {extra}; only .jpg and "
+                                 ".json are allowed (refused, nothing was decoded)")
             if "jpg" not in sample or "json" not in sample:
                 raise ShardError(f"shard {url}: sample {key} is incomplete (truncated or corrupt tar)")
+            crc = plan.crcs[n]
+            if crc is not None and checksum(sample["jpg"]) != crc:
+                raise ShardError(f"shard {url}: sample {key} is corrupt: its jpg data does not match the "
+                                 f"index checksum (crc32 {checksum(sample['jpg']):08x}, expected {crc:08x})")
             with Image.open(io.BytesIO(sample["jpg"])) as im:
                 image = im.convert("RGB")
             yield key, image, json.loads(sample["json"])

@@ -229,9 +229,29 @@ def init_netvlad(model: VPRModel, reader: ShardReader, db_ids: np.ndarray, trans
     model.train()
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be trusted or read (foreign objects, damaged archive)."""
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely: ``weights_only=True`` never unpickles arbitrary objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint safely: ``weights_only=True`` never unpickles arbitrary objects.
+
+    A file holding anything but tensors and plain containers (a pickled object whose loading would run
+    code) is refused with ``CheckpointError``, as is a damaged archive; nothing in it is executed.
+    """
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain "
+                              f"data (loaded with weights_only=True; nothing in it was run): "
+                              f"{str(exc).splitlines()[0]}") from None
+    except (RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a vpr checkpoint (a {type(state).__name__}, not a dict)")
+    return state
 
 
 def _save(obj: dict, path: Path) -> None:

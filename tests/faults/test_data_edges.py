@@ -1,0 +1,88 @@
+"""Case 7: duplicate images are reported (ingest and re-index) and kept; a database image far from
+every query is kept through catalog, shards, training data and the release, and can be found."""
+
+from __future__ import annotations
+
+import shutil
+
+import polars as pl
+import pytest
+from PIL import Image, ImageOps
+
+from vpr.catalog import ingest
+from vpr.geo import format_name, parse_name
+from vpr.index import build_release, load_release
+from vpr.locate import locate
+from vpr.mining import mine_all
+from vpr.shards import write_shards
+from vpr.train import load_split
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _far_image(source, folder, east_offset: float):
+    """New content (mirrored) at a position ``east_offset`` metres east of ``source``."""
+    geo = parse_name(source.name)
+    target = folder / format_name(geo.utm_east + east_offset, geo.utm_north, utm_zone=geo.utm_zone,
+                                  utm_letter=geo.utm_letter, note="far")
+    with Image.open(source) as im:
+        ImageOps.mirror(im.convert("RGB")).save(target, "JPEG", quality=95)
+    return target
+
+
+def test_duplicates_reported_and_a_far_database_image_kept(released, capsys):
+    root, cfg, layout = released
+    db = layout.data / "images/train/database"
+    original = sorted(db.iterdir())[5]
+    geo = parse_name(original.name)
+    twin = db / format_name(geo.utm_east + 0.5, geo.utm_north, utm_zone=geo.utm_zone, utm_letter=geo.utm_letter,
+                            note="twin")
+    shutil.copy(original, twin)  # same bytes, another name
+    far = _far_image(sorted((layout.data / "images/train/queries").iterdir())[0], db, 50_000.0)
+
+    ingest(layout.data, layout.catalog_dir, cfg.ingest)
+    summary = capsys.readouterr().err
+    rel = {p: f"images/train/database/{p.name}" for p in (original, twin, far)}
+    first, second = sorted([rel[original], rel[twin]])
+    assert "duplicates: 1 image(s)" in summary and f"{second} == {first}" in summary
+    catalog = pl.read_parquet(layout.catalog)
+    dup = dict(catalog.select("path", "duplicate_of").iter_rows())
+    assert dup[second] == first and dup[first] is None and dup[rel[far]] is None
+
+    write_shards(layout.catalog, layout.data, layout.shards_dir, cfg.shards, workers=1)
+    mine_all(layout.catalog, layout.mining_dir, cfg.mining)
+    index = pl.read_parquet(layout.shard_index)
+    ids = dict(index.select("path", "id").iter_rows())
+    assert {rel[original], rel[twin], rel[far]} <= set(ids)
+    mined = pl.read_parquet(layout.mining("train"))
+    assert not any(rel[far] in s for s in mined["soft_positives"].to_list())  # out of every query's reach...
+    train = load_split(index, mined, "train")
+    assert ids[rel[far]] in train.db_ids  # ...yet still a database image (a negative) for training
+
+    build_release("avg", cfg, layout)
+    release = load_release(layout.release_dir("avg"))
+    assert {ids[rel[far]], ids[rel[twin]], ids[rel[original]]} <= set(release.ids["id"].to_list())
+    answer = locate([far], layout.release_dir("avg"), 3, release=release)[0]
+    assert answer["matches"][0]["id"] == ids[rel[far]] and answer["matches"][0]["distance"] < 1e-3
+
+
+def test_reindex_reports_a_duplicate_and_keeps_a_far_image(released):
+    from vpr.reindex import run_reindex
+
+    root, cfg, layout = released
+    layout.inbox.mkdir()
+    original = sorted((layout.data / "images/test/database").iterdir())[2]
+    geo = parse_name(original.name)
+    copy = layout.inbox / format_name(geo.utm_east + 1.0, geo.utm_north, utm_zone=geo.utm_zone,
+                                      utm_letter=geo.utm_letter, note="again")
+    shutil.copy(original, copy)
+    far = _far_image(sorted((layout.data / "images/test/queries").iterdir())[1], layout.inbox, -40_000.0)
+
+    result = run_reindex(cfg, layout)
+    by_name = {a["path"].rsplit("/", 1)[1]: a for a in result.added}
+    assert set(by_name) == {copy.name, far.name}
+    assert by_name[copy.name]["duplicate_of"] == f"images/test/database/{original.name}"
+    assert by_name[far.name]["duplicate_of"] is None
+    assert "same bytes as an image already indexed" in result.note
+    release_ids = set(load_release(layout.release_dir("avg")).ids["id"].to_list())
+    assert {a["id"] for a in result.added} <= release_ids

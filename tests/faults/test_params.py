@@ -1,0 +1,77 @@
+"""Case 5: a malformed params.yaml stops every command before any work, naming the key (exit code 2)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tests.faults.conftest import snapshot, vpr
+from vpr.cli import app
+
+pytestmark = pytest.mark.timeout(120)
+
+BAD = {
+    "unknown-key": ({"train": {"learning_rate": 0.1}}, "train.learning_rate: unknown key"),
+    "unknown-section": ({"trian": {"lr": 0.1}}, "trian: unknown key"),
+    "wrong-type": ({"shards": {"height": "tall"}}, "shards.height"),
+    "negative-threshold": ({"mining": {"train_positive_m": -5.0}}, "mining.train_positive_m"),
+    "unknown-head": ({"index": {"head": "vit"}}, "index.head"),
+    "unknown-head-in-list": ({"train": {"heads": ["gem", "vit"]}}, "train.heads.1"),
+}
+
+COMMANDS = [
+    ["synth", "city"],
+    ["ingest", "data", "--out", "artifacts/catalog"],
+    ["shard"],
+    ["mine"],
+    ["train", "--head", "gem"],
+    ["evaluate", "--head", "avg", "--untrained"],
+    ["index", "--head", "avg"],
+    ["locate", "data/images/test/queries"],
+    ["report"],
+    ["reindex"],
+    ["ablation", "thresholds", "--head", "avg"],
+]
+
+
+def _write_bad(root, change: dict) -> None:
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in change.items():
+        raw.setdefault(section, {}).update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_every_command_refuses_before_any_work(micro_project, monkeypatch, case):
+    root, _, _ = micro_project
+    change, message = BAD[case]
+    _write_bad(root, change)
+    (root / "inbox").mkdir()
+    before = snapshot(root)
+    monkeypatch.chdir(root)
+    for command in COMMANDS:
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, (command, result.output)
+        assert message in result.output, (command, result.output)
+        assert snapshot(root) == before, f"{command} changed files before refusing"
+    assert not (root / "city").exists()
+
+
+def test_a_key_given_twice_is_named_not_silently_dropped(micro_project, monkeypatch):
+    root, _, _ = micro_project
+    text = (root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(text.replace("\ntrain:\n", "\ntrain:\n  lr: 0.5\n", 1))
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(app, ["train", "--head", "gem"])
+    assert result.exit_code == 2 and "duplicate key 'lr'" in result.output, result.output
+
+
+def test_a_real_process_exits_2_naming_the_key_and_writes_nothing(micro_project):
+    root, _, layout = micro_project
+    _write_bad(root, {"train": {"epochs": "many"}})
+    before = snapshot(root)
+    proc = vpr(root, "train", "--head", "gem")
+    assert proc.returncode == 2
+    assert "train.epochs" in proc.stderr and "Traceback" not in proc.stderr
+    assert snapshot(root) == before and not layout.models_dir.exists()
