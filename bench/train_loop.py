@@ -6,8 +6,9 @@ loop, without validation and checkpointing). Model-only bound: the same model, b
 (``batch_queries`` × (2 + ``negatives``) images), loss and optimiser on a synthetic batch already on
 the device, measured right before and right after the real loop. On CPU both with and without the
 trunk cache (frozen early layers encoded once per run; its bound is ``layer3`` + head on synthetic
-trunk maps), and the one-off cost of building that cache. CUDA: bf16 autocast + channels_last, as
-``train_head`` does there (``--compile`` adds torch.compile to both). Target on GPU at 480×640:
+trunk maps), and the one-off cost of building that cache. ``--precision fp32 bf16`` runs both step
+arithmetics side by side (``train.precision``; auto = bf16 on CUDA and on CPUs with native bf16). CUDA:
+channels_last, as ``train_head`` does there (``--compile`` adds torch.compile to both). Target on GPU at 480×640:
 the real loop ≥ 0.8 of the bound.
 
 Queries per epoch, refresh interval and negative sample are params.yaml's times ``--fraction``,
@@ -34,14 +35,15 @@ import torch
 
 import vpr.train as vt
 from vpr.config import parse_config
-from vpr.descriptors import autocast, image_transform
+from vpr.descriptors import autocast, image_transform, use_bf16
 from vpr.models import build_model
 from vpr.shards import ShardReader
 
 TRAIN_ID_SPLITS = ("train", "val")
 
 
-def step_bound(head: str, cfg, device: torch.device, steps: int, from_trunk: bool, compile_: bool) -> float:
+def step_bound(head: str, cfg, device: torch.device, steps: int, from_trunk: bool, compile_: bool,
+               bf16: bool) -> float:
     """Images/s of forward + triplet loss + backward + Adam step on a synthetic batch."""
     tc = cfg.train
     b, n = tc.batch_queries, 2 + tc.negatives
@@ -62,7 +64,7 @@ def step_bound(head: str, cfg, device: torch.device, steps: int, from_trunk: boo
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr)
 
     def step() -> None:
-        with autocast(device):
+        with autocast(device, bf16):
             out = fn(x)
         loss = vt.triplet_loss(out.float().view(b, n, -1), tc.margin)
         opt.zero_grad(set_to_none=True)
@@ -111,11 +113,11 @@ def timing_hooks(totals: dict[str, float]):
         vt._mine_chunk, vt._batches = mine, batches
 
 
-def bench_cfg(cfg, args, device: torch.device, cache: str):
+def bench_cfg(cfg, args, device: torch.device, cache: str, precision: str = "auto"):
     raw = cfg.model_dump(mode="json")
     tc = raw["train"]
     tc.update(epochs=args.epochs, patience=99, workers=args.workers, device=device.type, compile=args.compile,
-              cache_frozen_trunk=cache,
+              cache_frozen_trunk=cache, precision=precision,
               queries_per_epoch=max(tc["batch_queries"], round(tc["queries_per_epoch"] * args.fraction)),
               refresh_every=max(tc["batch_queries"], round(tc["refresh_every"] * args.fraction)),
               negative_sample=max(tc["negatives"], round(tc["negative_sample"] * args.fraction)))
@@ -134,7 +136,8 @@ def cache_build_seconds(cfg, layout, device: torch.device) -> tuple[float, int]:
         model = build_model("avg", cfg.model).to(device)
     tf = image_transform(cfg.shards.height, cfg.shards.width, cfg.train.image_scale)
     t0 = time.perf_counter()
-    vt.TrunkCache(model, reader, ids, tf, device, cfg.evaluate.batch_size)
+    vt.TrunkCache(model, reader, ids, tf, device, cfg.evaluate.batch_size,
+                  bf16=use_bf16(device, cfg.train.precision))
     return time.perf_counter() - t0, len(ids)
 
 
@@ -154,6 +157,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--cache", nargs="+", default=None, choices=["off", "on"],
                         help="trunk cache settings to run (default: off and on on CPU, off on CUDA)")
+    parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
+                        help="train.precision settings to run side by side (e.g. fp32 bf16)")
     parser.add_argument("--bound-steps", type=int, default=4)
     parser.add_argument("--compile", action="store_true", help="torch.compile (CUDA only, as train_head)")
     args = parser.parse_args()
@@ -168,30 +173,31 @@ def main() -> None:
     print(f"# {cfg0.shards.width}x{cfg0.shards.height}, batch {tc.batch_queries} queries x {2 + tc.negatives} "
           f"images, {tc.queries_per_epoch} queries/epoch, refresh every {tc.refresh_every} ({tc.mining}, "
           f"{tc.negative_sample} negatives sampled), workers {tc.workers}, device {device.type}"
-          f"{' bf16 + channels_last' if device.type == 'cuda' else ' fp32'}{' compiled' if args.compile else ''}")
+          f"{' channels_last' if device.type == 'cuda' else ''}{' compiled' if args.compile else ''}")
     if "on" in caches:
         seconds, n = cache_build_seconds(cfg0, layout, device)
         print(f"# trunk cache build (once per run): {n} train+val images in {seconds:.1f} s "
               f"({n / seconds:.0f} images/s)")
-    print(f"{'head':<8} {'trunk cache':<11} {'loop img/s':>10} {'bound img/s':>11} {'loop/bound':>10} "
+    print(f"{'head':<8} {'trunk cache':<11} {'step':<5} {'loop img/s':>10} {'bound img/s':>11} {'loop/bound':>10} "
           f"{'mining %':>8} {'loading %':>9} {'steps %':>7} {'epoch s':>8}")
     for head in heads:
-        for cache in caches:
-            cfg = bench_cfg(base_cfg, args, device, cache)
+        for cache, precision in [(c, p) for c in caches for p in args.precision]:
+            cfg = bench_cfg(base_cfg, args, device, cache, precision)
+            bf16 = use_bf16(device, precision)
             steps = args.bound_steps
-            before = step_bound(head, cfg, device, steps, cache == "on", args.compile)
+            before = step_bound(head, cfg, device, steps, cache == "on", args.compile, bf16)
             totals = {"mining": 0.0, "loading": 0.0}
             with timing_hooks(totals), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 summary = vt.train_head(head, cfg, layout)
-            after = step_bound(head, cfg, device, steps, cache == "on", args.compile)
+            after = step_bound(head, cfg, device, steps, cache == "on", args.compile, bf16)
             epoch = summary["history"][-1]
             loop = epoch["images_per_s"]
             bound = float(np.mean([before, after]))
             all_epochs = sum(e["seconds"] for e in summary["history"])  # the hooks saw every epoch
             mining = 100 * totals["mining"] / all_epochs
             loading = 100 * totals["loading"] / all_epochs
-            print(f"{head:<8} {cache:<11} {loop:10.1f} {bound:11.1f} {loop / bound:9.2f}x {mining:8.0f} "
+            print(f"{head:<8} {cache:<11} {'bf16' if bf16 else 'fp32':<5} {loop:10.1f} {bound:11.1f} {loop / bound:9.2f}x {mining:8.0f} "
                   f"{loading:9.0f} {100 - mining - loading:7.0f} {epoch['seconds']:8.1f}   "
                   f"(bound before/after {before:.1f}/{after:.1f})", flush=True)
 

@@ -69,3 +69,20 @@ def test_queries_without_database_is_an_error():
     cat = _catalog(np.empty((0, 2)), np.ones((3, 2)), "val")
     with pytest.raises(ValueError, match="no database"):
         mine_split(cat, "val", MiningConfig())
+
+
+def test_heading_filter_keeps_hard_positives_facing_the_query_way():
+    # database: at the query's spot facing 0°, 180° and unknown; one 20 m away (soft only)
+    db = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [20.0, 0.0], [500.0, 0.0]])
+    q = np.array([[0.5, 0.0], [500.0, 1.0]])
+    cat = _catalog(db, q, "train").with_columns(heading=pl.Series(
+        [0.0, 180.0, None, 350.0, 90.0, 350.0, 270.0], dtype=pl.Float64))
+    plain = mine_split(cat, "train", MiningConfig())
+    facing = mine_split(cat, "train", MiningConfig(train_positive_heading_deg=90))
+    assert plain["hard_positives"][0].to_list() == [f"images/train/database/db{i:05d}.jpg" for i in (0, 1, 2)]
+    # 350° vs 0° is 10° apart (wrap-around); 180° is dropped; unknown heading is kept
+    assert facing["hard_positives"][0].to_list() == [f"images/train/database/db{i:05d}.jpg" for i in (0, 2)]
+    assert facing["soft_positives"][0].to_list() == plain["soft_positives"][0].to_list()  # never negatives
+    # the second query's only hard positive faces 90° vs 270°: no triplet, dropped with its whole row
+    assert plain.height == 2 and facing.height == 1
+    assert facing["path"].to_list() == ["images/train/queries/q00000.jpg"]

@@ -103,3 +103,35 @@ def test_trunk_cache_matches_full_forward(micro_project):
     np.testing.assert_allclose(cache.descriptors(ids[::-1], 3), full[::-1], atol=1e-5)
     with pytest.raises(KeyError):
         cache.get(np.array([999]))
+
+
+def test_precision_setting_and_bf16_step_agree_with_fp32(micro_project):
+    from vpr.descriptors import autocast, cpu_has_native_bf16, use_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not use_bf16(cpu, "fp32") and use_bf16(cpu, "bf16")
+    assert use_bf16(cpu, "auto") == cpu_has_native_bf16() and use_bf16(cuda, "auto")
+    assert not use_bf16(cuda, "fp32")
+
+    root, cfg, layout = micro_project
+    torch.manual_seed(0)
+    reader = ShardReader(layout.shards_dir)
+    train = load_split(reader.index, pl.read_parquet(layout.mining("train")), "train")
+    tf = image_transform(cfg.shards.height, cfg.shards.width)
+    model = build_training_model("netvlad", cfg, layout, reader, train, tf, cpu).train()
+    chunk = np.arange(min(4, len(train.q_ids)))
+    triplets = _mine_chunk(model, reader, train, chunk, tf, cfg, cpu, np.random.default_rng(0))
+    ids = np.concatenate([train.q_ids[chunk][:, None], train.db_ids[triplets]], axis=1)
+    batch = next(iter(DataLoader(TripletImages(reader, ids, tf, tf), batch_size=len(chunk))))
+    flat = batch.flatten(0, 1)
+    desc = {}
+    for bf16 in (False, True):
+        with autocast(cpu, bf16):
+            desc[bf16] = model(flat).float()
+    assert desc[True].dtype == torch.float32 and torch.isfinite(desc[True]).all()
+    assert not torch.equal(desc[True], desc[False])  # autocast really ran the convolutions in bf16
+    cosine = (desc[True] * desc[False]).sum(1)  # both L2-normalised
+    assert cosine.min() > 0.99, cosine.min()
+    b, n = batch.shape[:2]
+    losses = [triplet_loss(desc[k].view(b, n, -1), cfg.train.margin).item() for k in (False, True)]
+    assert abs(losses[0] - losses[1]) < 0.01, losses

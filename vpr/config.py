@@ -64,6 +64,9 @@ class ShardConfig(_Strict):
 class MiningConfig(_Strict):
     train_positive_m: float = Field(10.0, gt=0)
     test_positive_m: float = Field(25.0, gt=0)
+    # Hard positives must also face the query's way (|heading difference| <= this, where both headings
+    # are known): a photo of the opposite street side within 10 m shares no view. null = distance only.
+    train_positive_heading_deg: float | None = Field(None, gt=0, le=180)
 
     @model_validator(mode="after")
     def _ordered(self) -> "MiningConfig":
@@ -108,6 +111,9 @@ class TrainConfig(_Strict):
     # Frozen early layers are a fixed function of the image: encode them once per run and train
     # layer3 + head on the cached maps. auto = on CPU when the layers are frozen and it fits in memory.
     cache_frozen_trunk: Literal["auto", "on", "off"] = "auto"
+    # Training-step arithmetic. auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 /
+    # AMX: about 1.9x the fp32 step here, bench/train_loop.py), fp32 elsewhere.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 class EvalConfig(_Strict):

@@ -82,10 +82,25 @@ class ShardImages(Dataset):
         return self.transform(self.reader.load(int(self.ids[i])))
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU (bf16 on CPU is slower here)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX); emulated bf16 is slower."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """``precision`` (auto | fp32 | bf16) resolved for ``device``: auto = CUDA, or a CPU with native bf16."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
+def autocast(device: torch.device, bf16: bool | None = None):
+    """bf16 autocast when ``bf16`` (default: on CUDA only, so CPU descriptors and metrics stay fp32)."""
+    if device.type == "cuda" if bf16 is None else bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 

@@ -57,7 +57,7 @@ import polars as pl
 import torch
 from PIL import Image
 
-from vpr.atomic import write_text_atomic
+from vpr.atomic import fsync_dir, write_text_atomic
 from vpr.config import Config, IndexConfig
 from vpr.descriptors import autocast, extract, image_transform, resolve_device
 from vpr.layout import Layout
@@ -166,14 +166,6 @@ def release_lock(release_dir: str | Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit_version(release_dir: Path, build: Callable[[Path, int], None]) -> Path:
     """Build a version in a temp folder via ``build(tmp_folder, version_number)``, rename, switch, prune.
 
@@ -195,7 +187,7 @@ def _commit_version(release_dir: Path, build: Callable[[Path, int], None]) -> Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(release_dir)
+    fsync_dir(release_dir)
     write_text_atomic(release_dir / CURRENT, name + "\n")
     _prune(release_dir, {name} | ({previous.name} if previous is not None else set()))
     return release_dir / name

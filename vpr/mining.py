@@ -1,8 +1,10 @@
 """UTM mining: which database images are positives of each query.
 
-Positives come from metric distance alone: *hard* positives lie within ``train_positive_m`` (used
-to pick the training positive), *soft* positives within ``test_positive_m`` (never used as
-negatives, and the evaluation threshold). A KD-tree answers the radius queries, so a million
+Positives come from metric distance: *hard* positives lie within ``train_positive_m`` (used to
+pick the training positive), *soft* positives within ``test_positive_m`` (never used as negatives,
+and the evaluation threshold). Optionally hard positives must also face the query's way
+(``train_positive_heading_deg``), as in Mapillary SLS: which positive is "best" is otherwise left to
+the descriptors, and an untrained network often picks the opposite street side. A KD-tree answers the radius queries, so a million
 database points mine in seconds instead of needing an all-pairs matrix.
 """
 
@@ -39,6 +41,21 @@ def utm_positives(database_xy: np.ndarray, query_xy: np.ndarray, train_positive_
     return hard, soft
 
 
+def heading_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Absolute angle between compass headings in degrees (0..180); NaN where either is unknown."""
+    return np.abs((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64) + 180.0) % 360.0 - 180.0)
+
+
+def facing_filter(hard: list[np.ndarray], db_heading: np.ndarray, q_heading: np.ndarray,
+                  max_deg: float) -> list[np.ndarray]:
+    """Keep the hard positives within ``max_deg`` of their query's heading; unknown headings are kept."""
+    out = []
+    for i, h in enumerate(hard):
+        diff = heading_difference(db_heading[h], q_heading[i])
+        out.append(h[~(diff > max_deg)])  # NaN (unknown) compares False: kept
+    return out
+
+
 def mine_split(catalog: pl.DataFrame, split: str, cfg: MiningConfig) -> pl.DataFrame:
     """One row per query of ``split``: ``path``, ``hard_positives``, ``soft_positives`` (database paths).
 
@@ -53,6 +70,10 @@ def mine_split(catalog: pl.DataFrame, split: str, cfg: MiningConfig) -> pl.DataF
     db_xy = database.select("utm_east", "utm_north").to_numpy()
     q_xy = queries.select("utm_east", "utm_north").to_numpy()
     hard, soft = utm_positives(db_xy, q_xy, cfg.train_positive_m, cfg.test_positive_m)
+    if cfg.train_positive_heading_deg is not None and "heading" in rows.columns:
+        hard = facing_filter(hard, database["heading"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
+                             queries["heading"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
+                             cfg.train_positive_heading_deg)
     db_paths = database["path"].to_numpy()
     table = pl.DataFrame(
         {

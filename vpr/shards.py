@@ -39,6 +39,7 @@ from PIL import Image, ImageOps
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from vpr.atomic import fsync_dir
 from vpr.catalog import strict_pillow
 from vpr.config import ShardConfig
 from vpr.procs import exit_with_parent
@@ -217,14 +218,6 @@ def _remove_stale(out_dir: Path, keep: set[str]) -> None:
             f.unlink(missing_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _pack(plan: list[tuple[str, list[dict]]], data_root: Path, out_dir: Path, cfg: ShardConfig,
           workers: int) -> list[dict]:
     """Encode every planned shard into its staging file; index rows (catalog row + shard, offset, size, crc32).
@@ -263,12 +256,12 @@ def _commit(out_dir: Path, names: Sequence[str]) -> Path:
     """
     index_path = out_dir / INDEX_FILE
     index_path.unlink(missing_ok=True)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     for name in names:
         os.replace(staged(out_dir / name), out_dir / name)
-    _fsync_dir(out_dir)  # every tar in place before the index that names them
+    fsync_dir(out_dir)  # every tar in place before the index that names them
     os.replace(out_dir / STAGED_INDEX_FILE, index_path)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     return index_path
 
 

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from vpr.atomic import atomic_path, write_bytes_atomic
 from vpr.config import Config
-from vpr.descriptors import ShardImages, autocast, extract, image_transform, loader_kwargs, resolve_device
+from vpr.descriptors import (ShardImages, autocast, extract, image_transform, loader_kwargs, resolve_device,
+                             use_bf16)
 from vpr.evaluate import exact_search, recall_at_n
 from vpr.layout import Layout
 from vpr.models import VPRModel, build_model
@@ -134,15 +135,16 @@ class TrunkCache:
     """
 
     def __init__(self, model: VPRModel, reader: ShardReader, ids: np.ndarray, transform,
-                 device: torch.device, batch_size: int) -> None:
+                 device: torch.device, batch_size: int, bf16: bool = False) -> None:
         self.ids = np.unique(ids)
-        self.model = model
+        self.model, self.bf16 = model, bf16
         chunks = []
         model.eval()
         with torch.inference_mode():
             for start in range(0, len(self.ids), batch_size):
                 batch = torch.stack([transform(reader.load(int(i))) for i in self.ids[start:start + batch_size]])
-                chunks.append(model.backbone.trunk(batch.to(device)))
+                with autocast(device, bf16):  # stored in float32 either way
+                    chunks.append(model.backbone.trunk(batch.to(device)).float())
         self.features = torch.cat(chunks)
         model.train()
 
@@ -161,8 +163,11 @@ class TrunkCache:
     def descriptors(self, ids: np.ndarray, batch_size: int) -> np.ndarray:
         was_training = self.model.training
         self.model.eval()
-        out = [self.model.forward_from_trunk(self.get(ids[i:i + batch_size])).float().cpu().numpy()
-               for i in range(0, len(ids), batch_size)]
+        device = self.features.device
+        out = []
+        for i in range(0, len(ids), batch_size):
+            with autocast(device, self.bf16):
+                out.append(self.model.forward_from_trunk(self.get(ids[i:i + batch_size])).float().cpu().numpy())
         self.model.train(was_training)
         return np.concatenate(out) if out else np.empty((0, self.model.descriptor_dim), np.float32)
 
@@ -320,9 +325,9 @@ def train_head(head: str, cfg: Config, layout: Layout, *, resume: bool = False,
         start_epoch = state["epoch"] + 1
     step_model = torch.compile(model) if tc.compile and device.type == "cuda" else model
     touched = np.concatenate([train.db_ids, train.q_ids, val.db_ids, val.q_ids])
-    cache = (TrunkCache(model, reader, touched, eval_tf, device, cfg.evaluate.batch_size)
+    step_bf16 = use_bf16(device, tc.precision)
+    cache = (TrunkCache(model, reader, touched, eval_tf, device, cfg.evaluate.batch_size, bf16=step_bf16)
              if use_trunk_cache(cfg, device, len(touched)) else None)
-
     batches_done = 0
     for epoch in range(start_epoch, tc.epochs + 1):
         if bad_epochs >= tc.patience:
@@ -340,7 +345,7 @@ def train_head(head: str, cfg: Config, layout: Layout, *, resume: bool = False,
                 ids = np.concatenate([train.q_ids[chunk][:, None], train.db_ids[triplets]], axis=1)
                 model.train()
                 for x, b, n in _batches(ids, reader, query_tf, eval_tf, cfg, device, rng, cache):
-                    with autocast(device):
+                    with autocast(device, step_bf16):
                         out = model.forward_from_trunk(x) if cache is not None else step_model(x)
                     desc = out.float().view(b, n, -1)
                     loss = triplet_loss(desc, tc.margin)
