@@ -77,7 +77,7 @@ def test_heading_filter_keeps_hard_positives_facing_the_query_way():
     q = np.array([[0.5, 0.0], [500.0, 1.0]])
     cat = _catalog(db, q, "train").with_columns(heading=pl.Series(
         [0.0, 180.0, None, 350.0, 90.0, 350.0, 270.0], dtype=pl.Float64))
-    plain = mine_split(cat, "train", MiningConfig())
+    plain = mine_split(cat, "train", MiningConfig(train_positive_heading_deg=None))
     facing = mine_split(cat, "train", MiningConfig(train_positive_heading_deg=90))
     assert plain["hard_positives"][0].to_list() == [f"images/train/database/db{i:05d}.jpg" for i in (0, 1, 2)]
     # 350° vs 0° is 10° apart (wrap-around); 180° is dropped; unknown heading is kept

@@ -41,7 +41,7 @@ class SynthConfig(_Strict):
     seed: int = 0
     height: int = Field(120, ge=32)
     width: int = Field(160, ge=32)
-    train: SplitSize = SplitSize(database=400, queries=300)
+    train: SplitSize = SplitSize(database=4000, queries=3000)
     val: SplitSize = SplitSize(database=200, queries=100)
     test: SplitSize = SplitSize(database=400, queries=200)
     place_spacing_m: float = Field(5.0, gt=0)
@@ -66,7 +66,7 @@ class MiningConfig(_Strict):
     test_positive_m: float = Field(25.0, gt=0)
     # Hard positives must also face the query's way (|heading difference| <= this, where both headings
     # are known): a photo of the opposite street side within 10 m shares no view. null = distance only.
-    train_positive_heading_deg: float | None = Field(None, gt=0, le=180)
+    train_positive_heading_deg: float | None = Field(90.0, gt=0, le=180)
 
     @model_validator(mode="after")
     def _ordered(self) -> "MiningConfig":
