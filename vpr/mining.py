@@ -4,8 +4,8 @@ Positives come from metric distance: *hard* positives lie within ``train_positiv
 pick the training positive), *soft* positives within ``test_positive_m`` (never used as negatives,
 and the evaluation threshold). Optionally hard positives must also face the query's way
 (``train_positive_heading_deg``), as in Mapillary SLS: which positive is "best" is otherwise left to
-the descriptors, and an untrained network often picks the opposite street side. A KD-tree answers the radius queries, so a million
-database points mine in seconds instead of needing an all-pairs matrix.
+the descriptors, and an untrained network often picks the opposite street side. A KD-tree answers
+the radius queries, so a million database points mine in seconds instead of an all-pairs matrix.
 """
 
 from __future__ import annotations
