@@ -48,11 +48,13 @@ def machine(device: torch.device | None = None) -> str:
 
 
 def resolve(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here")
-    return torch.device(device)
+    """``--device`` as the library resolves ``train.device``; a missing GPU ends the benchmark."""
+    from vpr.descriptors import resolve_device
+
+    try:
+        return resolve_device(device)
+    except RuntimeError:
+        raise SystemExit(f"--device {device}: no CUDA device here") from None
 
 
 def sync(device: torch.device) -> None:
