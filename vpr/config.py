@@ -42,7 +42,7 @@ class SynthConfig(_Strict):
     height: int = Field(120, ge=32)
     width: int = Field(160, ge=32)
     train: SplitSize = SplitSize(database=4000, queries=3000)
-    val: SplitSize = SplitSize(database=200, queries=100)
+    val: SplitSize = SplitSize(database=600, queries=300)
     test: SplitSize = SplitSize(database=400, queries=200)
     place_spacing_m: float = Field(5.0, gt=0)
     facade_styles: int = Field(6, gt=0)
