@@ -78,7 +78,7 @@ def test_threshold_rescoring_matches_evaluation(evaluated):
 
 
 def test_ablation_commands_are_queued_dvc_experiments():
-    assert set(ABLATIONS) == {"lr", "train-threshold", "test-threshold", "augmentation", "image-scale"}
+    assert set(ABLATIONS) == {"lr", "train-threshold", "test-threshold", "augmentation", "image-scale", "clusters"}
     cmds = queue_commands("lr", "netvlad")
     assert [c[c.index("-S") + 1] for c in cmds] == ["train.lr=0.001", "train.lr=0.0001", "train.lr=0.00001"]
     assert all(c[:5] == ["dvc", "exp", "run", "--queue", "-n"] and c[-1] == "evaluate@netvlad" for c in cmds)
@@ -86,6 +86,8 @@ def test_ablation_commands_are_queued_dvc_experiments():
     assert len(set(names)) == len(names) and all("." not in n and " " not in n for n in names)
     scale = queue_commands("image-scale", "gem")
     assert [c[c.index("-S") + 1] for c in scale] == [f"train.image_scale={v}" for v in ("0.5", "0.75", "1", "1.25")]
+    clusters = queue_commands("clusters", "netvlad")
+    assert [c[c.index("-S") + 1] for c in clusters] == [f"model.netvlad_clusters={k}" for k in (8, 16, 32, 64)]
 
 
 def _exp(name, lr, r1):

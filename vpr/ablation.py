@@ -55,6 +55,9 @@ ABLATIONS: dict[str, Ablation] = {
                                "train.augment.random_erasing": 0.5})),
     "image-scale": Ablation("image scale for training and evaluation",
                             tuple({"train.image_scale": s} for s in (0.5, 0.75, 1.0, 1.25))),
+    "clusters": Ablation("NetVLAD/CRN cluster count (not in the study, which keeps 64 at 480×640; a 120×160 "
+                         "map has only 80 local features)",
+                         tuple({"model.netvlad_clusters": k} for k in (8, 16, 32, 64))),
 }
 
 

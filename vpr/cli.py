@@ -273,7 +273,7 @@ def ablation_list() -> None:
 
 @ablation_app.command("queue")
 def ablation_queue(
-    name: str = typer.Argument(..., help="lr | train-threshold | test-threshold | augmentation | image-scale"),
+    name: str = typer.Argument(..., help="lr | train-threshold | test-threshold | augmentation | image-scale | clusters"),
     head: str = typer.Option("netvlad", "--head", help="the head each experiment trains and evaluates"),
     run: bool = typer.Option(False, "--run", help="also start the queue and wait (dvc exp run --run-all)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc commands only"),
