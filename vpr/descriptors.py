@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from vpr.config import AugmentConfig
+from vpr.rng import Locked
 from vpr.shards import ShardReader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,6 +67,8 @@ def image_transform(height: int, width: int, scale: float = 1.0,
     steps.append(normalize_uint8)  # = ToDtype(float32, scale=True) + Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if augment is not None and augment.random_erasing > 0:
         steps.append(T.RandomErasing(p=augment.random_erasing))
+    if augment is not None and (augment.color_jitter > 0 or augment.horizontal_flip or augment.random_erasing > 0):
+        return Locked(T.Compose(steps))  # random draws from torch's global generator (vpr.rng)
     return T.Compose(steps)
 
 
@@ -104,8 +107,10 @@ def autocast(device: torch.device, bf16: bool | None = None):
     return nullcontext()
 
 
-def loader_kwargs(device: torch.device, workers: int) -> dict:
-    kwargs: dict = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+def loader_kwargs(device: torch.device, workers: int, generator: torch.Generator | None = None) -> dict:
+    """DataLoader options; each loader gets its own generator (never torch's global one, see ``vpr.rng``)."""
+    kwargs: dict = {"num_workers": workers, "pin_memory": device.type == "cuda",
+                    "generator": generator if generator is not None else torch.Generator()}
     if workers > 0:
         kwargs.update(persistent_workers=False, prefetch_factor=4)
     return kwargs

@@ -170,8 +170,7 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
 
 def untrained_model(head: str, cfg: Config, device: torch.device | str = "cpu") -> VPRModel:
     """The baseline: ``head`` as built before any VPR training (backbone per ``model.weights``, seeded)."""
-    torch.manual_seed(cfg.train.seed)
-    return _prepare(build_model(head, cfg.model), torch.device(device))
+    return _prepare(build_model(head, cfg.model, seed=cfg.train.seed), torch.device(device))
 
 
 def _prepare(model: VPRModel, device: torch.device) -> VPRModel:

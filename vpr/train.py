@@ -33,6 +33,7 @@ from vpr.descriptors import (ShardImages, autocast, extract, image_transform, lo
 from vpr.evaluate import exact_search, recall_at_n
 from vpr.layout import Layout
 from vpr.models import VPRModel, build_model
+from vpr.rng import reseed_torch_rng
 from vpr.shards import ShardReader, read_index
 
 HISTORY_COLUMNS = ["epoch", "loss", "recall@1", "recall@5", "recall@10", "recall@20", "seconds",
@@ -273,7 +274,7 @@ def _write_history(history: list[dict], path: Path) -> None:
 def build_training_model(head: str, cfg: Config, layout: Layout, reader: ShardReader,
                          train: SplitData, transform, device: torch.device) -> VPRModel:
     """A fresh model for ``head``; NetVLAD gets k-means centroids, CRN starts from this run's NetVLAD."""
-    model = build_model(head, cfg.model).to(device)
+    model = build_model(head, cfg.model, seed=cfg.train.seed).to(device)
     if head == "netvlad":
         init_netvlad(model, reader, train.db_ids, transform, cfg, device, cfg.train.seed)
     elif head == "crn":
@@ -299,7 +300,6 @@ def train_head(head: str, cfg: Config, layout: Layout, *, resume: bool = False,
     """Train one head; returns a summary. ``stop_after_batches`` simulates an interruption (tests)."""
     tc = cfg.train
     device = resolve_device(tc.device)
-    torch.manual_seed(tc.seed)
     reader = ShardReader(layout.shards_dir)
     index = reader.index
     train = load_split(index, pl.read_parquet(layout.mining("train")), "train")
@@ -311,7 +311,7 @@ def train_head(head: str, cfg: Config, layout: Layout, *, resume: bool = False,
 
     last_path = layout.last_checkpoint(head)
     state = load_checkpoint(last_path) if resume and last_path.exists() else None
-    model = (build_model(head, cfg.model).to(device) if state else
+    model = (build_model(head, cfg.model, seed=tc.seed).to(device) if state else
              build_training_model(head, cfg, layout, reader, train, eval_tf, device))
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -333,7 +333,7 @@ def train_head(head: str, cfg: Config, layout: Layout, *, resume: bool = False,
         if bad_epochs >= tc.patience:
             break
         rng = np.random.default_rng([tc.seed, epoch])
-        torch.manual_seed(tc.seed * 1_000_003 + epoch)
+        reseed_torch_rng(tc.seed * 1_000_003 + epoch)  # augmentation draws
         t0, images, losses = time.perf_counter(), 0, []
         order = rng.permutation(len(train.q_ids))[: tc.queries_per_epoch]
         n_batches = math.ceil(len(order) / tc.batch_queries)
@@ -405,8 +405,8 @@ def _batches(ids: np.ndarray, reader: ShardReader, query_tf, db_tf, cfg: Config,
             yield feats.flatten(0, 1), b, n
         return
     loader = DataLoader(TripletImages(reader, ids, query_tf, db_tf), batch_size=b_size, shuffle=False,
-                        generator=torch.Generator().manual_seed(int(rng.integers(2**31))),
-                        **loader_kwargs(device, tc.workers))
+                        **loader_kwargs(device, tc.workers,
+                                        torch.Generator().manual_seed(int(rng.integers(2**31)))))
     for batch in loader:
         b, n = batch.shape[:2]
         batch = batch.flatten(0, 1).to(device, non_blocking=True)

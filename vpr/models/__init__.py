@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from vpr.config import ModelConfig
 from vpr.models.backbone import BACKBONE_CHANNELS, ResNetConv4, build_backbone, imagenet_weights_path
 from vpr.models.heads import AvgHead, CRNHead, GeMHead, NetVLADHead
+from vpr.rng import seeded_torch_rng
 
 HEAD_NAMES = ("avg", "gem", "netvlad", "crn")
 
@@ -60,7 +61,11 @@ class VPRModel(nn.Module):
         return self.head(self.backbone.layer3(trunk_features))
 
 
-def build_model(head: str, cfg: ModelConfig) -> VPRModel:
-    """Build backbone (weights per ``cfg.weights``) and the named head."""
-    head_module = build_head(head, cfg)  # validate the name before the (possibly warning) backbone build
-    return VPRModel(build_backbone(cfg), head_module, head)
+def build_model(head: str, cfg: ModelConfig, seed: int = 0) -> VPRModel:
+    """Build backbone (weights per ``cfg.weights``) and the named head; random init drawn from ``seed``.
+
+    The same seed gives the same weights whatever other threads of the process do (``vpr.rng``).
+    """
+    with seeded_torch_rng(seed):
+        head_module = build_head(head, cfg)  # validate the name before the (possibly warning) backbone build
+        return VPRModel(build_backbone(cfg), head_module, head)
