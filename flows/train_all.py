@@ -1,8 +1,10 @@
 """Flow ``train-all``: ingest → shard ∥ mine → train each head ∥ untrained baseline → evaluate → index →
 report → DVC record.
 
-Independent heads train in parallel (bounded by the task runner, ``orchestration.max_workers``); CRN
-waits for NetVLAD, whose checkpoint it starts from. Every step is a ``tasks`` wrapper of the same
+Heads train in ``orchestration.train_lanes`` lanes (default 1: one after another, since one training
+fills the machine's cores or its GPU), beside the untrained baseline and the evaluations of heads
+already trained (bounded by the task runner, ``orchestration.max_workers``); CRN waits for NetVLAD,
+whose checkpoint it starts from. Every step is a ``tasks`` wrapper of the same
 ``vpr`` function that the matching ``dvc.yaml`` stage runs through the CLI, writing the same files;
 the flow ends with ``dvc commit --force`` of those stages, so ``dvc status`` is clean afterwards and
 ``dvc repro`` has nothing to do.
@@ -44,9 +46,12 @@ def train_all_steps(params: str, root: str, record_dvc: bool = True) -> dict:
     sharded = submit(tasks.shard, "shard", wait_for=[ingested])
     mined = submit(tasks.mine, "mine", wait_for=[ingested])
     trained = {}
-    for head in heads:
-        after = [sharded, mined] + ([trained["netvlad"]] if head == "crn" and "netvlad" in trained else [])
+    lanes: list[list] = [[] for _ in range(cfg.orchestration.train_lanes)]  # heads trained at once
+    for i, head in enumerate(heads):
+        lane = lanes[i % len(lanes)]
+        after = [sharded, mined, *lane[-1:]] + ([trained["netvlad"]] if head == "crn" and "netvlad" in trained else [])
         trained[head] = submit(tasks.train, f"train@{head}", head, wait_for=after)
+        lane.append(trained[head])
     evaluated = [submit(tasks.evaluate, f"evaluate@{h}", h, wait_for=[trained[h]]) for h in heads]
     evaluated.append(submit(tasks.baseline, "baseline", wait_for=[sharded, mined]))
     indexed = []

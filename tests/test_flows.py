@@ -71,6 +71,19 @@ def test_train_all_completes_with_results_and_artifacts(trained):
     assert {"train-all-results", "train-all-report"} <= keys
 
 
+def test_heads_train_one_at_a_time_by_default(trained):
+    """``orchestration.train_lanes: 1``: no two training task runs overlap (they would only contend)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_task_runs() if r.name in {f"train-{h}" for h in HEADS}
+                and r.state_name == "Completed"]
+    spans = sorted((r.start_time, r.end_time) for r in runs)
+    assert len(spans) >= len(HEADS)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), [
+        (r.name, r.start_time.time(), r.end_time.time()) for r in sorted(runs, key=lambda r: r.start_time)]
+
+
 def test_train_all_leaves_dvc_clean_and_repro_has_nothing_to_do(trained):
     root, result, _ = trained
     assert "data.dvc" in result["dvc"]["recorded"] and "train@crn" in result["dvc"]["recorded"]
