@@ -153,7 +153,8 @@ class OrchestrationConfig(_Strict):
     task_runner: Literal["threads", "dask"] = "threads"
     max_workers: int = Field(2, ge=1)
     # heads trained at once; one training already fills a machine's cores or its GPU, so on one device
-    # two at once only contend (2 cores: each epoch 4x slower, both heads 2.2x later than one by one)
+    # two at once only contend (CPU demo, 2 cores: avg + gem side by side 3 min 36 s, each epoch ~6x
+    # slower; one after the other 2 min 11 s)
     train_lanes: int = Field(1, ge=1)
     dask_address: str | None = None
     reindex_cron: str = "*/15 * * * *"
