@@ -63,3 +63,25 @@ def test_concurrent_builds_reseeds_and_loaders_do_not_change_the_weights() -> No
     stop.set()
     noise.join()
     assert len(results) == 12 and all(results)
+
+
+def test_augmenting_transform_is_locked_picklable_and_follows_the_seed() -> None:
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    from vpr.config import AugmentConfig
+    from vpr.descriptors import image_transform
+    from vpr.rng import Locked
+
+    augment = AugmentConfig(color_jitter=0.4, horizontal_flip=True, random_erasing=0.5)
+    transform = pickle.loads(pickle.dumps(image_transform(32, 40, augment=augment)))  # DataLoader workers
+    assert isinstance(transform, Locked) and not isinstance(image_transform(32, 40), Locked)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 40, 3), dtype=np.uint8))
+    outputs = []
+    for seed in (3, 3, 4):
+        reseed_torch_rng(seed)
+        outputs.append(transform(image))
+    assert outputs[0].shape == (3, 32, 40)
+    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])

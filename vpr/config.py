@@ -89,6 +89,11 @@ class AugmentConfig(_Strict):
     horizontal_flip: bool = False
     random_erasing: float = Field(0.0, ge=0, le=1)
 
+    @property
+    def enabled(self) -> bool:
+        """Whether any augmentation is on (then query images vary per epoch and draw random numbers)."""
+        return self.color_jitter > 0 or self.horizontal_flip or self.random_erasing > 0
+
 
 class TrainConfig(_Strict):
     heads: list[Head] = list(HEADS)

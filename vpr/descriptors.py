@@ -67,7 +67,7 @@ def image_transform(height: int, width: int, scale: float = 1.0,
     steps.append(normalize_uint8)  # = ToDtype(float32, scale=True) + Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if augment is not None and augment.random_erasing > 0:
         steps.append(T.RandomErasing(p=augment.random_erasing))
-    if augment is not None and (augment.color_jitter > 0 or augment.horizontal_flip or augment.random_erasing > 0):
+    if augment is not None and augment.enabled:
         return Locked(T.Compose(steps))  # random draws from torch's global generator (vpr.rng)
     return T.Compose(steps)
 

@@ -13,11 +13,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
 import torch
-
-T = TypeVar("T")
 
 _LOCK = threading.RLock()
 
@@ -42,7 +39,7 @@ def reseed_torch_rng(seed: int) -> None:
 class Locked:
     """A callable that draws from the global generator (a random transform), run under the lock."""
 
-    def __init__(self, fn: Callable[..., T]) -> None:
+    def __init__(self, fn: Callable) -> None:
         self.fn = fn
 
     def __call__(self, *args, **kwargs):

@@ -378,11 +378,6 @@ def train_head(head: str, cfg: Config, layout: Layout, *, resume: bool = False,
     return {"head": head, "best_recall5": best, "epochs": len(history), "history": history}
 
 
-def _augments(cfg: Config) -> bool:
-    a = cfg.train.augment
-    return a.color_jitter > 0 or a.horizontal_flip or a.random_erasing > 0
-
-
 def _batches(ids: np.ndarray, reader: ShardReader, query_tf, db_tf, cfg: Config, device: torch.device,
              rng: np.random.Generator, cache: TrunkCache | None):
     """Training inputs per batch of queries: (tensor, queries, images per query).
@@ -393,7 +388,7 @@ def _batches(ids: np.ndarray, reader: ShardReader, query_tf, db_tf, cfg: Config,
     tc = cfg.train
     b_size = tc.batch_queries
     if cache is not None:
-        augment = _augments(cfg)
+        augment = cfg.train.augment.enabled
         for start in range(0, len(ids), b_size):
             rows = ids[start:start + b_size]
             b, n = rows.shape
