@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine (both idempotent, both build their own virtualenv):
 #   make run   — set up, fill data/ from the synthetic city if empty, run the Prefect flow train-all
 #                end to end (embedded local API), print the results table
-#   make test  — set up, run the test suite
+#   make test  — set up, lint (ruff check + ruff format --check), run the test suite
 # Orchestration: `make server` (local Prefect API + UI, SQLite) and, in another shell, `make serve`
 # (serves train-all/train-all and the scheduled reindex/reindex); `make repro` runs the same steps via DVC.
 PYTHON ?= python3
@@ -51,6 +51,8 @@ serve: $(STAMP)
 	PREFECT_HOME=$(PREFECT_HOME) PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.serve
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 CACHE = Path(os.environ.get("VPR_BENCH_CACHE", "/tmp/vpr-bench"))
-PROJECT_CODE = ("synth.py", "catalog.py", "shards.py", "mining.py", "config.py")
+PROJECT_CODE = ("synth", "imageio.py", "catalog.py", "shards.py", "shardio.py", "mining.py", "config.py")
 
 
 def cpu_name() -> str:
@@ -40,8 +40,10 @@ def cpu_name() -> str:
 def machine(device: torch.device | None = None) -> str:
     """One line: host, CPU, cores, load, torch threads, accelerator."""
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    line = (f"{platform.node()}: {cpu_name()}, {os.cpu_count()} cores, load {load}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    line = (
+        f"{platform.node()}: {cpu_name()}, {os.cpu_count()} cores, load {load}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
     if device is not None and device.type == "cuda":
         line += f", GPU {torch.cuda.get_device_name(device)}"
     return line + f", {time.strftime('%Y-%m-%d %H:%M')}"
@@ -87,7 +89,8 @@ def project(height: int = 120, width: int = 160, *, root: Path | None = None, ci
         raw["synth"][split] = {k: max(8, round(v * city)) for k, v in raw["synth"][split].items()}
     raw["shards"].update(height=height, width=width)
     if root is None:  # keyed by the code that writes the project: a format change rebuilds it
-        code = hashlib.sha256(b"".join((ROOT / "vpr" / f).read_bytes() for f in PROJECT_CODE)).hexdigest()[:10]
+        files = [p for f in PROJECT_CODE for p in sorted((ROOT / "vpr").glob(f"{f}/*.py" if "." not in f else f))]
+        code = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:10]
         root = CACHE / f"city{city:g}-{height}x{width}-{code}"
     done = root / ".prepared"
     if done.exists():

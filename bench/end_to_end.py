@@ -67,10 +67,12 @@ def make_copy(dest: Path, data: Path, args) -> None:
     raw = yaml.safe_load((_common.ROOT / "params.yaml").read_text())
     if not args.full:
         tc = raw["train"]
-        tc.update(epochs=args.epochs,
-                  queries_per_epoch=max(tc["batch_queries"], round(tc["queries_per_epoch"] * args.fraction)),
-                  refresh_every=max(tc["batch_queries"], round(tc["refresh_every"] * args.fraction)),
-                  negative_sample=max(tc["negatives"], round(tc["negative_sample"] * args.fraction)))
+        tc.update(
+            epochs=args.epochs,
+            queries_per_epoch=max(tc["batch_queries"], round(tc["queries_per_epoch"] * args.fraction)),
+            refresh_every=max(tc["batch_queries"], round(tc["refresh_every"] * args.fraction)),
+            negative_sample=max(tc["negatives"], round(tc["negative_sample"] * args.fraction)),
+        )
     if args.max_workers:
         raw["orchestration"]["max_workers"] = args.max_workers
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -79,8 +81,14 @@ def make_copy(dest: Path, data: Path, args) -> None:
 
 def env(prefect_home: Path) -> dict:
     e = dict(os.environ)
-    e.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
-             DVC_NO_ANALYTICS="1", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", PYTHONUNBUFFERED="1")
+    e.update(
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        DVC_NO_ANALYTICS="1",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+        PYTHONUNBUFFERED="1",
+    )
     e["PATH"] = f"{Path(sys.executable).parent}:{e.get('PATH', '')}"
     return e
 
@@ -94,8 +102,9 @@ def stage_name(task_run_name: str) -> str:
 
 def run_flow(root: Path, prefect_home: Path) -> tuple[float, list[tuple[str, float, float]], dict]:
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", DRIVER], cwd=root, env=env(prefect_home),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER], cwd=root, env=env(prefect_home), capture_output=True, text=True
+    )
     wall = time.time() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
@@ -142,8 +151,13 @@ def run_cli(root: Path, prefect_home: Path) -> tuple[float, list[tuple[str, floa
         print(f"  {name}: {stages[-1][2]:.1f} s", file=sys.stderr, flush=True)
     wall = time.time() - t_start
     t0 = time.time()
-    subprocess.run([sys.executable, "-c", "import vpr.cli, vpr.train, vpr.evaluate"], cwd=root, env=env(prefect_home),
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", "import vpr.cli, vpr.train, vpr.evaluate"],
+        cwd=root,
+        env=env(prefect_home),
+        check=True,
+        capture_output=True,
+    )
     return wall, stages, {"cli_startup": time.time() - t0}
 
 
@@ -165,11 +179,13 @@ def main() -> None:
     run_cfg = yaml.safe_load((root / "params.yaml").read_text())
     tc = run_cfg["train"]
     print(f"# end-to-end benchmark — {_common.machine()}")
-    print(f"# {'python -m flows.train_all --no-dvc' if args.mode == 'flow' else 'each dvc.yaml stage via the vpr CLI'}"
-          f" on a copy of the repository; {'params.yaml as is' if args.full else 'shortened training'}: "
-          f"{tc['epochs']} epoch(s) x {tc['queries_per_epoch']} queries, refresh every {tc['refresh_every']}, "
-          f"heads {', '.join(tc['heads'])}; task runner {run_cfg['orchestration']['task_runner']} "
-          f"(max_workers {run_cfg['orchestration']['max_workers']}); city {synth['width']}x{synth['height']}")
+    print(
+        f"# {'python -m flows.train_all --no-dvc' if args.mode == 'flow' else 'each dvc.yaml stage via the vpr CLI'}"
+        f" on a copy of the repository; {'params.yaml as is' if args.full else 'shortened training'}: "
+        f"{tc['epochs']} epoch(s) x {tc['queries_per_epoch']} queries, refresh every {tc['refresh_every']}, "
+        f"heads {', '.join(tc['heads'])}; task runner {run_cfg['orchestration']['task_runner']} "
+        f"(max_workers {run_cfg['orchestration']['max_workers']}); city {synth['width']}x{synth['height']}"
+    )
     try:
         runner = run_flow if args.mode == "flow" else run_cli
         wall, stages, extra = runner(root, tmp / "prefect")
@@ -186,15 +202,21 @@ def main() -> None:
     if args.mode == "flow":
         first = min(s[1] for s in stages)
         last = max(s[1] + s[2] for s in stages)
-        flows = "; ".join(f"{name} runs {start:.1f}–{start + seconds:.1f} s"
-                          for name, (start, seconds) in sorted(extra["flows"].items(), key=lambda f: f[1][0]))
+        flows = "; ".join(
+            f"{name} runs {start:.1f}–{start + seconds:.1f} s"
+            for name, (start, seconds) in sorted(extra["flows"].items(), key=lambda f: f[1][0])
+        )
         print(f"flow runs: {flows}")
-        print(f"before the first stage: {first:.1f} s (interpreter and imports {extra.get('import', 0):.1f} s, "
-              f"Prefect's ephemeral API start-up, flow set-up); after the last stage: {wall - last:.1f} s "
-              "(results table, shutdown)")
+        print(
+            f"before the first stage: {first:.1f} s (interpreter and imports {extra.get('import', 0):.1f} s, "
+            f"Prefect's ephemeral API start-up, flow set-up); after the last stage: {wall - last:.1f} s "
+            "(results table, shutdown)"
+        )
     else:
-        print(f"start-up of a command that loads a model (python, import vpr.cli + vpr.train + vpr.evaluate): "
-              f"{extra['cli_startup']:.1f} s")
+        print(
+            f"start-up of a command that loads a model (python, import vpr.cli + vpr.train + vpr.evaluate): "
+            f"{extra['cli_startup']:.1f} s"
+        )
 
 
 if __name__ == "__main__":

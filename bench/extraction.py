@@ -20,11 +20,11 @@ import warnings
 import _common
 import numpy as np
 import torch
-
 from loader import legacy_transform
+
+from vpr.checkpoints import untrained_model
 from vpr.descriptors import autocast, extract, image_transform
-from vpr.evaluate import untrained_model
-from vpr.shards import ShardReader
+from vpr.shardio import ShardReader
 
 
 @torch.inference_mode()
@@ -56,8 +56,12 @@ def timed_extract(model, reader, ids, transform, device, batch_size, workers) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heads", nargs="+", default=["avg", "netvlad"],
-                        help="avg gem netvlad crn for all (gem ~ avg, crn ~ netvlad in cost)")
+    parser.add_argument(
+        "--heads",
+        nargs="+",
+        default=["avg", "netvlad"],
+        help="avg gem netvlad crn for all (gem ~ avg, crn ~ netvlad in cost)",
+    )
     parser.add_argument("--images", type=int, default=320, help="test-split images per measurement (0: all)")
     parser.add_argument("--height", type=int, default=120)
     parser.add_argument("--width", type=int, default=160)
@@ -81,28 +85,32 @@ def main() -> None:
     shape = (cfg.shards.height, cfg.shards.width)
 
     print(f"# extraction benchmark — {_common.machine(device)}")
-    print(f"# test split, {len(ids)} images {shape[1]}x{shape[0]}, batch {batch}, device {device.type}"
-          f"{' (bf16 autocast, channels_last)' if device.type == 'cuda' else ' (fp32)'}, "
-          f"{args.rounds} rounds interleaved, medians (min–max) in images/s")
+    print(
+        f"# test split, {len(ids)} images {shape[1]}x{shape[0]}, batch {batch}, device {device.type}"
+        f"{' (bf16 autocast, channels_last)' if device.type == 'cuda' else ' (fp32)'}, "
+        f"{args.rounds} rounds interleaved, medians (min–max) in images/s"
+    )
     print(f"{'head':<8} {'variant':<44} {'images/s':>9} {'(min–max)':>13} {'vs bound':>9}")
     for head in args.heads:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # no ImageNet weights here: random init, same speed
-            model = untrained_model(head, cfg, device)
+            model = untrained_model(head, cfg.model, cfg.train.seed, device)
         extract(model, reader, ids[:batch], tf, device=device, batch_size=batch)  # warm-up
         variants = {"inference bound (synthetic batch)": lambda: bound(model, len(ids), batch, shape, device)}
         for w in args.workers:
-            variants[f"extract, workers {w}"] = (
-                lambda w=w: timed_extract(model, reader, ids, tf, device, batch, w))
+            variants[f"extract, workers {w}"] = lambda w=w: timed_extract(model, reader, ids, tf, device, batch, w)
         if not args.no_legacy:
             w0 = min(args.workers)
-            variants[f"extract, workers {w0}, torchvision normalise"] = (
-                lambda: timed_extract(model, reader, ids, legacy, device, batch, w0))
+            variants[f"extract, workers {w0}, torchvision normalise"] = lambda: timed_extract(
+                model, reader, ids, legacy, device, batch, w0
+            )
         rates = _common.interleaved(variants, args.rounds)
         top = _common.median(rates["inference bound (synthetic batch)"])
         for name, xs in rates.items():
-            print(f"{head:<8} {name:<44} {_common.median(xs):9.1f} {_common.spread(xs):>13} "
-                  f"{_common.median(xs) / top:8.2f}x")
+            print(
+                f"{head:<8} {name:<44} {_common.median(xs):9.1f} {_common.spread(xs):>13} "
+                f"{_common.median(xs) / top:8.2f}x"
+            )
 
 
 if __name__ == "__main__":

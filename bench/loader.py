@@ -4,8 +4,9 @@ Same images, same resolution (the synthetic city rendered at the shard size), sa
 (``vpr.descriptors.image_transform``), same batch size and DataLoader workers:
 
 - ``shards random``: ``ShardReader`` random access (one ``pread`` per image) in shuffled order: the
-  path training batches, mining refreshes and evaluation take (``ShardImages``);
-- ``shards stream``: ``iter_split`` streaming (WebDataset), shards dealt out to the workers;
+  path triplet batches take (``vpr.triplets.TripletImages``);
+- ``shards stream``: ``vpr.descriptors.ShardStream`` (WebDataset, shard by shard, shards dealt out to
+  the workers): the path every sequential read takes (extraction, trunk cache, k-means sample);
 - ``jpeg folders``: ``PIL.Image.open`` on the datasets_vg files, same shuffled order;
 - ``... torchvision normalise``: ``shards random`` with torchvision's ``ToDtype`` + ``Normalize``
   (the transform before the fix in ``vpr.descriptors.normalize_uint8``), for the record;
@@ -30,11 +31,11 @@ import _common
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from vpr.descriptors import IMAGENET_MEAN, IMAGENET_STD, ShardImages, image_transform, loader_kwargs
-from vpr.shards import ShardReader, _stream_shard, split_shards
+from vpr.descriptors import IMAGENET_MEAN, IMAGENET_STD, ShardStream, image_transform, loader_kwargs
+from vpr.shardio import ShardReader
 
 
 class FolderImages(Dataset):
@@ -49,20 +50,17 @@ class FolderImages(Dataset):
             return self.transform(im.convert("RGB"))
 
 
-class StreamImages(IterableDataset):
-    """Every split/role of the shards through ``iter_split``'s reader, shards dealt out to workers."""
+class RandomImages(Dataset):
+    """Images by id through ``ShardReader`` (one ``pread`` each): how triplet batches read the shards."""
 
-    def __init__(self, shards_dir: Path, transform) -> None:
-        self.plans = [p for split in ("train", "val", "test") for role in ("database", "queries")
-                      for p in split_shards(shards_dir, split, role)]
-        self.transform = transform
+    def __init__(self, reader: ShardReader, ids: np.ndarray, transform) -> None:
+        self.reader, self.ids, self.transform = reader, ids, transform
 
-    def __iter__(self):
-        info = get_worker_info()
-        mine = self.plans if info is None else self.plans[info.id::info.num_workers]
-        for plan in mine:
-            for _, image, _ in _stream_shard(plan):
-                yield self.transform(image)
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.reader.load(int(self.ids[i])))
 
 
 class JpegBytes(Dataset):
@@ -97,6 +95,8 @@ def drain(loader, device: torch.device, n_expected: int) -> float:
     t0 = time.perf_counter()
     n = 0
     for batch in loader:
+        if isinstance(batch, list | tuple):  # ShardStream: (positions, images)
+            batch = batch[-1]
         batch = batch.to(device, non_blocking=True)
         n += len(batch)
     _common.sync(device)
@@ -122,6 +122,7 @@ def gpu_decode(loader, device: torch.device, n_expected: int) -> float:
 
 def breakdown(reader: ShardReader, paths: list[Path], ids: np.ndarray, tf, legacy) -> None:
     """Single-process ms per image of each part of the path (median of 3 passes over ``ids``)."""
+
     def per_image(fn) -> float:
         times = []
         for _ in range(3):
@@ -170,28 +171,37 @@ def main() -> None:
         assert im.size == (cfg.shards.width, cfg.shards.height), "folders and shards differ in size"
 
     print(f"# loader benchmark — {_common.machine(device)}")
-    print(f"# {len(ids)} images {cfg.shards.width}x{cfg.shards.height}, batch {args.batch_size}, "
-          f"device {device.type}, {args.rounds} rounds interleaved, medians (min–max)")
+    print(
+        f"# {len(ids)} images {cfg.shards.width}x{cfg.shards.height}, batch {args.batch_size}, "
+        f"device {device.type}, {args.rounds} rounds interleaved, medians (min–max)"
+    )
     breakdown(reader, paths, ids[:200], tf, legacy)
     for workers in args.workers:
         kw = dict(batch_size=args.batch_size, **loader_kwargs(device, workers))
         variants = {
-            "shards random (ShardReader)": lambda: drain(DataLoader(ShardImages(reader, ids, tf), **kw), device, len(ids)),
-            "shards stream (iter_split)": lambda: drain(DataLoader(StreamImages(layout.shards_dir, tf), **kw),
-                                                        device, len(ids)),
-            "jpeg folders (PIL)": lambda: drain(DataLoader(FolderImages([paths[i] for i in ids], tf), **kw),
-                                                device, len(ids)),
+            "shards random (ShardReader)": lambda: drain(
+                DataLoader(RandomImages(reader, ids, tf), **kw), device, len(ids)
+            ),
+            "shards stream (ShardStream)": lambda: drain(
+                DataLoader(ShardStream(reader, np.sort(ids), tf), **kw), device, len(ids)
+            ),
+            "jpeg folders (PIL)": lambda: drain(
+                DataLoader(FolderImages([paths[i] for i in ids], tf), **kw), device, len(ids)
+            ),
         }
         if not args.no_legacy:
             variants["shards random, torchvision normalise"] = lambda: drain(
-                DataLoader(ShardImages(reader, ids, legacy), **kw), device, len(ids))
+                DataLoader(RandomImages(reader, ids, legacy), **kw), device, len(ids)
+            )
         if device.type == "cuda":
             variants["shards random, GPU decode (nvJPEG)"] = lambda: gpu_decode(
-                DataLoader(JpegBytes(reader, ids), collate_fn=list, **kw), device, len(ids))
+                DataLoader(JpegBytes(reader, ids), collate_fn=list, **kw), device, len(ids)
+            )
         rates = _common.interleaved(variants, args.rounds)
         base = _common.median(rates["jpeg folders (PIL)"])
-        startup = _common.median([first_batch_seconds(DataLoader(ShardImages(reader, ids, tf), **kw))
-                                  for _ in range(args.rounds)])
+        startup = _common.median(
+            [first_batch_seconds(DataLoader(RandomImages(reader, ids, tf), **kw)) for _ in range(args.rounds)]
+        )
         print(f"\nworkers {workers}: first batch after {1e3 * startup:.0f} ms (paid by every new DataLoader)")
         print(f"{'path':<40} {'images/s':>9} {'(min–max)':>13} {'vs folders':>10}")
         for name, xs in rates.items():

@@ -23,9 +23,9 @@ def brute_force_counts(db: np.ndarray, q: np.ndarray, radius: float, chunk: int 
     counts = np.empty(len(q), dtype=np.int64)
     r2 = radius * radius
     for start in range(0, len(q), chunk):
-        block = q[start:start + chunk]
+        block = q[start : start + chunk]
         d2 = ((block[:, None, :] - db[None, :, :]) ** 2).sum(-1)
-        counts[start:start + chunk] = (d2 <= r2).sum(1)
+        counts[start : start + chunk] = (d2 <= r2).sum(1)
     return counts
 
 

@@ -70,11 +70,15 @@ def main() -> None:
             root = Path(tmp)
             start = time.perf_counter()
             summary = generate_city(root, load_config(args.params).synth)
-            print(f"generated {summary['images']} images in {time.perf_counter() - start:.1f} s "
-                  f"(queries without a database image within 25 m: {summary['queries_without_db_within_25m']})")
+            print(
+                f"generated {summary['images']} images in {time.perf_counter() - start:.1f} s "
+                f"(queries without a database image within 25 m: {summary['queries_without_db_within_25m']})"
+            )
         recalls = recall_at(root, args.split)
-    print(f"pixel baseline ({THUMB[0]}x{THUMB[1]} grey, exact NN), {args.split} split: "
-          + "  ".join(f"R@{n} {r:.1f}" for n, r in recalls.items()))
+    print(
+        f"pixel baseline ({THUMB[0]}x{THUMB[1]} grey, exact NN), {args.split} split: "
+        + "  ".join(f"R@{n} {r:.1f}" for n, r in recalls.items())
+    )
 
 
 if __name__ == "__main__":

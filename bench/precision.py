@@ -49,8 +49,10 @@ def main() -> None:
     trunk_x = torch.randn(b * n, 128, -(-args.height // 8), -(-args.width // 8))
     images = torch.randn(32, 3, args.height, args.width)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    print(f"# precision benchmark — {_common.machine(device)}, {args.threads} thread(s), head {args.head}, "
-          f"{args.width}x{args.height}")
+    print(
+        f"# precision benchmark — {_common.machine(device)}, {args.threads} thread(s), head {args.head}, "
+        f"{args.width}x{args.height}"
+    )
     print(f"{'pass':<28} {'fp32 img/s':>10} {'bf16 img/s':>10} {'bf16/fp32':>9}")
     for channels_last in (False, True):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -74,9 +76,11 @@ def main() -> None:
         for label, fn in (("inference trunk", model.backbone.trunk), ("inference whole model", model)):
             rates = []
             for bf16 in (False, True):
+
                 def run(fn=fn, bf16=bf16) -> None:
                     with autocast(device, bf16):
                         fn(images)
+
                 rates.append(rate(run, len(images), args.repeats))
             print(f"{label:<28} {rates[0]:10.1f} {rates[1]:10.1f} {rates[1] / rates[0]:8.2f}x", flush=True)
 

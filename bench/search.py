@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 
 from vpr.config import IndexConfig
-from vpr.evaluate import make_index, pq_subquantizers
+from vpr.retrieval import make_index, pq_subquantizers
 
 LATENT, STYLES, VIEWS = 64, 32, 5
 
@@ -43,18 +43,17 @@ def synthetic(n_db: int, dim: int, n_q: int, seed: int = 0, noise: float = 1.0, 
     proj = rng.standard_normal((LATENT, dim), dtype=np.float32) / np.float32(math.sqrt(LATENT))
     styles = rng.standard_normal((STYLES, LATENT), dtype=np.float32)
     n_places = max(1, n_db // VIEWS)
-    places = (0.8 * styles[rng.integers(0, STYLES, n_places)]
-              + rng.standard_normal((n_places, LATENT), dtype=np.float32))
+    places = 0.8 * styles[rng.integers(0, STYLES, n_places)] + rng.standard_normal((n_places, LATENT), dtype=np.float32)
     db_place = np.repeat(np.arange(n_places), VIEWS)[:n_db]
     q_place = rng.integers(0, n_places, n_q)
 
     def views(place_ids: np.ndarray) -> np.ndarray:
         out = np.empty((len(place_ids), dim), dtype=np.float32)
         for s in range(0, len(place_ids), 50_000):  # chunks: bounded temporaries
-            ids = place_ids[s:s + 50_000]
+            ids = place_ids[s : s + 50_000]
             lat = places[ids] + noise * rng.standard_normal((len(ids), LATENT), dtype=np.float32)
             x = lat @ proj + iso * rng.standard_normal((len(ids), dim), dtype=np.float32)
-            out[s:s + len(ids)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+            out[s : s + len(ids)] = x / np.linalg.norm(x, axis=1, keepdims=True)
         return out
 
     return views(db_place), views(q_place), db_place, q_place
@@ -79,7 +78,7 @@ def one_by_one(index, q: np.ndarray, k: int, repeats: int) -> float:
     for _ in range(repeats):
         t0 = time.perf_counter()
         for i in range(len(q)):
-            index.search(q[i:i + 1], k)
+            index.search(q[i : i + 1], k)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -95,8 +94,9 @@ def main() -> None:
     parser.add_argument("--pq-m", type=int, nargs="+", help="PQ sub-quantisers (default: dim/8 and dim/4, at most 128)")
     parser.add_argument("--hnsw-m", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--ef-search", type=int, nargs="+", default=[16, 24, 32, 48, 64, 128])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="faiss threads (default 1: stable on a shared machine; 0 = all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="faiss threads (default 1: stable on a shared machine; 0 = all cores)"
+    )
     parser.add_argument("--single", type=int, default=50, help="queries searched one at a time")
     parser.add_argument("--repeats", type=int, default=3, help="best-of repeats of every timing")
     parser.add_argument("--max-gb", type=float, default=12.0, help="skip sizes whose vectors exceed this")
@@ -105,10 +105,14 @@ def main() -> None:
     all_threads = faiss.omp_get_max_threads()
     search_threads = args.threads or all_threads
     faiss.omp_set_num_threads(search_threads)
-    print(f"# search benchmark — {header}, faiss {faiss.__version__} "
-          f"({search_threads} search threads, {all_threads} build threads)")
-    print(f"# {args.queries} queries (batch) and {args.single} one at a time, k={args.k}, best of {args.repeats}; "
-          "speed-up = exact time / index time; loss = exact R@1 - index R@1 (points)")
+    print(
+        f"# search benchmark — {header}, faiss {faiss.__version__} "
+        f"({search_threads} search threads, {all_threads} build threads)"
+    )
+    print(
+        f"# {args.queries} queries (batch) and {args.single} one at a time, k={args.k}, best of {args.repeats}; "
+        "speed-up = exact time / index time; loss = exact R@1 - index R@1 (points)"
+    )
     for dim in args.dims:
         for n in args.sizes:
             gb = n * dim * 4 / 2**30
@@ -130,8 +134,11 @@ def main() -> None:
 
             exact_ranked = time_exact(args.repeats)
             exact_r1 = recall1(exact_ranked, db_place, q_place)
-            print(f"\n## {n:,} x {dim}-d ({gb:.2f} GiB, generated in {time.perf_counter() - t0:.0f} s): exact "
-                  f"R@1 {exact_r1:.1f}", flush=True)
+            print(
+                f"\n## {n:,} x {dim}-d ({gb:.2f} GiB, generated in {time.perf_counter() - t0:.0f} s): exact "
+                f"R@1 {exact_r1:.1f}",
+                flush=True,
+            )
             rows = []
 
             def report(kind: str, setting: str, build_s: float, index) -> None:
@@ -157,8 +164,12 @@ def main() -> None:
                     faiss.omp_set_num_threads(search_threads)
                     for nprobe in args.nprobe:
                         index.nprobe = min(nprobe, index.nlist)
-                        report("ivfpq", f"nlist={index.nlist} pq_m={pq_subquantizers(dim, pq_m)} nprobe={index.nprobe}",
-                               build, index)
+                        report(
+                            "ivfpq",
+                            f"nlist={index.nlist} pq_m={pq_subquantizers(dim, pq_m)} nprobe={index.nprobe}",
+                            build,
+                            index,
+                        )
                     del index
             for m in args.hnsw_m:
                 t0 = time.perf_counter()
@@ -172,21 +183,29 @@ def main() -> None:
                     report("hnsw", f"hnsw_m={m} ef_search={ef}", build, index)
                 del index
             exact_s, exact_one = min(exact_times["batch"]), min(exact_times["single"])
-            print(f"exact (flat L2): {args.queries / exact_s:.0f} queries/s in a batch of {args.queries}, "
-                  f"{len(single) / exact_one:.0f} queries/s one at a time")
-            print(f"{'index':<8} {'setting':<34} {'build s':>8} {'batch q/s':>10} {'speed-up':>9} "
-                  f"{'single q/s':>10} {'speed-up':>9} {'R@1':>6} {'loss':>6} {'top1=exact %':>12}")
+            print(
+                f"exact (flat L2): {args.queries / exact_s:.0f} queries/s in a batch of {args.queries}, "
+                f"{len(single) / exact_one:.0f} queries/s one at a time"
+            )
+            print(
+                f"{'index':<8} {'setting':<34} {'build s':>8} {'batch q/s':>10} {'speed-up':>9} "
+                f"{'single q/s':>10} {'speed-up':>9} {'R@1':>6} {'loss':>6} {'top1=exact %':>12}"
+            )
             table = []
             for kind, setting, build_s, s_, one, r1, agree in rows:
                 table.append((kind, setting, exact_s / s_, exact_r1 - r1))
-                print(f"{kind:<8} {setting:<34} {build_s:8.1f} {args.queries / s_:10.0f} {exact_s / s_:8.1f}x "
-                      f"{len(single) / one:10.0f} {exact_one / one:8.1f}x {r1:6.1f} {exact_r1 - r1:6.1f} {agree:12.1f}")
+                print(
+                    f"{kind:<8} {setting:<34} {build_s:8.1f} {args.queries / s_:10.0f} {exact_s / s_:8.1f}x "
+                    f"{len(single) / one:10.0f} {exact_one / one:8.1f}x {r1:6.1f} {exact_r1 - r1:6.1f} {agree:12.1f}"
+                )
             good = [r for r in table if r[3] <= 1.0]
             if good:
                 kind, setting, ratio, loss = max(good, key=lambda r: r[2])
                 verdict = "meets" if ratio >= 10 else "misses"
-                print(f"recommended ({n:,} x {dim}-d): {kind} {setting}: {ratio:.1f}x (batch) at {loss:.1f} points "
-                      f"R@1 loss ({verdict} the 10x target)")
+                print(
+                    f"recommended ({n:,} x {dim}-d): {kind} {setting}: {ratio:.1f}x (batch) at {loss:.1f} points "
+                    f"R@1 loss ({verdict} the 10x target)"
+                )
             else:
                 print(f"recommended ({n:,} x {dim}-d): none within 1 point of exact R@1")
 

@@ -37,13 +37,12 @@ import vpr.train as vt
 from vpr.config import parse_config
 from vpr.descriptors import autocast, image_transform, use_bf16
 from vpr.models import build_model
-from vpr.shards import ShardReader
+from vpr.shardio import ShardReader
 
 TRAIN_ID_SPLITS = ("train", "val")
 
 
-def step_bound(head: str, cfg, device: torch.device, steps: int, from_trunk: bool, compile_: bool,
-               bf16: bool) -> float:
+def step_bound(head: str, cfg, device: torch.device, steps: int, from_trunk: bool, compile_: bool, bf16: bool) -> float:
     """Images/s of forward + triplet loss + backward + Adam step on a synthetic batch."""
     tc = cfg.train
     b, n = tc.batch_queries, 2 + tc.negatives
@@ -116,11 +115,18 @@ def timing_hooks(totals: dict[str, float]):
 def bench_cfg(cfg, args, device: torch.device, cache: str, precision: str = "auto"):
     raw = cfg.model_dump(mode="json")
     tc = raw["train"]
-    tc.update(epochs=args.epochs, patience=99, workers=args.workers, device=device.type, compile=args.compile,
-              cache_frozen_trunk=cache, precision=precision,
-              queries_per_epoch=max(tc["batch_queries"], round(tc["queries_per_epoch"] * args.fraction)),
-              refresh_every=max(tc["batch_queries"], round(tc["refresh_every"] * args.fraction)),
-              negative_sample=max(tc["negatives"], round(tc["negative_sample"] * args.fraction)))
+    tc.update(
+        epochs=args.epochs,
+        patience=99,
+        workers=args.workers,
+        device=device.type,
+        compile=args.compile,
+        cache_frozen_trunk=cache,
+        precision=precision,
+        queries_per_epoch=max(tc["batch_queries"], round(tc["queries_per_epoch"] * args.fraction)),
+        refresh_every=max(tc["batch_queries"], round(tc["refresh_every"] * args.fraction)),
+        negative_sample=max(tc["negatives"], round(tc["negative_sample"] * args.fraction)),
+    )
     for key in ("queries_per_epoch", "refresh_every", "negative_sample"):
         if getattr(args, key) is not None:
             tc[key] = getattr(args, key)
@@ -136,8 +142,7 @@ def cache_build_seconds(cfg, layout, device: torch.device) -> tuple[float, int]:
         model = build_model("avg", cfg.model).to(device)
     tf = image_transform(cfg.shards.height, cfg.shards.width, cfg.train.image_scale)
     t0 = time.perf_counter()
-    vt.TrunkCache(model, reader, ids, tf, device, cfg.evaluate.batch_size,
-                  bf16=use_bf16(device, cfg.train.precision))
+    vt.TrunkCache(model, reader, ids, tf, device, cfg.evaluate.batch_size, bf16=use_bf16(device, cfg.train.precision))
     return time.perf_counter() - t0, len(ids)
 
 
@@ -147,18 +152,29 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=120)
     parser.add_argument("--width", type=int, default=160)
     parser.add_argument("--city", type=float, default=1.0)
-    parser.add_argument("--fraction", type=float, default=0.25,
-                        help="queries_per_epoch, refresh_every, negative_sample = params x this")
+    parser.add_argument(
+        "--fraction", type=float, default=0.25, help="queries_per_epoch, refresh_every, negative_sample = params x this"
+    )
     parser.add_argument("--queries-per-epoch", dest="queries_per_epoch", type=int, help="instead of --fraction")
     parser.add_argument("--refresh-every", dest="refresh_every", type=int, help="instead of --fraction")
     parser.add_argument("--negative-sample", dest="negative_sample", type=int, help="instead of --fraction")
     parser.add_argument("--epochs", type=int, default=1, help="the last epoch is reported (later ones: warm)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (train.workers)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--cache", nargs="+", default=None, choices=["off", "on"],
-                        help="trunk cache settings to run (default: off and on on CPU, off on CUDA)")
-    parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
-                        help="train.precision settings to run side by side (e.g. fp32 bf16)")
+    parser.add_argument(
+        "--cache",
+        nargs="+",
+        default=None,
+        choices=["off", "on"],
+        help="trunk cache settings to run (default: off and on on CPU, off on CUDA)",
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "fp32", "bf16"],
+        help="train.precision settings to run side by side (e.g. fp32 bf16)",
+    )
     parser.add_argument("--bound-steps", type=int, default=4)
     parser.add_argument("--compile", action="store_true", help="torch.compile (CUDA only, as train_head)")
     args = parser.parse_args()
@@ -170,16 +186,21 @@ def main() -> None:
     print(f"# training-loop benchmark — {_common.machine(device)}")
     cfg0 = bench_cfg(base_cfg, args, device, "off")
     tc = cfg0.train
-    print(f"# {cfg0.shards.width}x{cfg0.shards.height}, batch {tc.batch_queries} queries x {2 + tc.negatives} "
-          f"images, {tc.queries_per_epoch} queries/epoch, refresh every {tc.refresh_every} ({tc.mining}, "
-          f"{tc.negative_sample} negatives sampled), workers {tc.workers}, device {device.type}"
-          f"{' channels_last' if device.type == 'cuda' else ''}{' compiled' if args.compile else ''}")
+    print(
+        f"# {cfg0.shards.width}x{cfg0.shards.height}, batch {tc.batch_queries} queries x {2 + tc.negatives} "
+        f"images, {tc.queries_per_epoch} queries/epoch, refresh every {tc.refresh_every} ({tc.mining}, "
+        f"{tc.negative_sample} negatives sampled), workers {tc.workers}, device {device.type}"
+        f"{' channels_last' if device.type == 'cuda' else ''}{' compiled' if args.compile else ''}"
+    )
     if "on" in caches:
         seconds, n = cache_build_seconds(cfg0, layout, device)
-        print(f"# trunk cache build (once per run): {n} train+val images in {seconds:.1f} s "
-              f"({n / seconds:.0f} images/s)")
-    print(f"{'head':<8} {'trunk cache':<11} {'step':<5} {'loop img/s':>10} {'bound img/s':>11} {'loop/bound':>10} "
-          f"{'mining %':>8} {'loading %':>9} {'steps %':>7} {'epoch s':>8}")
+        print(
+            f"# trunk cache build (once per run): {n} train+val images in {seconds:.1f} s ({n / seconds:.0f} images/s)"
+        )
+    print(
+        f"{'head':<8} {'trunk cache':<11} {'step':<5} {'loop img/s':>10} {'bound img/s':>11} {'loop/bound':>10} "
+        f"{'mining %':>8} {'loading %':>9} {'steps %':>7} {'epoch s':>8}"
+    )
     for head in heads:
         for cache, precision in [(c, p) for c in caches for p in args.precision]:
             cfg = bench_cfg(base_cfg, args, device, cache, precision)
@@ -197,9 +218,13 @@ def main() -> None:
             all_epochs = sum(e["seconds"] for e in summary["history"])  # the hooks saw every epoch
             mining = 100 * totals["mining"] / all_epochs
             loading = 100 * totals["loading"] / all_epochs
-            print(f"{head:<8} {cache:<11} {'bf16' if bf16 else 'fp32':<5} {loop:10.1f} {bound:11.1f} {loop / bound:9.2f}x {mining:8.0f} "
-                  f"{loading:9.0f} {100 - mining - loading:7.0f} {epoch['seconds']:8.1f}   "
-                  f"(bound before/after {before:.1f}/{after:.1f})", flush=True)
+            print(
+                f"{head:<8} {cache:<11} {'bf16' if bf16 else 'fp32':<5} {loop:10.1f} {bound:11.1f}"
+                f" {loop / bound:9.2f}x {mining:8.0f} "
+                f"{loading:9.0f} {100 - mining - loading:7.0f} {epoch['seconds']:8.1f}   "
+                f"(bound before/after {before:.1f}/{after:.1f})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

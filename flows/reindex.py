@@ -31,8 +31,9 @@ def ensure_concurrency_limit(name: str = CONCURRENCY_LIMIT, limit: int = 1) -> N
 
 
 @flow(name="reindex", log_prints=True)
-def reindex(params: str = "params.yaml", root: str = ".", record_dvc: bool = True,
-            wait_timeout_s: float | None = None) -> dict:
+def reindex(
+    params: str = "params.yaml", root: str = ".", record_dvc: bool = True, wait_timeout_s: float | None = None
+) -> dict:
     """Validate and add the inbox's new images (or finish a batch a crashed run left pending)."""
     cfg, root_path, _ = resolve(params, root)
     layout = Layout.from_config(cfg, root_path)
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".")
     parser.add_argument("--no-dvc", action="store_true")
     args = parser.parse_args(argv)
-    print(json.dumps(reindex(params=args.params, root=args.root, record_dvc=not args.no_dvc), indent=1,
-                     default=str))
+    print(json.dumps(reindex(params=args.params, root=args.root, record_dvc=not args.no_dvc), indent=1, default=str))
     return 0
 
 

@@ -20,6 +20,7 @@ def make_task_runner(orch: OrchestrationConfig):
 
         # ingest and shard use process pools of their own; daemonic workers may not start children
         dask.config.set({"distributed.worker.daemon": False})
-        return DaskTaskRunner(cluster_kwargs={"n_workers": orch.max_workers, "threads_per_worker": 1,
-                                              "dashboard_address": None})
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": orch.max_workers, "threads_per_worker": 1, "dashboard_address": None}
+        )
     return ThreadPoolTaskRunner(max_workers=orch.max_workers)

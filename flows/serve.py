@@ -28,13 +28,19 @@ def build_deployments(params: str = "params.yaml", root: str = ".") -> list:
     parameters = {"params": str(params_path), "root": str(root_path)}
     return [
         train_all.to_deployment(
-            name="train-all", parameters=parameters, tags=["vpr"],
-            description="ingest → shard → mine → train heads → evaluate → index → report → DVC record"),
+            name="train-all",
+            parameters=parameters,
+            tags=["vpr"],
+            description="ingest → shard → mine → train heads → evaluate → index → report → DVC record",
+        ),
         reindex.to_deployment(
-            name="reindex", parameters=parameters, tags=["vpr"], cron=cfg.orchestration.reindex_cron,
-            concurrency_limit=ConcurrencyLimitConfig(limit=1,
-                                                     collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
-            description="add new inbox imagery to the shards, catalog and live FAISS release"),
+            name="reindex",
+            parameters=parameters,
+            tags=["vpr"],
+            cron=cfg.orchestration.reindex_cron,
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+            description="add new inbox imagery to the shards, catalog and live FAISS release",
+        ),
     ]
 
 

@@ -67,8 +67,10 @@ def train_all_steps(params: str, root: str, record_dvc: bool = True) -> dict:
     if failed:
         raise RuntimeError(f"train-all: step(s) failed or not run: {', '.join(failed)} (see their task runs)")
     cached = [stage for stage, name in steps.items() if name == "Cached"]
-    print(f"{len(cached)} of {len(steps)} steps unchanged since a previous run (cache hits)"
-          + (f": {', '.join(cached)}" if cached else ""))
+    print(
+        f"{len(cached)} of {len(steps)} steps unchanged since a previous run (cache hits)"
+        + (f": {', '.join(cached)}" if cached else "")
+    )
     report_path = reported.result().get("report")
     rows = tasks.publish_results(cfg, root, report_path)
     recorded = tasks.record_in_dvc(root, list(submitted)) if record_dvc else {"recorded": []}

@@ -7,7 +7,22 @@ from tasks.pipeline import baseline, configure, evaluate, index, ingest, mine, r
 from tasks.reindex import reindex_batch
 
 __all__ = [
-    "StageInputs", "baseline", "configure", "evaluate", "index", "ingest", "mine", "outputs_present",
-    "publish_reindex_summary", "publish_results", "record_in_dvc", "reindex_batch", "report", "shard",
-    "stage_key", "stage_specs", "stages_writing", "train",
+    "StageInputs",
+    "baseline",
+    "configure",
+    "evaluate",
+    "index",
+    "ingest",
+    "mine",
+    "outputs_present",
+    "publish_reindex_summary",
+    "publish_results",
+    "record_in_dvc",
+    "reindex_batch",
+    "report",
+    "shard",
+    "stage_key",
+    "stage_specs",
+    "stages_writing",
+    "train",
 ]

@@ -39,8 +39,7 @@ def results_rows(cfg: Config, root: str | Path) -> list[dict]:
             continue
         m = json.loads(path.read_text())
         row = {"model": name, "dim": m.get("descriptor_dim")}
-        row.update({f"R@{n}": round(float(m[f"recall@{n}"]), 1) for n in cfg.evaluate.recall_at
-                    if f"recall@{n}" in m})
+        row.update({f"R@{n}": round(float(m[f"recall@{n}"]), 1) for n in cfg.evaluate.recall_at if f"recall@{n}" in m})
         if "ms_per_image" in m:
             row["ms/img"] = round(float(m["ms_per_image"]), 2)
         rows.append(row)
@@ -62,8 +61,11 @@ def format_table(rows: list[dict]) -> str:
 def publish_results(cfg: Config, root: str, report_path: str | None = None) -> list[dict]:
     """Table artifact of Recall@N per model, and the report (markdown) when there is one."""
     rows = results_rows(cfg, root)
-    create_table_artifact(rows, key=RESULTS_KEY,
-                          description=f"Recall@N on the test split (soft positives ≤ {cfg.mining.test_positive_m} m)")
+    create_table_artifact(
+        rows,
+        key=RESULTS_KEY,
+        description=f"Recall@N on the test split (soft positives ≤ {cfg.mining.test_positive_m} m)",
+    )
     if report_path and Path(report_path).exists():
         path = Path(report_path)
         text = path.read_text() if path.suffix in (".md", ".txt") else f"Report written to `{path}`."
@@ -88,5 +90,6 @@ def reindex_markdown(summary: dict) -> str:
 
 @task(name="publish-reindex-summary")
 def publish_reindex_summary(summary: dict) -> None:
-    create_markdown_artifact(reindex_markdown(summary), key=REINDEX_KEY,
-                             description="what the re-index added and quarantined")
+    create_markdown_artifact(
+        reindex_markdown(summary), key=REINDEX_KEY, description="what the re-index added and quarantined"
+    )

@@ -76,7 +76,8 @@ def stage_specs(root: str | Path) -> dict[str, StageSpec]:
                     else:
                         deps.append(dep.def_path)
                 specs[stage.name] = StageSpec(
-                    stage.name, tuple(deps), tuple(params), tuple(o.def_path for o in stage.outs))
+                    stage.name, tuple(deps), tuple(params), tuple(o.def_path for o in stage.outs)
+                )
         _SPECS[memo_key] = specs
         return specs
 
@@ -142,6 +143,7 @@ def param_value(cfg: Any, dotted: str) -> Any:
 
 # --------------------------------------------------------------------------- keys
 
+
 def stage_key(root: str | Path, name: str, cfg: Any) -> str | None:
     """Hash of the stage's dependency contents and params values; None if dvc.yaml lacks the stage."""
     root = Path(root).resolve()
@@ -179,8 +181,9 @@ class StageInputs(CachePolicy):
         if not self.stage:  # the base class's first field is key_storage: pass stage= by keyword
             raise ValueError("StageInputs needs stage=... (a dvc.yaml stage name template)")
 
-    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
-                    **kwargs: Any) -> str | None:
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
         name = self.stage.format(**inputs)
         key = stage_key(inputs["root"], name, inputs["cfg"])
         if key is None:

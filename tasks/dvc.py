@@ -32,8 +32,9 @@ def stages_writing(root: str | Path, paths: list[str | Path]) -> list[str]:
 def dvc(root: str | Path, *args: str, timeout: float = 600) -> str:
     """Run the ``dvc`` command line of this interpreter's environment in ``root``; its output."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         raise DvcError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
     return proc.stdout

@@ -32,8 +32,12 @@ def ingest(cfg: Config, root: str) -> dict:
 
     layout = _layout(cfg, root)
     result = run_ingest(layout.data, layout.catalog_dir, cfg.ingest)
-    return {"accepted": result.accepted, "rejected": result.rejected, "catalog": str(layout.catalog),
-            "rejected_files": result.rejected_table.head(50).to_dicts()}
+    return {
+        "accepted": result.accepted,
+        "rejected": result.rejected,
+        "catalog": str(layout.catalog),
+        "rejected_files": result.rejected_table.head(50).to_dicts(),
+    }
 
 
 @task(name="shard", cache_policy=StageInputs(stage="shard"), persist_result=True)
@@ -64,8 +68,12 @@ def train(cfg: Config, root: str, head: str) -> dict:
     return {k: v for k, v in summary.items() if k != "history"} | {"epochs_run": len(summary.get("history", []))}
 
 
-@task(name="evaluate", task_run_name="evaluate-{head}", cache_policy=StageInputs(stage="evaluate@{head}"),
-      persist_result=True)
+@task(
+    name="evaluate",
+    task_run_name="evaluate-{head}",
+    cache_policy=StageInputs(stage="evaluate@{head}"),
+    persist_result=True,
+)
 def evaluate(cfg: Config, root: str, head: str) -> dict:
     """Recall@N of one trained head on the test split → ``metrics/{head}.json`` + predictions."""
     from vpr.evaluate import evaluate_head

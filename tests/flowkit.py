@@ -24,9 +24,16 @@ FLOW_OVERRIDES = {
 
 def env() -> dict:
     """Subprocess environment: this interpreter's scripts (``vpr``, ``dvc``) first on PATH, no telemetry."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "DO_NOT_TRACK": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
 
 
 def run(root: Path, *cmd: str) -> str:
@@ -59,6 +66,7 @@ def make_dvc_project(root: Path, overrides: dict | None = None) -> Config:
 
 def clone_project(src: Path, dst: Path) -> Path:
     """A private copy of a project; large files are hard links (every writer replaces files, never edits)."""
+
     def copy(a: str, b: str) -> None:
         if os.path.getsize(a) > (1 << 20):
             os.link(a, b)

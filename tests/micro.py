@@ -10,15 +10,27 @@ from vpr.config import Config, parse_config
 from vpr.layout import Layout
 
 MICRO_PARAMS: dict = {
-    "synth": {"seed": 0, "height": 48, "width": 64,
-              "train": {"database": 24, "queries": 16},
-              "val": {"database": 12, "queries": 8},
-              "test": {"database": 12, "queries": 8}},
+    "synth": {
+        "seed": 0,
+        "height": 48,
+        "width": 64,
+        "train": {"database": 24, "queries": 16},
+        "val": {"database": 12, "queries": 8},
+        "test": {"database": 12, "queries": 8},
+    },
     "ingest": {"workers": 1},
     "shards": {"height": 48, "width": 64, "samples_per_shard": 16},
     "model": {"weights": "none", "netvlad_clusters": 4, "gem_dim": 32, "kmeans_descriptors": 200},
-    "train": {"epochs": 2, "queries_per_epoch": 8, "batch_queries": 2, "negatives": 3, "refresh_every": 8,
-              "negative_sample": 12, "patience": 5, "lr": 0.001},
+    "train": {
+        "epochs": 2,
+        "queries_per_epoch": 8,
+        "batch_queries": 2,
+        "negatives": 3,
+        "refresh_every": 8,
+        "negative_sample": 12,
+        "patience": 5,
+        "lr": 0.001,
+    },
     "evaluate": {"batch_size": 16},
 }
 

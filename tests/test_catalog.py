@@ -127,8 +127,17 @@ def test_unusual_valid_images_accepted(root: Path, tmp_path: Path) -> None:
 def test_catalog_columns_and_parsed_fields(tmp_path: Path) -> None:
     root = tmp_path / "we@ird@"  # a parent folder with @ must not confuse name parsing
     data = jpeg_bytes()
-    full = format_name(584291.21, 4476924.92, utm_zone=17, utm_letter="T", lat=40.4387, lon=-80.00613,
-                       heading=90.0, timestamp="201708", note="pitch1_yaw1")
+    full = format_name(
+        584291.21,
+        4476924.92,
+        utm_zone=17,
+        utm_letter="T",
+        lat=40.4387,
+        lon=-80.00613,
+        heading=90.0,
+        timestamp="201708",
+        note="pitch1_yaw1",
+    )
     p15 = put(root, "images/test/queries", full, data)
     p2 = put(root, "images/val/database", "@0584291.21@4476924.92@.jpg", jpeg_bytes(color=(0, 9, 0)))
     result = run(root, tmp_path)
@@ -136,9 +145,24 @@ def test_catalog_columns_and_parsed_fields(tmp_path: Path) -> None:
     assert result.catalog["path"].to_list() == sorted([p15, p2])
     on_disk = pl.read_parquet(tmp_path / "out" / "catalog.parquet")
     assert on_disk.equals(result.catalog)
-    assert set(on_disk.columns) >= {"path", "split", "role", "utm_east", "utm_north", "utm_zone",
-                                     "utm_letter", "lat", "lon", "heading", "timestamp", "width",
-                                     "height", "format", "sha256", "duplicate_of"}
+    assert set(on_disk.columns) >= {
+        "path",
+        "split",
+        "role",
+        "utm_east",
+        "utm_north",
+        "utm_zone",
+        "utm_letter",
+        "lat",
+        "lon",
+        "heading",
+        "timestamp",
+        "width",
+        "height",
+        "format",
+        "sha256",
+        "duplicate_of",
+    }
     rows = {r["path"]: r for r in on_disk.iter_rows(named=True)}
     r15, r2 = rows[p15], rows[p2]
     assert (r15["split"], r15["role"], r15["utm_zone"], r15["utm_letter"]) == ("test", "queries", 17, "T")

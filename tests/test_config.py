@@ -16,14 +16,17 @@ def test_project_params_load():
     assert cfg.mining.train_positive_m == 10 and cfg.mining.test_positive_m == 25
 
 
-@pytest.mark.parametrize("raw,key", [
-    ({"train": {"learning_rate": 0.1}}, "train.learning_rate: unknown key"),
-    ({"bogus": {}}, "bogus: unknown key"),
-    ({"train": {"lr": "fast"}}, "train.lr"),
-    ({"mining": {"train_positive_m": -5}}, "mining.train_positive_m"),
-    ({"train": {"heads": ["avg", "vit"]}}, "train.heads.1"),
-    ({"mining": {"train_positive_m": 30, "test_positive_m": 25}}, "train_positive_m must not exceed"),
-])
+@pytest.mark.parametrize(
+    "raw,key",
+    [
+        ({"train": {"learning_rate": 0.1}}, "train.learning_rate: unknown key"),
+        ({"bogus": {}}, "bogus: unknown key"),
+        ({"train": {"lr": "fast"}}, "train.lr"),
+        ({"mining": {"train_positive_m": -5}}, "mining.train_positive_m"),
+        ({"train": {"heads": ["avg", "vit"]}}, "train.heads.1"),
+        ({"mining": {"train_positive_m": 30, "test_positive_m": 25}}, "train_positive_m must not exceed"),
+    ],
+)
 def test_bad_params_name_the_key(raw, key):
     with pytest.raises(ConfigError) as info:
         parse_config(raw)
@@ -34,8 +37,9 @@ def test_cli_rejects_bad_params_before_work(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"shards": {"height": "tall"}}))
     out = tmp_path / "city"
-    proc = subprocess.run([sys.executable, "-m", "vpr.cli", "synth", str(out), "--params", str(params)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vpr.cli", "synth", str(out), "--params", str(params)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "shards.height" in proc.stderr
     assert not out.exists()

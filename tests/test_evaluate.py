@@ -18,11 +18,12 @@ from PIL import Image, ImageFilter
 
 from vpr.catalog import ingest
 from vpr.config import Config, EvalConfig, IndexConfig, IngestConfig, ModelConfig, ShardConfig, TrainConfig
-from vpr.evaluate import approximate_recall, evaluate_head, exact_search, make_index, recall_at_n
+from vpr.evaluate import evaluate_head
 from vpr.geo import format_name
 from vpr.layout import Layout
 from vpr.mining import mine_all
 from vpr.models import build_model
+from vpr.retrieval import approximate_recall, exact_search, make_index, recall_at_n
 from vpr.shards import write_shards
 
 PLACES = 8
@@ -60,8 +61,9 @@ def build_micro(root: Path, heads=("avg",), cfg: Config | None = None) -> tuple[
     for p in range(PLACES):
         east, north = 500_000.0 + p * SPACING_M, 4_000_000.0
         for v in range(2):
-            name = format_name(east + 2 * v, north, utm_zone=17, utm_letter="T", lat=40.0 + p * 1e-3,
-                               lon=-80.0, note=f"p{p}v{v}")
+            name = format_name(
+                east + 2 * v, north, utm_zone=17, utm_letter="T", lat=40.0 + p * 1e-3, lon=-80.0, note=f"p{p}v{v}"
+            )
             path = data / "images/test/database" / name
             path.parent.mkdir(parents=True, exist_ok=True)
             _place_image(rng, p, v).save(path, quality=95)
@@ -85,8 +87,10 @@ def save_checkpoint(head: str, cfg: Config, layout: Layout) -> Path:
     model = build_model(head, cfg.model)
     path = layout.checkpoint(head)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "head": head, "epoch": 0, "recall5": 0.0,
-                "model_config": cfg.model.model_dump()}, path)
+    torch.save(
+        {"model": model.state_dict(), "head": head, "epoch": 0, "recall5": 0.0, "model_config": cfg.model.model_dump()},
+        path,
+    )
     return path
 
 

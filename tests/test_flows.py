@@ -21,8 +21,16 @@ from vpr.layout import Layout
 pytestmark = pytest.mark.timeout(900)
 
 HEADS = ["avg", "gem", "netvlad", "crn"]
-PIPELINE_STEPS = {"ingest", "shard", "mine", *(f"train@{h}" for h in HEADS), *(f"evaluate@{h}" for h in HEADS),
-                  "baseline", "index", "report"}
+PIPELINE_STEPS = {
+    "ingest",
+    "shard",
+    "mine",
+    *(f"train@{h}" for h in HEADS),
+    *(f"evaluate@{h}" for h in HEADS),
+    "baseline",
+    "index",
+    "report",
+}
 
 
 @pytest.fixture(scope="session")
@@ -76,12 +84,16 @@ def test_heads_train_one_at_a_time_by_default(trained):
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        runs = [r for r in client.read_task_runs() if r.name in {f"train-{h}" for h in HEADS}
-                and r.state_name == "Completed"]
+        runs = [
+            r
+            for r in client.read_task_runs()
+            if r.name in {f"train-{h}" for h in HEADS} and r.state_name == "Completed"
+        ]
     spans = sorted((r.start_time, r.end_time) for r in runs)
     assert len(spans) >= len(HEADS)
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), [
-        (r.name, r.start_time.time(), r.end_time.time()) for r in sorted(runs, key=lambda r: r.start_time)]
+        (r.name, r.start_time.time(), r.end_time.time()) for r in sorted(runs, key=lambda r: r.start_time)
+    ]
 
 
 def test_train_all_leaves_dvc_clean_and_repro_has_nothing_to_do(trained):
@@ -274,8 +286,7 @@ def test_served_deployments_and_reindex_cron_from_params(trained):
     crons = [s.schedule.cron for s in deployments["reindex/reindex"].schedules]
     assert crons == [cfg.orchestration.reindex_cron] == ["7 */2 * * *"]
     assert deployments["reindex/reindex"].concurrency_limit == 1
-    assert deployments["train-all/train-all"].parameters == {"params": str(root / "params.yaml"),
-                                                             "root": str(root)}
+    assert deployments["train-all/train-all"].parameters == {"params": str(root / "params.yaml"), "root": str(root)}
 
 
 def test_prefect_yaml_matches_the_flows_and_params():
@@ -310,7 +321,7 @@ def test_dask_runner_runs_the_shard_step_on_a_local_cluster(prefect_harness, mic
     import tasks
     from flows.runners import make_task_runner
     from vpr.config import OrchestrationConfig
-    from vpr.shards import ShardReader
+    from vpr.shardio import ShardReader
 
     root, cfg, layout = micro_project
     shutil.rmtree(layout.shards_dir)
@@ -351,8 +362,9 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_it(prefect_har
 
         from tests.flowkit import env
 
-        proc = subprocess.run([*prefect, *args], cwd=cwd, env={**env(), **api}, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(
+            [*prefect, *args], cwd=cwd, env={**env(), **api}, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
         return proc.stdout
 

@@ -23,14 +23,17 @@ def test_parent_folder_with_at_signs_is_ignored():
     assert (g.utm_east, g.utm_north) == (10.5, 20.5)
 
 
-@pytest.mark.parametrize("name,reason", [
-    ("photo.jpg", "convention"),
-    ("@12@.jpg", "fewer than two"),
-    ("@abc@1@.jpg", "not numbers"),
-    ("@nan@1@.jpg", "not finite"),
-    ("@1@inf@.jpg", "not finite"),
-    ("@1@2@x@@@@@@@@@@@@@@@@@.jpg", "fields"),
-])
+@pytest.mark.parametrize(
+    "name,reason",
+    [
+        ("photo.jpg", "convention"),
+        ("@12@.jpg", "fewer than two"),
+        ("@abc@1@.jpg", "not numbers"),
+        ("@nan@1@.jpg", "not finite"),
+        ("@1@inf@.jpg", "not finite"),
+        ("@1@2@x@@@@@@@@@@@@@@@@@.jpg", "fields"),
+    ],
+)
 def test_bad_names_raise_with_reason(name, reason):
     with pytest.raises(NameError_, match=reason):
         parse_name(name)
@@ -38,8 +41,17 @@ def test_bad_names_raise_with_reason(name, reason):
 
 def test_format_roundtrip_and_utm_conversion():
     east, north, zone, letter = latlon_to_utm(40.4387, -80.00613)
-    name = format_name(east, north, utm_zone=zone, utm_letter=letter, lat=40.4387, lon=-80.00613,
-                       heading=90.0, timestamp="20260101", pano_id="p1")
+    name = format_name(
+        east,
+        north,
+        utm_zone=zone,
+        utm_letter=letter,
+        lat=40.4387,
+        lon=-80.00613,
+        heading=90.0,
+        timestamp="20260101",
+        pano_id="p1",
+    )
     assert len(name[1:-5].split("@")) == 14
     g = parse_name(name)
     assert math.isclose(g.utm_east, east, abs_tol=0.01) and g.heading == 90.0

@@ -14,10 +14,9 @@ from typer.testing import CliRunner
 
 from tests.test_evaluate import build_micro
 from vpr.cli import app
-from vpr.index import (CURRENT, add_to_release, build_release, current_version, load_release,
-                       release_images)
+from vpr.index import CURRENT, add_to_release, build_release, current_version, load_release, release_images
 from vpr.locate import estimate_position, locate
-from vpr.shards import ShardReader
+from vpr.shardio import ShardReader
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +85,9 @@ def test_broken_images_fail_alone(micro, tmp_path):
     bomb = tmp_path / "bomb.png"
     Image.new("L", (4000, 3000)).save(bomb)  # 12 MP of zeros: a few kB on disk
     missing = tmp_path / "missing.jpg"
-    results = locate([garbage, good, truncated, bomb, missing], layout.release_dir("avg"), top_k=2,
-                     max_pixels=1_000_000)
+    results = locate(
+        [garbage, good, truncated, bomb, missing], layout.release_dir("avg"), top_k=2, max_pixels=1_000_000
+    )
     assert [r["ok"] for r in results] == [False, True, False, False, False]
     assert [r["image"] for r in results] == [str(p) for p in (garbage, good, truncated, bomb, missing)]
     assert results[1]["matches"][0]["id"] == row["id"]

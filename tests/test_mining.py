@@ -35,7 +35,8 @@ def _catalog(db: np.ndarray, q: np.ndarray, split: str) -> pl.DataFrame:
     rows = [(f"images/{split}/database/db{i:05d}.jpg", "database", *xy) for i, xy in enumerate(db)]
     rows += [(f"images/{split}/queries/q{i:05d}.jpg", "queries", *xy) for i, xy in enumerate(q)]
     return pl.DataFrame(rows, schema=["path", "role", "utm_east", "utm_north"], orient="row").with_columns(
-        split=pl.lit(split))
+        split=pl.lit(split)
+    )
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -75,8 +76,9 @@ def test_heading_filter_keeps_hard_positives_facing_the_query_way():
     # database: at the query's spot facing 0°, 180° and unknown; one 20 m away (soft only)
     db = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [20.0, 0.0], [500.0, 0.0]])
     q = np.array([[0.5, 0.0], [500.0, 1.0]])
-    cat = _catalog(db, q, "train").with_columns(heading=pl.Series(
-        [0.0, 180.0, None, 350.0, 90.0, 350.0, 270.0], dtype=pl.Float64))
+    cat = _catalog(db, q, "train").with_columns(
+        heading=pl.Series([0.0, 180.0, None, 350.0, 90.0, 350.0, 270.0], dtype=pl.Float64)
+    )
     plain = mine_split(cat, "train", MiningConfig(train_positive_heading_deg=None))
     facing = mine_split(cat, "train", MiningConfig(train_positive_heading_deg=90))
     assert plain["hard_positives"][0].to_list() == [f"images/train/database/db{i:05d}.jpg" for i in (0, 1, 2)]

@@ -15,7 +15,7 @@ from vpr.catalog import ingest
 from vpr.geo import parse_name
 from vpr.index import build_release, load_release
 from vpr.layout import Layout
-from vpr.shards import ShardReader
+from vpr.shardio import ShardReader
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,7 @@ def test_check_file_reads_names_and_exif_like_ingest(project, tmp_path):
     (layout.inbox / "empty.jpg").write_bytes(b"")
     (layout.inbox / "notes.txt").write_text("hello")
     (layout.inbox / "no-gps.jpg").write_bytes(jpeg_bytes())
-    check = {p.name: rx.check_file(layout.inbox, p.name, "test", cfg.ingest.max_pixels)
-             for p in layout.inbox.iterdir()}
+    check = {p.name: rx.check_file(layout.inbox, p.name, "test", cfg.ingest.max_pixels) for p in layout.inbox.iterdir()}
     named = check[files["named"].name]
     assert named["reason"] is None and named["source"] == "name"
     assert named["path"] == f"images/test/database/{files['named'].name}"
@@ -180,8 +179,9 @@ def test_no_release_leaves_the_inbox_alone(project):
     assert all(p.exists() for p in files.values()) and not (layout.inbox / "quarantine").exists()
 
 
-@pytest.mark.parametrize("step", ["shards-written", "release-switched", "shard-index-written",
-                                  "catalog-written", "files-moved"])
+@pytest.mark.parametrize(
+    "step", ["shards-written", "release-switched", "shard-index-written", "catalog-written", "files-moved"]
+)
 def test_a_crash_at_any_step_resumes_to_the_same_result(released, tmp_path, monkeypatch, step):
     root, cfg = released
     clean = tmp_path / "clean"

@@ -8,8 +8,14 @@ import polars as pl
 import pytest
 
 from tests.test_evaluate import build_micro
-from vpr.ablation import (ABLATIONS, comparison_table, experiment_name, queue_commands, recall_at_thresholds,
-                          threshold_table)
+from vpr.ablation import (
+    ABLATIONS,
+    comparison_table,
+    experiment_name,
+    queue_commands,
+    recall_at_thresholds,
+    threshold_table,
+)
 from vpr.evaluate import evaluate_head
 from vpr.report import FIGURES, write_report
 
@@ -65,7 +71,7 @@ def test_report_without_crn_drops_stale_mask_figure(evaluated, tmp_path):
 
 def test_threshold_rescoring_matches_evaluation(evaluated):
     cfg, layout = evaluated
-    from vpr.shards import read_index
+    from vpr.shardio import read_index
 
     preds = pl.read_parquet(layout.predictions("avg"))
     index = read_index(layout.shards_dir)
@@ -91,29 +97,58 @@ def test_ablation_commands_are_queued_dvc_experiments():
 
 
 def _exp(name, lr, r1):
-    return {"rev": name, "name": name, "data": {
-        "params": {"params.yaml": {"data": {"train": {"lr": lr, "augment": {"horizontal_flip": False}}}}},
-        "metrics": {"metrics/netvlad.json": {"data": {"recall@1": r1, "recall@5": r1 + 5, "ms_per_image": 3.25}},
-                    "metrics/avg.json": {"data": {"recall@1": 1.0}}}}, "error": None, "experiments": None}
+    return {
+        "rev": name,
+        "name": name,
+        "data": {
+            "params": {"params.yaml": {"data": {"train": {"lr": lr, "augment": {"horizontal_flip": False}}}}},
+            "metrics": {
+                "metrics/netvlad.json": {"data": {"recall@1": r1, "recall@5": r1 + 5, "ms_per_image": 3.25}},
+                "metrics/avg.json": {"data": {"recall@1": 1.0}},
+            },
+        },
+        "error": None,
+        "experiments": None,
+    }
 
 
 def test_comparison_table_from_exp_show_json():
     workspace = _exp("workspace", 1e-4, 50.0)
     workspace["name"] = None
     base = _exp("3f2a", 1e-4, 50.0)
-    base["experiments"] = [{"revs": [_exp("abl-lr-netvlad-lr-0p001", 1e-3, 40.0)], "name": "x"},
-                           {"revs": [_exp("abl-lr-netvlad-lr-0p00001", 1e-5, 55.5)], "name": "y"},
-                           {"revs": [{"rev": "f00", "name": "abl-image-scale-netvlad-image-scale-0p5",
-                                      "data": {"params": {}, "metrics": {"metrics/netvlad.json": {
-                                          "error": {"type": "FileNotFoundError"}}}}}]}]
+    base["experiments"] = [
+        {"revs": [_exp("abl-lr-netvlad-lr-0p001", 1e-3, 40.0)], "name": "x"},
+        {"revs": [_exp("abl-lr-netvlad-lr-0p00001", 1e-5, 55.5)], "name": "y"},
+        {
+            "revs": [
+                {
+                    "rev": "f00",
+                    "name": "abl-image-scale-netvlad-image-scale-0p5",
+                    "data": {
+                        "params": {},
+                        "metrics": {"metrics/netvlad.json": {"error": {"type": "FileNotFoundError"}}},
+                    },
+                }
+            ]
+        },
+    ]
     text = comparison_table([workspace, base], head="netvlad", ablation="lr")
     lines = [line for line in text.splitlines() if line.startswith("| ")]
-    assert lines[0].split("|")[1:-1] == [" experiment ", " train.lr ", " R@1 ", " R@5 ", " R@10 ", " R@20 ",
-                                         " ms/image "]
+    assert lines[0].split("|")[1:-1] == [
+        " experiment ",
+        " train.lr ",
+        " R@1 ",
+        " R@5 ",
+        " R@10 ",
+        " R@20 ",
+        " ms/image ",
+    ]
     body = {line.split("|")[1].strip(): line for line in lines[1:]}
     assert set(body) == {"workspace", "abl-lr-netvlad-lr-0p001", "abl-lr-netvlad-lr-0p00001"}
-    assert "| 0.001 | 40.0 | 45.0 | — | — | 3.2 |" in body["abl-lr-netvlad-lr-0p001"] or \
-        "| 0.001 | 40.0 | 45.0 | — | — | 3.3 |" in body["abl-lr-netvlad-lr-0p001"]
+    assert (
+        "| 0.001 | 40.0 | 45.0 | — | — | 3.2 |" in body["abl-lr-netvlad-lr-0p001"]
+        or "| 0.001 | 40.0 | 45.0 | — | — | 3.3 |" in body["abl-lr-netvlad-lr-0p001"]
+    )
     assert "55.5" in body["abl-lr-netvlad-lr-0p00001"]
     everything = comparison_table([workspace, base], head="netvlad")
     assert "train.image_scale" in everything and "abl-image-scale" not in everything  # failed: no metrics

@@ -14,7 +14,8 @@ from PIL import Image
 
 from vpr.catalog import ingest
 from vpr.config import IngestConfig, ShardConfig
-from vpr.shards import INDEX_FILE, ShardError, ShardReader, iter_split, write_shards
+from vpr.shardio import INDEX_FILE, ShardError, ShardReader, iter_split
+from vpr.shards import write_shards
 
 CFG = ShardConfig(height=24, width=32, jpeg_quality=85, samples_per_shard=3)
 
@@ -59,8 +60,12 @@ def test_deterministic_and_independent_of_workers(dataset, tmp_path: Path) -> No
     shard(dataset, tmp_path / "b", workers=2)
     a, b = tar_bytes(tmp_path / "a"), tar_bytes(tmp_path / "b")
     assert a == b
-    assert list(a) == ["test-database-000000.tar", *(f"train-database-00000{i}.tar" for i in range(4)),
-                       "train-queries-000000.tar", "train-queries-000001.tar"]
+    assert list(a) == [
+        "test-database-000000.tar",
+        *(f"train-database-00000{i}.tar" for i in range(4)),
+        "train-queries-000000.tar",
+        "train-queries-000001.tar",
+    ]
     assert (tmp_path / "a" / INDEX_FILE).read_bytes() == (tmp_path / "b" / INDEX_FILE).read_bytes()
 
 

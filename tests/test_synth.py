@@ -12,15 +12,21 @@ from vpr.layout import ROLES, SPLITS
 from vpr.synth import generate_city
 
 MICRO = SynthConfig(
-    seed=3, height=48, width=64,
-    train=SplitSize(database=20, queries=10), val=SplitSize(database=20, queries=10),
+    seed=3,
+    height=48,
+    width=64,
+    train=SplitSize(database=20, queries=10),
+    val=SplitSize(database=20, queries=10),
     test=SplitSize(database=20, queries=10),
 )
 
 
 def digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +74,7 @@ def test_splits_do_not_share_places(micro_city):
         return [(g.utm_east, g.utm_north) for g in map(parse_name, paths)]
 
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
-        nearest = min(((e1 - e2) ** 2 + (n1 - n2) ** 2) ** 0.5
-                      for e1, n1 in positions(a) for e2, n2 in positions(b))
+        nearest = min(((e1 - e2) ** 2 + (n1 - n2) ** 2) ** 0.5 for e1, n1 in positions(a) for e2, n2 in positions(b))
         assert nearest > 100.0
 
 
@@ -77,8 +82,10 @@ def test_queries_mostly_near_database(micro_city):
     for split in SPLITS:
         db = [parse_name(p) for p in (micro_city / "images" / split / "database").glob("*.jpg")]
         queries = [parse_name(p) for p in (micro_city / "images" / split / "queries").glob("*.jpg")]
-        near = sum(min(((q.utm_east - d.utm_east) ** 2 + (q.utm_north - d.utm_north) ** 2) ** 0.5
-                       for d in db) <= 25.0 for q in queries)
+        near = sum(
+            min(((q.utm_east - d.utm_east) ** 2 + (q.utm_north - d.utm_north) ** 2) ** 0.5 for d in db) <= 25.0
+            for q in queries
+        )
         assert near >= 0.8 * len(queries)
 
 

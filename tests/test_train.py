@@ -6,10 +6,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from vpr.checkpoints import load_checkpoint
 from vpr.descriptors import image_transform
-from vpr.shards import ShardReader
-from vpr.train import (TripletImages, _mine_chunk, build_training_model, load_checkpoint, load_split,
-                       train_head, triplet_loss)
+from vpr.shardio import ShardReader
+from vpr.splits import load_split
+from vpr.train import _mine_chunk, build_training_model, train_head
+from vpr.triplets import TripletImages, triplet_loss
 
 
 def _state_equal(a: dict, b: dict) -> bool:
@@ -83,8 +85,9 @@ def test_resume_after_interruption_reproduces_uninterrupted_run(micro_project, t
     assert a["epoch"] == b["epoch"] == cfg.train.epochs
     assert _state_equal(a["model"], b["model"])
     assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
-    assert _state_equal(load_checkpoint(layout.checkpoint("gem"))["model"],
-                        load_checkpoint(layout_b.checkpoint("gem"))["model"])
+    assert _state_equal(
+        load_checkpoint(layout.checkpoint("gem"))["model"], load_checkpoint(layout_b.checkpoint("gem"))["model"]
+    )
 
 
 def test_trunk_cache_matches_full_forward(micro_project):

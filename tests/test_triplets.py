@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from vpr.train import select_triplets
+from vpr.triplets import select_triplets
 
 
 def test_select_triplets_picks_nearest_positive_and_hardest_negatives():
@@ -27,6 +27,7 @@ def test_random_mode_fills_with_non_positives():
     db = rng.normal(size=(30, 4)).astype(np.float32)
     hard, soft = [np.array([0, 1])], [np.array([0, 1, 2])]
     pool_idx = np.array([0, 1])
-    out = select_triplets(db[[0]], db[pool_idx], pool_idx, hard, soft, candidates=np.empty(0, np.int64),
-                          n_neg=10, n_db=30, rng=rng)
+    out = select_triplets(
+        db[[0]], db[pool_idx], pool_idx, hard, soft, candidates=np.empty(0, np.int64), n_neg=10, n_db=30, rng=rng
+    )
     assert out[0, 0] == 0 and len(set(out[0, 1:])) == 10 and not set(out[0, 1:]) & {0, 1, 2}

@@ -40,24 +40,39 @@ class Ablation:
 
 
 ABLATIONS: dict[str, Ablation] = {
-    "lr": Ablation("learning rate (study: 1e-3 / 1e-4 / 1e-5 → NetVLAD 78.6 / 79.1 / 79.3 R@1)",
-                   ({"train.lr": 1e-3}, {"train.lr": 1e-4}, {"train.lr": 1e-5})),
-    "train-threshold": Ablation("train positive threshold in metres (hard positives)",
-                                tuple({"mining.train_positive_m": m} for m in (5.0, 10.0, 15.0, 20.0, 25.0))),
-    "test-threshold": Ablation("test threshold in metres (soft positives; retrains, see `vpr ablation "
-                               "thresholds` for the study's re-scoring)",
-                               tuple({"mining.test_positive_m": m} for m in (10.0, 20.0, 30.0, 40.0, 50.0))),
-    "augmentation": Ablation("training augmentation: colour jitter, horizontal flip, random erasing, all three",
-                             ({"train.augment.color_jitter": 0.4},
-                              {"train.augment.horizontal_flip": True},
-                              {"train.augment.random_erasing": 0.5},
-                              {"train.augment.color_jitter": 0.4, "train.augment.horizontal_flip": True,
-                               "train.augment.random_erasing": 0.5})),
-    "image-scale": Ablation("image scale for training and evaluation",
-                            tuple({"train.image_scale": s} for s in (0.5, 0.75, 1.0, 1.25))),
-    "clusters": Ablation("NetVLAD/CRN cluster count (not in the study, which keeps 64 at 480×640; a 120×160 "
-                         "map has only 80 local features)",
-                         tuple({"model.netvlad_clusters": k} for k in (8, 16, 32, 64))),
+    "lr": Ablation(
+        "learning rate (study: 1e-3 / 1e-4 / 1e-5 → NetVLAD 78.6 / 79.1 / 79.3 R@1)",
+        ({"train.lr": 1e-3}, {"train.lr": 1e-4}, {"train.lr": 1e-5}),
+    ),
+    "train-threshold": Ablation(
+        "train positive threshold in metres (hard positives)",
+        tuple({"mining.train_positive_m": m} for m in (5.0, 10.0, 15.0, 20.0, 25.0)),
+    ),
+    "test-threshold": Ablation(
+        "test threshold in metres (soft positives; retrains, see `vpr ablation thresholds` for the study's re-scoring)",
+        tuple({"mining.test_positive_m": m} for m in (10.0, 20.0, 30.0, 40.0, 50.0)),
+    ),
+    "augmentation": Ablation(
+        "training augmentation: colour jitter, horizontal flip, random erasing, all three",
+        (
+            {"train.augment.color_jitter": 0.4},
+            {"train.augment.horizontal_flip": True},
+            {"train.augment.random_erasing": 0.5},
+            {
+                "train.augment.color_jitter": 0.4,
+                "train.augment.horizontal_flip": True,
+                "train.augment.random_erasing": 0.5,
+            },
+        ),
+    ),
+    "image-scale": Ablation(
+        "image scale for training and evaluation", tuple({"train.image_scale": s} for s in (0.5, 0.75, 1.0, 1.25))
+    ),
+    "clusters": Ablation(
+        "NetVLAD/CRN cluster count (not in the study, which keeps 64 at 480×640; a 120×160 "
+        "map has only 80 local features)",
+        tuple({"model.netvlad_clusters": k} for k in (8, 16, 32, 64)),
+    ),
 }
 
 
@@ -97,8 +112,9 @@ def _dvc(cmd: list[str], capture: bool = False) -> str:
     proc = subprocess.run(cmd, capture_output=capture, text=True)
     if proc.returncode != 0:
         detail = (proc.stderr or "").strip()[-2000:] if capture else ""
-        raise AblationError(f"`{' '.join(cmd)}` failed with exit status {proc.returncode}" +
-                            (f": {detail}" if detail else ""))
+        raise AblationError(
+            f"`{' '.join(cmd)}` failed with exit status {proc.returncode}" + (f": {detail}" if detail else "")
+        )
     return proc.stdout if capture else ""
 
 
@@ -179,8 +195,9 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def comparison_table(data: list, *, head: str = "netvlad", ablation: str | None = None,
-                     recall_at: Sequence[int] = (1, 5, 10, 20)) -> str:
+def comparison_table(
+    data: list, *, head: str = "netvlad", ablation: str | None = None, recall_at: Sequence[int] = (1, 5, 10, 20)
+) -> str:
     """Markdown: one row per experiment (workspace first), the ablations' parameters and ``head``'s Recall@N.
 
     ``ablation`` keeps the workspace plus the experiments named ``abl-{ablation}-...``.
@@ -200,24 +217,38 @@ def comparison_table(data: list, *, head: str = "netvlad", ablation: str | None 
             seen.add(r["name"])
             unique.append(r)
     header = ["experiment", *keys, *(f"R@{n}" for n in recall_at), "ms/image"]
-    lines = [f"Ablations — head `{head}`" + (f", {ablation}" if ablation else ""), "",
-             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = [
+        f"Ablations — head `{head}`" + (f", {ablation}" if ablation else ""),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     for r in unique:
         m = _metric_file(r["metrics"], head)
-        cells = [str(r["name"]), *(_fmt(r["params"].get(k)) for k in keys),
-                 *(_fmt(m.get(f"recall@{n}")) for n in recall_at), _fmt(m.get("ms_per_image"))]
+        cells = [
+            str(r["name"]),
+            *(_fmt(r["params"].get(k)) for k in keys),
+            *(_fmt(m.get(f"recall@{n}")) for n in recall_at),
+            _fmt(m.get("ms_per_image")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if len(unique) <= 1:
-        lines += ["", "No finished experiments yet: queue them with `vpr ablation queue NAME`, run them with "
-                  "`vpr ablation run`."]
+        lines += [
+            "",
+            "No finished experiments yet: queue them with `vpr ablation queue NAME`, run them with `vpr ablation run`.",
+        ]
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- re-scoring at other thresholds
 
 
-def recall_at_thresholds(predictions: pl.DataFrame, database_xy: dict[int, tuple[float, float]],
-                         thresholds: Sequence[float], ns: Sequence[int]) -> dict[float, dict[int, float]]:
+def recall_at_thresholds(
+    predictions: pl.DataFrame,
+    database_xy: dict[int, tuple[float, float]],
+    thresholds: Sequence[float],
+    ns: Sequence[int],
+) -> dict[float, dict[int, float]]:
     """Recall@N (percent) when a match counts within each threshold, from saved ranked predictions."""
     out: dict[float, dict[int, float]] = {}
     q_xy = predictions.select("utm_east", "utm_north").to_numpy()
@@ -237,7 +268,7 @@ def recall_at_thresholds(predictions: pl.DataFrame, database_xy: dict[int, tuple
 
 def threshold_table(layout: Layout, head: str, thresholds: Sequence[float], ns: Sequence[int]) -> str:
     """Markdown: Recall@N of ``head``'s saved predictions at each test threshold (no retraining)."""
-    from vpr.shards import read_index
+    from vpr.shardio import read_index
 
     path = layout.predictions(head)
     if not path.exists():
@@ -248,8 +279,12 @@ def threshold_table(layout: Layout, head: str, thresholds: Sequence[float], ns: 
     ns = [n for n in ns if n <= max((len(p) for p in preds["prediction_ids"].to_list()), default=0)] or list(ns)
     table = recall_at_thresholds(preds, xy, thresholds, ns)
     header = ["test threshold (m)", *(f"R@{n}" for n in ns)]
-    lines = [f"Test-threshold ablation — head `{head}` (re-scored predictions, same model)", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = [
+        f"Test-threshold ablation — head `{head}` (re-scored predictions, same model)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     for t, rec in table.items():
         lines.append("| " + " | ".join([f"{t:g}", *(f"{rec[n]:.1f}" for n in ns)]) + " |")
     return "\n".join(lines) + "\n"

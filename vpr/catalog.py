@@ -9,51 +9,54 @@ to work with (missing root, no ``images/<split>/<role>`` folders, zero usable im
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import multiprocessing
 import os
 import sys
-import threading
-import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-from PIL import Image, ImageFile
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vpr.atomic import write_parquet_atomic
 from vpr.config import IngestConfig
 from vpr.geo import NameError_, parse_name
+from vpr.imageio import REASON_NOT_IMAGE as REASON_NOT_IMAGE  # decoding's reasons are ingest's reasons too
+from vpr.imageio import REASON_TOO_MANY_PIXELS as REASON_TOO_MANY_PIXELS
+from vpr.imageio import REASON_TRUNCATED as REASON_TRUNCATED
+from vpr.imageio import decode_facts, strict_pillow
 from vpr.layout import ROLES, SPLITS
 from vpr.procs import exit_with_parent
 
 # Reject reasons: exact strings, asserted by tests and grouped in the summary.
 REASON_EMPTY = "empty file"
-REASON_NOT_IMAGE = "not an image"
-REASON_TRUNCATED = "truncated image"
-REASON_TOO_MANY_PIXELS = "too many pixels"
 REASON_UNREADABLE = "unreadable file"  # the file vanished or cannot be read (permissions, I/O error)
 REASON_BAD_NAME = "bad name"  # full reason: "bad name: <why>" (see ``bad_name_reason``)
 
 CATALOG_FILE = "catalog.parquet"
 REJECTED_FILE = "rejected.parquet"
 
-# EXIF orientations that rotate by 90°/270°: stored width and height are swapped on display.
-_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
-_EXIF_ORIENTATION = 0x0112
-
 CATALOG_SCHEMA: dict[str, pl.DataType] = {
-    "path": pl.String, "split": pl.String, "role": pl.String,
-    "utm_east": pl.Float64, "utm_north": pl.Float64, "utm_zone": pl.Int32, "utm_letter": pl.String,
-    "lat": pl.Float64, "lon": pl.Float64, "heading": pl.Float64, "timestamp": pl.String,
-    "width": pl.Int32, "height": pl.Int32, "format": pl.String, "sha256": pl.String,
+    "path": pl.String,
+    "split": pl.String,
+    "role": pl.String,
+    "utm_east": pl.Float64,
+    "utm_north": pl.Float64,
+    "utm_zone": pl.Int32,
+    "utm_letter": pl.String,
+    "lat": pl.Float64,
+    "lon": pl.Float64,
+    "heading": pl.Float64,
+    "timestamp": pl.String,
+    "width": pl.Int32,
+    "height": pl.Int32,
+    "format": pl.String,
+    "sha256": pl.String,
     "duplicate_of": pl.String,
 }
 REJECTED_SCHEMA: dict[str, pl.DataType] = {"path": pl.String, "reason": pl.String}
@@ -123,68 +126,20 @@ def find_candidates(root: Path) -> list[_Candidate]:
 # --------------------------------------------------------------------------- per-image check
 
 
-_PILLOW_GLOBALS = threading.Lock()
-
-
-@contextmanager
-def strict_pillow(max_pixels: int | None) -> Iterator[None]:
-    """Never accept truncated data; put Pillow's own bomb guard at our limit (None: off).
-
-    Pillow keeps both settings in module globals, so they are set under a lock and restored after.
-    """
-    with _PILLOW_GLOBALS:
-        saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        Image.MAX_IMAGE_PIXELS = max_pixels
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                yield
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
-
-
-def _displayed_size(im: Image.Image) -> tuple[int, int]:
-    """(width, height) after applying the EXIF orientation, read from the header only."""
-    width, height = im.size
-    try:
-        orientation = im.getexif().get(_EXIF_ORIENTATION)
-    except Exception:  # noqa: BLE001 - a broken EXIF block does not make the pixels unusable
-        orientation = None
-    if orientation in _TRANSPOSING_ORIENTATIONS:
-        return height, width
-    return width, height
-
-
-def _decode(data: bytes, max_pixels: int) -> dict | str:
-    """Open and fully decode image bytes: image facts on success, a reject reason otherwise."""
-    try:
-        im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        return REASON_TOO_MANY_PIXELS
-    except Exception:  # noqa: BLE001 - UnidentifiedImageError and friends: not an image we can read
-        return REASON_NOT_IMAGE
-    with im:
-        width, height = im.size
-        if width * height > max_pixels:  # from the header, before any pixel is decoded
-            return REASON_TOO_MANY_PIXELS
-        try:
-            im.load()
-        except Exception:  # noqa: BLE001 - OSError "image file is truncated", SyntaxError, zlib...
-            return REASON_TRUNCATED
-        width, height = _displayed_size(im)
-        return {"width": width, "height": height, "format": im.format}
-
-
-def _name_fields(path: str) -> dict | str:
+def name_fields(path: str) -> dict | str:
     """Geo fields from the base file name, or the ``bad name: ...`` reject reason."""
     try:
         geo = parse_name(path)
     except NameError_ as exc:
         return bad_name_reason(str(exc))
     return {
-        "utm_east": geo.utm_east, "utm_north": geo.utm_north, "utm_zone": geo.utm_zone,
-        "utm_letter": geo.utm_letter, "lat": geo.lat, "lon": geo.lon, "heading": geo.heading,
+        "utm_east": geo.utm_east,
+        "utm_north": geo.utm_north,
+        "utm_zone": geo.utm_zone,
+        "utm_letter": geo.utm_letter,
+        "lat": geo.lat,
+        "lon": geo.lon,
+        "heading": geo.heading,
         "timestamp": geo.timestamp,
     }
 
@@ -202,10 +157,10 @@ def inspect_file(root: Path, cand: _Candidate, max_pixels: int) -> dict:
         return {**base, "reason": REASON_UNREADABLE}
     if not data:
         return {**base, "reason": REASON_EMPTY}
-    name = _name_fields(cand.path)
+    name = name_fields(cand.path)
     if isinstance(name, str):
         return {**base, "reason": name}
-    facts = _decode(data, max_pixels)
+    facts = decode_facts(data, max_pixels)
     if isinstance(facts, str):
         return {**base, "reason": facts}
     return {**base, **name, **facts, "sha256": hashlib.sha256(data).hexdigest(), "reason": None}
@@ -227,8 +182,12 @@ def _chunks(items: Sequence[_Candidate], workers: int) -> list[Sequence[_Candida
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=False,
+        TextColumn("[bold]ingest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
     )
 
 
@@ -245,8 +204,9 @@ def _inspect_all(root: Path, cands: list[_Candidate], cfg: IngestConfig) -> list
         else:
             # spawn, not fork: callers (Prefect thread runners) may hold threads and locks
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=exit_with_parent,
-                                     initargs=(os.getpid(),)) as pool:
+            with ProcessPoolExecutor(
+                cfg.workers, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),)
+            ) as pool:
                 futures = [pool.submit(_inspect_chunk, str(root), c, cfg.max_pixels) for c in chunks]
                 for fut in as_completed(futures):
                     done = fut.result()
@@ -258,19 +218,17 @@ def _inspect_all(root: Path, cands: list[_Candidate], cfg: IngestConfig) -> list
 # --------------------------------------------------------------------------- tables and output
 
 
-def _mark_duplicates(catalog: pl.DataFrame) -> pl.DataFrame:
+def mark_duplicates(catalog: pl.DataFrame) -> pl.DataFrame:
     """``duplicate_of`` = first path (sorted) with the same content; null for originals."""
     first = pl.col("path").first().over("sha256")
-    return catalog.with_columns(
-        pl.when(pl.col("path") != first).then(first).otherwise(None).alias("duplicate_of")
-    )
+    return catalog.with_columns(pl.when(pl.col("path") != first).then(first).otherwise(None).alias("duplicate_of"))
 
 
 def _tables(rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
     good = [{k: r.get(k) for k in CATALOG_SCHEMA if k != "duplicate_of"} for r in rows if r["reason"] is None]
     bad = [{"path": r["path"], "reason": r["reason"]} for r in rows if r["reason"] is not None]
     schema = {k: v for k, v in CATALOG_SCHEMA.items() if k != "duplicate_of"}
-    catalog = _mark_duplicates(pl.DataFrame(good, schema=schema).sort("path"))
+    catalog = mark_duplicates(pl.DataFrame(good, schema=schema).sort("path"))
     rejected = pl.DataFrame(bad, schema=REJECTED_SCHEMA).sort("path")
     return catalog.select(list(CATALOG_SCHEMA)), rejected
 
@@ -297,9 +255,29 @@ def ingest(root: str | Path, out_dir: str | Path, cfg: IngestConfig) -> IngestRe
     summary = _summary(catalog, rejected)
     print(summary, file=sys.stderr)
     if catalog.height == 0:
-        raise IngestError(
-            f"no usable images under {root / 'images'} ({len(cands)} file(s) found, all rejected)"
-        )
+        raise IngestError(f"no usable images under {root / 'images'} ({len(cands)} file(s) found, all rejected)")
     write_parquet_atomic(catalog, out_dir / CATALOG_FILE)
     write_parquet_atomic(rejected, out_dir / REJECTED_FILE)
     return IngestResult(catalog.height, rejected.height, catalog, rejected)
+
+
+def append_to_catalog(catalog_path: str | Path, rows: list[dict]) -> Path:
+    """Add validated rows to a catalog in one atomic replace, kept as ``ingest`` writes it.
+
+    Sorted by path, duplicates re-marked; rows whose path is already cataloged are skipped, so a
+    retried append adds each image once.
+    """
+    catalog_path = Path(catalog_path)
+    catalog = pl.read_parquet(catalog_path)
+    have = set(catalog["path"].to_list())
+    new = [r for r in rows if r["path"] not in have]
+    if not new:
+        return catalog_path
+    schema = {k: v for k, v in CATALOG_SCHEMA.items() if k != "duplicate_of"}
+    merged = pl.concat(
+        [
+            catalog.select(list(schema)).cast(schema),  # type: ignore[arg-type]
+            pl.DataFrame([{k: r.get(k) for k in schema} for r in new], schema=schema),
+        ]
+    ).sort("path")
+    return write_parquet_atomic(mark_duplicates(merged).select(list(CATALOG_SCHEMA)), catalog_path)

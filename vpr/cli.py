@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -33,7 +32,7 @@ def _fail(message: str) -> None:
 def synth(
     out_root: Path = typer.Argument(..., help="datasets_vg root to create"),
     params: Path = ParamsOpt,
-    seed: Optional[int] = typer.Option(None, help="override synth.seed"),
+    seed: int | None = typer.Option(None, help="override synth.seed"),
 ) -> None:
     """Render the deterministic synthetic city as a datasets_vg tree."""
     cfg = _config(params).synth
@@ -53,7 +52,8 @@ def ingest(
 ) -> None:
     """Validate every image once and write the catalog and the rejected list."""
     cfg = _config(params)
-    from vpr.catalog import IngestError, ingest as run_ingest
+    from vpr.catalog import IngestError
+    from vpr.catalog import ingest as run_ingest
 
     try:
         result = run_ingest(root, out, cfg.ingest)
@@ -72,12 +72,12 @@ def shard(
     """Pack the catalog's images into deterministic WebDataset tars plus an id → shard table."""
     cfg = _config(params)
     from vpr.layout import Layout
-    from vpr.shards import ShardError, write_shards
+    from vpr.shardio import ShardError
+    from vpr.shards import write_shards
 
     layout = Layout.from_config(cfg)
     try:
-        index = write_shards(catalog or layout.catalog, data_root or layout.data, out or layout.shards_dir,
-                             cfg.shards)
+        index = write_shards(catalog or layout.catalog, data_root or layout.data, out or layout.shards_dir, cfg.shards)
     except ShardError as exc:
         _fail(str(exc))
     typer.echo(f"shard index → {index}", err=True)
@@ -109,10 +109,11 @@ def train(
 ) -> None:
     """Train one head with triplets (UTM positives, descriptor-mined hard negatives)."""
     cfg = _config(params)
+    from vpr.checkpoints import CheckpointError
     from vpr.config import HEADS
     from vpr.layout import Layout
-    from vpr.shards import ShardError
-    from vpr.train import CheckpointError, train_head
+    from vpr.shardio import ShardError
+    from vpr.train import train_head
 
     if head not in HEADS:
         _fail(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
@@ -126,8 +127,9 @@ def train(
 @app.command()
 def evaluate(
     head: str = typer.Option(..., "--head", help="avg | gem | netvlad | crn"),
-    untrained: bool = typer.Option(False, "--untrained",
-                                   help="evaluate the head as built, without training (the baseline)"),
+    untrained: bool = typer.Option(
+        False, "--untrained", help="evaluate the head as built, without training (the baseline)"
+    ),
     params: Path = ParamsOpt,
 ) -> None:
     """Recall@1/5/10/20 on the test split → metrics/HEAD.json and the top-20 predictions table."""
@@ -135,7 +137,7 @@ def evaluate(
     from vpr.config import HEADS
     from vpr.evaluate import evaluate_head
     from vpr.layout import Layout
-    from vpr.shards import ShardError
+    from vpr.shardio import ShardError
 
     if head not in HEADS:
         _fail(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
@@ -148,16 +150,16 @@ def evaluate(
 
 @app.command()
 def index(
-    head: Optional[str] = typer.Option(None, "--head", help="head to release (default: index.head)"),
+    head: str | None = typer.Option(None, "--head", help="head to release (default: index.head)"),
     params: Path = ParamsOpt,
 ) -> None:
     """Build a release: FAISS IndexIDMap2 of the database, id → metadata table, model (atomic switch)."""
     cfg = _config(params)
+    from vpr.checkpoints import CheckpointError
     from vpr.config import HEADS
     from vpr.index import ReleaseError, build_release
     from vpr.layout import Layout
-    from vpr.shards import ShardError
-    from vpr.train import CheckpointError
+    from vpr.shardio import ShardError
 
     head = head or cfg.index.head
     if head not in HEADS:
@@ -172,10 +174,10 @@ def index(
 @app.command()
 def locate(
     images: list[Path] = typer.Argument(..., help="photos to locate"),
-    head: Optional[str] = typer.Option(None, "--head", help="release to answer from (default: index.head)"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="matches per image (default: locate.top_k)"),
+    head: str | None = typer.Option(None, "--head", help="release to answer from (default: index.head)"),
+    top_k: int | None = typer.Option(None, "--top-k", "-k", help="matches per image (default: locate.top_k)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
-    release: Optional[Path] = typer.Option(None, "--release", help="release folder (default: from params)"),
+    release: Path | None = typer.Option(None, "--release", help="release folder (default: from params)"),
     params: Path = ParamsOpt,
 ) -> None:
     """Where was each photo taken? Top-K database matches and an estimated position with a confidence.
@@ -183,10 +185,10 @@ def locate(
     Exit status 1 when any image could not be answered (each such image gets its own error entry).
     """
     cfg = _config(params)
+    from vpr.checkpoints import CheckpointError
     from vpr.index import ReleaseError
     from vpr.layout import Layout
     from vpr.locate import locate as run_locate
-    from vpr.train import CheckpointError
 
     head = head or cfg.index.head
     release_dir = release or Layout.from_config(cfg).release_dir(head)
@@ -194,8 +196,14 @@ def locate(
     if k <= 0:
         _fail("--top-k must be positive")
     try:
-        results = run_locate(images, release_dir, k, max_pixels=cfg.locate.max_pixels,
-                             device=cfg.train.device, batch_size=cfg.evaluate.batch_size)
+        results = run_locate(
+            images,
+            release_dir,
+            k,
+            max_pixels=cfg.locate.max_pixels,
+            device=cfg.train.device,
+            batch_size=cfg.evaluate.batch_size,
+        )
     except (ReleaseError, CheckpointError) as exc:
         _fail(str(exc))
     if as_json:
@@ -216,16 +224,22 @@ def _print_locations(results: list[dict]) -> None:
             console.print(f"[bold red]{r['image']}[/]: error: {r['error']}")
             continue
         est = r["estimate"]
-        where = (f"E {est['utm_east']:.1f}  N {est['utm_north']:.1f}" if est else "unknown")
+        where = f"E {est['utm_east']:.1f}  N {est['utm_north']:.1f}" if est else "unknown"
         if est and est["lat"] is not None:
             where += f"  ({est['lat']:.6f}, {est['lon']:.6f})"
         table = Table(title=f"{r['image']}\n→ {where}   confidence {r['confidence']:.2f}", title_justify="left")
         for col in ("#", "path", "utm_east", "utm_north", "lat", "lon", "distance"):
             table.add_column(col, justify="left" if col == "path" else "right")
         for m in r["matches"]:
-            table.add_row(str(m["rank"]), m["path"], f"{m['utm_east']:.1f}", f"{m['utm_north']:.1f}",
-                          "" if m["lat"] is None else f"{m['lat']:.6f}",
-                          "" if m["lon"] is None else f"{m['lon']:.6f}", f"{m['distance']:.4f}")
+            table.add_row(
+                str(m["rank"]),
+                m["path"],
+                f"{m['utm_east']:.1f}",
+                f"{m['utm_north']:.1f}",
+                "" if m["lat"] is None else f"{m['lat']:.6f}",
+                "" if m["lon"] is None else f"{m['lon']:.6f}",
+                f"{m['distance']:.4f}",
+            )
         console.print(table)
 
 
@@ -273,7 +287,9 @@ def ablation_list() -> None:
 
 @ablation_app.command("queue")
 def ablation_queue(
-    name: str = typer.Argument(..., help="lr | train-threshold | test-threshold | augmentation | image-scale | clusters"),
+    name: str = typer.Argument(
+        ..., help="lr | train-threshold | test-threshold | augmentation | image-scale | clusters"
+    ),
     head: str = typer.Option("netvlad", "--head", help="the head each experiment trains and evaluates"),
     run: bool = typer.Option(False, "--run", help="also start the queue and wait (dvc exp run --run-all)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc commands only"),
@@ -308,11 +324,12 @@ def ablation_run(
 
 @ablation_app.command("table")
 def ablation_table(
-    name: Optional[str] = typer.Argument(None, help="only this ablation's experiments"),
+    name: str | None = typer.Argument(None, help="only this ablation's experiments"),
     head: str = typer.Option("netvlad", "--head", help="whose metrics file to compare"),
-    out: Optional[Path] = typer.Option(None, "--out", help="also write the markdown here"),
-    exp_json: Optional[Path] = typer.Option(None, "--from-json", help="read `dvc exp show --json` output "
-                                            "from this file instead of running it"),
+    out: Path | None = typer.Option(None, "--out", help="also write the markdown here"),
+    exp_json: Path | None = typer.Option(
+        None, "--from-json", help="read `dvc exp show --json` output from this file instead of running it"
+    ),
 ) -> None:
     """Finished experiments (dvc exp show --json) → a markdown comparison table like the study's."""
     from vpr.ablation import AblationError, comparison_table, exp_show

@@ -69,7 +69,7 @@ class MiningConfig(_Strict):
     train_positive_heading_deg: float | None = Field(90.0, gt=0, le=180)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "MiningConfig":
+    def _ordered(self) -> MiningConfig:
         if self.train_positive_m > self.test_positive_m:
             raise ValueError("mining.train_positive_m must not exceed mining.test_positive_m")
         return self
@@ -217,8 +217,10 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1}): "
-                              "it is given twice and one value would be silently dropped")
+            raise ConfigError(
+                f"duplicate key {key!r} (line {key_node.start_mark.line + 1}): "
+                "it is given twice and one value would be silently dropped"
+            )
         seen.add(key)
     return loader.construct_mapping(node, deep)
 

@@ -6,18 +6,19 @@ descriptor in the project is computed by the same code path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 
 import numpy as np
+import polars as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
 
-from vpr.config import AugmentConfig
+from vpr.config import AugmentConfig, ShardConfig
 from vpr.rng import Locked
-from vpr.shards import ShardReader
+from vpr.shardio import ShardError, ShardReader, decode_sample, shard_plans, stream_samples
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,8 +53,9 @@ def normalize_uint8(image: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def image_transform(height: int, width: int, scale: float = 1.0,
-                    augment: AugmentConfig | None = None) -> Callable[[Image.Image], torch.Tensor]:
+def image_transform(
+    height: int, width: int, scale: float = 1.0, augment: AugmentConfig | None = None
+) -> Callable[[Image.Image], torch.Tensor]:
     """PIL RGB → normalised float tensor, resized to ``scale`` × (height, width), with optional augmentation."""
     size = (max(16, round(height * scale)), max(16, round(width * scale)))
     steps: list = [T.PILToTensor()]
@@ -72,17 +74,41 @@ def image_transform(height: int, width: int, scale: float = 1.0,
     return T.Compose(steps)
 
 
-class ShardImages(Dataset):
-    """Images by shard id, decoded and transformed (for DataLoader workers)."""
+def eval_transform(shards: ShardConfig, image_scale: float) -> Callable[[Image.Image], torch.Tensor]:
+    """The transform every stored descriptor is computed with (shard size × ``train.image_scale``)."""
+    return image_transform(shards.height, shards.width, image_scale)
+
+
+class ShardStream(IterableDataset):
+    """``(position, image tensor)`` for the requested ids, streamed shard by shard through WebDataset.
+
+    Shards are dealt out to DataLoader workers round-robin, each read whole and in order (every sample
+    integrity-checked, see ``vpr.shardio``); only the requested samples are decoded and transformed.
+    ``position`` is the sample's index in ``ids`` (its first one, when an id is asked for twice).
+    """
 
     def __init__(self, reader: ShardReader, ids: Sequence[int], transform: Callable) -> None:
-        self.reader, self.ids, self.transform = reader, np.asarray(ids, dtype=np.int64), transform
+        ids = np.asarray(ids, dtype=np.int64)
+        first: dict[int, int] = {}
+        for pos, i in enumerate(ids.tolist()):
+            first.setdefault(i, pos)
+        rows = reader.index.filter(pl.col("id").is_in(list(first)))
+        if rows.height != len(first):
+            missing = sorted(set(first) - set(rows["id"].to_list()))
+            raise ShardError(f"image id(s) not in the shard index of {reader.shards_dir}: {missing[:5]}")
+        self.plans = shard_plans(rows, reader.shards_dir)  # only the shards that hold a requested image
+        self.wanted, self.transform = first, transform
+        self.full_plans = {p.url.name: p for p in shard_plans(reader.index, reader.shards_dir)}
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(self.reader.load(int(self.ids[i])))
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        info = get_worker_info()
+        mine = self.plans if info is None else self.plans[info.id :: info.num_workers]
+        for part in mine:
+            plan = self.full_plans[part.url.name]  # the whole shard: every sample is checked, wanted or not
+            for n, jpg, _ in stream_samples(plan):
+                pos = self.wanted.get(plan.ids[n])
+                if pos is not None:
+                    yield pos, self.transform(decode_sample(plan, n, jpg))
 
 
 def cpu_has_native_bf16() -> bool:
@@ -109,29 +135,59 @@ def autocast(device: torch.device, bf16: bool | None = None):
 
 def loader_kwargs(device: torch.device, workers: int, generator: torch.Generator | None = None) -> dict:
     """DataLoader options; each loader gets its own generator (never torch's global one, see ``vpr.rng``)."""
-    kwargs: dict = {"num_workers": workers, "pin_memory": device.type == "cuda",
-                    "generator": generator if generator is not None else torch.Generator()}
+    kwargs: dict = {
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda",
+        "generator": generator if generator is not None else torch.Generator(),
+    }
     if workers > 0:
         kwargs.update(persistent_workers=False, prefetch_factor=4)
     return kwargs
 
 
+def image_batches(
+    reader: ShardReader,
+    ids: Sequence[int],
+    transform: Callable,
+    *,
+    device: torch.device,
+    batch_size: int = 32,
+    workers: int = 0,
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Batches ``(positions in ids, images on device)`` streamed from the shards (``ShardStream``)."""
+    loader = DataLoader(ShardStream(reader, ids, transform), batch_size=batch_size, **loader_kwargs(device, workers))
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    for positions, batch in loader:
+        yield positions.numpy(), batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+
+
 @torch.inference_mode()
-def extract(model: torch.nn.Module, reader: ShardReader, ids: Sequence[int], transform: Callable, *,
-            device: torch.device, batch_size: int = 32, workers: int = 0) -> np.ndarray:
-    """Descriptors (float32, N×dim) of shard images ``ids``, in the given order."""
+def extract(
+    model: torch.nn.Module,
+    reader: ShardReader,
+    ids: Sequence[int],
+    transform: Callable,
+    *,
+    device: torch.device,
+    batch_size: int = 32,
+    workers: int = 0,
+) -> np.ndarray:
+    """Descriptors (float32, N×dim) of shard images ``ids``, in the given order (streamed, see ``ShardStream``)."""
+    ids = np.asarray(ids, dtype=np.int64)
     was_training = model.training
     model.eval()
-    loader = DataLoader(ShardImages(reader, ids, transform), batch_size=batch_size, shuffle=False,
-                        **loader_kwargs(device, workers))
     out = np.empty((len(ids), model.descriptor_dim), dtype=np.float32)
-    pos = 0
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    for batch in loader:
-        batch = batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    done = np.zeros(len(ids), dtype=bool)
+    for positions, batch in image_batches(
+        reader, ids, transform, device=device, batch_size=batch_size, workers=workers
+    ):
         with autocast(device):
             desc = model(batch)
-        out[pos:pos + len(batch)] = desc.float().cpu().numpy()
-        pos += len(batch)
+        out[positions] = desc.float().cpu().numpy()
+        done[positions] = True
     model.train(was_training)
+    if not done.all():  # an id asked for twice: copy the descriptor computed at its first position
+        first = {i: pos for pos, i in reversed(list(enumerate(ids.tolist())))}
+        rest = np.flatnonzero(~done)
+        out[rest] = out[[first[i] for i in ids[rest].tolist()]]
     return out

@@ -15,8 +15,20 @@ from pathlib import PurePath
 import utm
 
 FIELDS = (
-    "utm_east", "utm_north", "utm_zone", "utm_letter", "lat", "lon", "pano_id", "tile",
-    "heading", "pitch", "roll", "height", "timestamp", "note",
+    "utm_east",
+    "utm_north",
+    "utm_zone",
+    "utm_letter",
+    "lat",
+    "lon",
+    "pano_id",
+    "tile",
+    "heading",
+    "pitch",
+    "roll",
+    "height",
+    "timestamp",
+    "note",
 )
 
 
@@ -116,10 +128,20 @@ def format_name(
 ) -> str:
     """Build a 15-field datasets_vg file name."""
     parts = [
-        f"{utm_east:.2f}", f"{utm_north:.2f}",
-        "" if utm_zone is None else str(utm_zone), utm_letter or "",
-        "" if lat is None else f"{lat:.6f}", "" if lon is None else f"{lon:.6f}",
-        pano_id, "", "" if heading is None else f"{heading:.1f}", "", "", "", timestamp, note,
+        f"{utm_east:.2f}",
+        f"{utm_north:.2f}",
+        "" if utm_zone is None else str(utm_zone),
+        utm_letter or "",
+        "" if lat is None else f"{lat:.6f}",
+        "" if lon is None else f"{lon:.6f}",
+        pano_id,
+        "",
+        "" if heading is None else f"{heading:.1f}",
+        "",
+        "",
+        "",
+        timestamp,
+        note,
     ]
     return "@" + "@".join(parts) + "@." + ext
 

@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import faiss
@@ -58,11 +58,13 @@ import torch
 from PIL import Image
 
 from vpr.atomic import fsync_dir, write_text_atomic
+from vpr.checkpoints import load_model
 from vpr.config import Config, IndexConfig
-from vpr.descriptors import autocast, extract, image_transform, resolve_device
+from vpr.descriptors import autocast, eval_transform, extract, image_transform, resolve_device
 from vpr.layout import Layout
 from vpr.models import VPRModel
-from vpr.shards import ShardReader
+from vpr.retrieval import make_index
+from vpr.shardio import ShardReader
 
 CURRENT = "CURRENT"
 INDEX_FILE = "index.faiss"
@@ -72,8 +74,14 @@ MANIFEST_FILE = "release.json"
 _VERSION = re.compile(r"^v(\d{6})$")
 
 ID_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.Int64, "path": pl.String, "split": pl.String, "role": pl.String,
-    "utm_east": pl.Float64, "utm_north": pl.Float64, "lat": pl.Float64, "lon": pl.Float64,
+    "id": pl.Int64,
+    "path": pl.String,
+    "split": pl.String,
+    "role": pl.String,
+    "utm_east": pl.Float64,
+    "utm_north": pl.Float64,
+    "lat": pl.Float64,
+    "lon": pl.Float64,
 }
 
 
@@ -105,11 +113,11 @@ class Release:
         img = self.manifest["image"]
         return image_transform(img["height"], img["width"], img["scale"])
 
-    def encode(self, reader: ShardReader, ids: Sequence[int], *, batch_size: int = 32,
-               workers: int = 0) -> np.ndarray:
+    def encode(self, reader: ShardReader, ids: Sequence[int], *, batch_size: int = 32, workers: int = 0) -> np.ndarray:
         """Descriptors (N×dim float32) of shard images ``ids``, computed as the release's own."""
-        return extract(self.model, reader, ids, self.transform, device=self.device, batch_size=batch_size,
-                       workers=workers)
+        return extract(
+            self.model, reader, ids, self.transform, device=self.device, batch_size=batch_size, workers=workers
+        )
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[Image.Image], *, batch_size: int = 32) -> np.ndarray:
@@ -117,9 +125,9 @@ class Release:
         out = np.empty((len(images), self.model.descriptor_dim), dtype=np.float32)
         tf = self.transform
         for start in range(0, len(images), batch_size):
-            batch = torch.stack([tf(im) for im in images[start:start + batch_size]]).to(self.device)
+            batch = torch.stack([tf(im) for im in images[start : start + batch_size]]).to(self.device)
             with autocast(self.device):
-                out[start:start + len(batch)] = self.model(batch).float().cpu().numpy()
+                out[start : start + len(batch)] = self.model(batch).float().cpu().numpy()
         return out
 
     def search(self, descriptors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -212,8 +220,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def new_index(kind: str, dim: int, train_vectors: np.ndarray, params: IndexConfig) -> faiss.IndexIDMap2:
     """An ``IndexIDMap2`` over an index of ``kind``, trained on ``train_vectors`` when the kind needs it."""
-    from vpr.evaluate import make_index
-
     inner = make_index(kind, dim, len(train_vectors), params)
     if not inner.is_trained:
         inner.train(np.ascontiguousarray(train_vectors, dtype=np.float32))
@@ -233,8 +239,7 @@ def _metadata(rows: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(cols).cast(ID_SCHEMA)  # type: ignore[arg-type]
 
 
-def _write_version(folder: Path, *, index: faiss.Index, ids: pl.DataFrame, manifest: dict,
-                   checkpoint: Path) -> None:
+def _write_version(folder: Path, *, index: faiss.Index, ids: pl.DataFrame, manifest: dict, checkpoint: Path) -> None:
     faiss.write_index(index, str(folder / INDEX_FILE))
     ids.write_parquet(folder / IDS_FILE)
     _link_or_copy(checkpoint, folder / MODEL_FILE)
@@ -248,8 +253,6 @@ def build_release(head: str, cfg: Config, layout: Layout) -> Path:
     inference mode, bf16 on CUDA), added to ``IndexIDMap2(index.kind)`` under their shard ids, and
     the new version is switched in atomically (see the module docstring).
     """
-    from vpr.evaluate import eval_transform, load_model
-
     checkpoint = layout.checkpoint(head)
     device = resolve_device(cfg.train.device)
     model, ckpt = load_model(checkpoint, device)
@@ -261,8 +264,15 @@ def build_release(head: str, cfg: Config, layout: Layout) -> Path:
         raise ReleaseError(f"no database images to index (splits: {cfg.index.splits or 'all'})")
     ids = rows["id"].to_numpy().astype(np.int64)
     t0 = time.perf_counter()
-    desc = extract(model, reader, ids, eval_transform(cfg), device=device,
-                   batch_size=cfg.evaluate.batch_size, workers=cfg.train.workers)
+    desc = extract(
+        model,
+        reader,
+        ids,
+        eval_transform(cfg.shards, cfg.train.image_scale),
+        device=device,
+        batch_size=cfg.evaluate.batch_size,
+        workers=cfg.train.workers,
+    )
     seconds = time.perf_counter() - t0
     index = new_index(cfg.index.kind, desc.shape[1], desc, cfg.index)
     index.add_with_ids(desc, ids)
@@ -270,12 +280,24 @@ def build_release(head: str, cfg: Config, layout: Layout) -> Path:
 
     def build(folder: Path, number: int) -> None:
         manifest = {
-            "head": head, "version": number, "parent": None, "created": _now(), "count": int(index.ntotal),
-            "added": int(index.ntotal), "descriptor_dim": int(desc.shape[1]), "index_kind": cfg.index.kind,
-            "image": {"height": cfg.shards.height, "width": cfg.shards.width, "scale": cfg.train.image_scale,
-                      "jpeg_quality": cfg.shards.jpeg_quality},
-            "splits": cfg.index.splits, "test_positive_m": cfg.mining.test_positive_m,
-            "checkpoint_epoch": ckpt.get("epoch"), "extract_ms_per_image": 1000.0 * seconds / len(ids),
+            "head": head,
+            "version": number,
+            "parent": None,
+            "created": _now(),
+            "count": int(index.ntotal),
+            "added": int(index.ntotal),
+            "descriptor_dim": int(desc.shape[1]),
+            "index_kind": cfg.index.kind,
+            "image": {
+                "height": cfg.shards.height,
+                "width": cfg.shards.width,
+                "scale": cfg.train.image_scale,
+                "jpeg_quality": cfg.shards.jpeg_quality,
+            },
+            "splits": cfg.index.splits,
+            "test_positive_m": cfg.mining.test_positive_m,
+            "checkpoint_epoch": ckpt.get("epoch"),
+            "extract_ms_per_image": 1000.0 * seconds / len(ids),
         }
         _write_version(folder, index=index, ids=_metadata(rows), manifest=manifest, checkpoint=checkpoint)
 
@@ -284,22 +306,22 @@ def build_release(head: str, cfg: Config, layout: Layout) -> Path:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def _load_version(version: Path, device: torch.device) -> Release:
-    from vpr.evaluate import load_model
-
     manifest = json.loads((version / MANIFEST_FILE).read_text())
     index = faiss.read_index(str(version / INDEX_FILE))
     ids = pl.read_parquet(version / IDS_FILE)
     model, _ = load_model(version / MODEL_FILE, device)
     if index.ntotal != ids.height or index.d != model.descriptor_dim:
-        raise ReleaseError(f"{version}: index holds {index.ntotal}×{index.d}, id table {ids.height} rows, "
-                           f"model gives {model.descriptor_dim}-d descriptors")
+        raise ReleaseError(
+            f"{version}: index holds {index.ntotal}×{index.d}, id table {ids.height} rows, "
+            f"model gives {model.descriptor_dim}-d descriptors"
+        )
     return Release(path=version, manifest=manifest, model=model, index=index, ids=ids, device=device)
 
 
@@ -322,8 +344,7 @@ def load_release(release_dir: str | Path, device: torch.device | str = "cpu") ->
 # --------------------------------------------------------------------------- appending
 
 
-def add_to_release(release: Release, new_ids: Sequence[int], descriptors: np.ndarray,
-                   metadata: pl.DataFrame) -> Path:
+def add_to_release(release: Release, new_ids: Sequence[int], descriptors: np.ndarray, metadata: pl.DataFrame) -> Path:
     """Append vectors under their ids as a new version, switch to it atomically, return its path.
 
     ``descriptors`` (N×dim) must come from ``release.encode`` (the same model); ``metadata`` needs an
@@ -359,10 +380,14 @@ def add_to_release(release: Release, new_ids: Sequence[int], descriptors: np.nda
         ids = pl.concat([base.ids.cast(ID_SCHEMA), rows])  # type: ignore[arg-type]
 
         def build(folder: Path, number: int) -> None:
-            manifest = {**base.manifest, "version": number, "parent": base.version, "created": _now(),
-                        "count": int(index.ntotal), "added": int(fresh.sum())}
+            manifest = {
+                **base.manifest,
+                "version": number,
+                "parent": base.version,
+                "created": _now(),
+                "count": int(index.ntotal),
+                "added": int(fresh.sum()),
+            }
             _write_version(folder, index=index, ids=ids, manifest=manifest, checkpoint=base.path / MODEL_FILE)
 
         return _commit_version(release_dir, build)
-
-

@@ -25,11 +25,10 @@ class Layout:
     inbox: Path
 
     @classmethod
-    def from_config(cls, cfg: Config, root: str | Path = ".") -> "Layout":
+    def from_config(cls, cfg: Config, root: str | Path = ".") -> Layout:
         root = Path(root)
         p = cfg.paths
-        return cls(root, root / p.data, root / p.artifacts, root / p.metrics, root / p.reports,
-                   root / p.inbox)
+        return cls(root, root / p.data, root / p.artifacts, root / p.metrics, root / p.reports, root / p.inbox)
 
     # ingest
     @property

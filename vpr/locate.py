@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from vpr.catalog import strict_pillow
+from vpr.imageio import decode_rgb, encode_jpeg, shard_rendition, strict_pillow
 from vpr.index import Release, load_release
-from vpr.shards import _draft
 
 _EPS = 1e-6
 
@@ -53,29 +52,28 @@ def prepare_image(path: str | Path, height: int, width: int, quality: int, max_p
         try:
             im = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:
-            raise LocateInputError(f"image has more than {max_pixels} pixels (decompression bomb guard); "
-                                   "refused before decoding") from None
+            raise LocateInputError(
+                f"image has more than {max_pixels} pixels (decompression bomb guard); refused before decoding"
+            ) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             raise LocateInputError("not an image Pillow can read") from None
         with im:
             w, h = im.size
             if w * h > max_pixels:
-                raise LocateInputError(f"image is {w}×{h} = {w * h} pixels, over the limit of {max_pixels} "
-                                       "(locate.max_pixels); refused before decoding")
+                raise LocateInputError(
+                    f"image is {w}×{h} = {w * h} pixels, over the limit of {max_pixels} "
+                    "(locate.max_pixels); refused before decoding"
+                )
             try:
-                _draft(im, width, height)
-                upright = ImageOps.exif_transpose(im).convert("RGB")
-                upright = upright.resize((width, height), Image.Resampling.BILINEAR)
+                upright = shard_rendition(im, width, height)
             except Exception as exc:  # noqa: BLE001 - truncated data, broken codecs, zlib errors...
                 raise LocateInputError(f"truncated or corrupt image: {exc}") from None
-        buf = io.BytesIO()
-        upright.save(buf, format="JPEG", quality=quality)
-        with Image.open(io.BytesIO(buf.getvalue())) as jpeg:
-            return jpeg.convert("RGB")
+        return decode_rgb(encode_jpeg(upright, quality))  # the JPEG round trip the shards went through
 
 
-def estimate_position(east: np.ndarray, north: np.ndarray, distances: np.ndarray, radius_m: float
-                      ) -> tuple[float, float, np.ndarray, float]:
+def estimate_position(
+    east: np.ndarray, north: np.ndarray, distances: np.ndarray, radius_m: float
+) -> tuple[float, float, np.ndarray, float]:
     """(east, north, mask of agreeing matches, confidence) from ranked matches (see module docstring)."""
     agree = np.hypot(east - east[0], north - north[0]) <= radius_m
     weights = 1.0 / (distances + _EPS)
@@ -106,9 +104,19 @@ def answer(release: Release, distances: np.ndarray, ids: np.ndarray, radius_m: f
     matches = []
     for rank, (d, i) in enumerate(zip(distances.tolist(), ids.tolist()), start=1):
         r = by_id[i]
-        matches.append({"rank": rank, "id": int(i), "path": r["path"], "split": r["split"],
-                        "utm_east": r["utm_east"], "utm_north": r["utm_north"],
-                        "lat": _none_if_nan(r["lat"]), "lon": _none_if_nan(r["lon"]), "distance": float(d)})
+        matches.append(
+            {
+                "rank": rank,
+                "id": int(i),
+                "path": r["path"],
+                "split": r["split"],
+                "utm_east": r["utm_east"],
+                "utm_north": r["utm_north"],
+                "lat": _none_if_nan(r["lat"]),
+                "lon": _none_if_nan(r["lon"]),
+                "distance": float(d),
+            }
+        )
     if not matches:
         return {"ok": True, "matches": [], "estimate": None, "confidence": 0.0}
     east = np.array([m["utm_east"] for m in matches])
@@ -116,15 +124,28 @@ def answer(release: Release, distances: np.ndarray, ids: np.ndarray, radius_m: f
     e, n, agree, confidence = estimate_position(east, north, distances.astype(np.float64), radius_m)
     w = 1.0 / (distances[agree].astype(np.float64) + _EPS)
     agreeing = [m for m, a in zip(matches, agree) if a]
-    estimate = {"utm_east": e, "utm_north": n, "lat": _weighted([m["lat"] for m in agreeing], w),
-                "lon": _weighted([m["lon"] for m in agreeing], w), "support": int(agree.sum()),
-                "radius_m": radius_m}
+    estimate = {
+        "utm_east": e,
+        "utm_north": n,
+        "lat": _weighted([m["lat"] for m in agreeing], w),
+        "lon": _weighted([m["lon"] for m in agreeing], w),
+        "support": int(agree.sum()),
+        "radius_m": radius_m,
+    }
     return {"ok": True, "matches": matches, "estimate": estimate, "confidence": confidence}
 
 
-def locate(images: Sequence[str | Path], release_dir: str | Path, top_k: int = 5, *,
-           max_pixels: int = 100_000_000, device: str = "cpu", batch_size: int = 32,
-           release: Release | None = None, radius_m: float | None = None) -> list[dict]:
+def locate(
+    images: Sequence[str | Path],
+    release_dir: str | Path,
+    top_k: int = 5,
+    *,
+    max_pixels: int = 100_000_000,
+    device: str = "cpu",
+    batch_size: int = 32,
+    release: Release | None = None,
+    radius_m: float | None = None,
+) -> list[dict]:
     """Answer each image in order: ``{"image", "ok": True, "matches", "estimate", "confidence"}`` or
     ``{"image", "ok": False, "error"}``.
 

@@ -20,8 +20,9 @@ from vpr.atomic import write_parquet_atomic
 from vpr.config import MiningConfig
 
 
-def radius_neighbours(database_xy: np.ndarray, query_xy: np.ndarray, radius_m: float,
-                      tree: cKDTree | None = None) -> list[np.ndarray]:
+def radius_neighbours(
+    database_xy: np.ndarray, query_xy: np.ndarray, radius_m: float, tree: cKDTree | None = None
+) -> list[np.ndarray]:
     """For each query, the sorted indices of database points within ``radius_m`` (inclusive)."""
     database_xy = np.asarray(database_xy, dtype=np.float64).reshape(-1, 2)
     query_xy = np.asarray(query_xy, dtype=np.float64).reshape(-1, 2)
@@ -32,8 +33,9 @@ def radius_neighbours(database_xy: np.ndarray, query_xy: np.ndarray, radius_m: f
     return [np.asarray(h, dtype=np.int64) for h in hits]
 
 
-def utm_positives(database_xy: np.ndarray, query_xy: np.ndarray, train_positive_m: float,
-                  test_positive_m: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def utm_positives(
+    database_xy: np.ndarray, query_xy: np.ndarray, train_positive_m: float, test_positive_m: float
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(hard, soft) positive index lists per query, from one shared KD-tree."""
     tree = cKDTree(np.asarray(database_xy, dtype=np.float64).reshape(-1, 2)) if len(database_xy) else None
     hard = radius_neighbours(database_xy, query_xy, train_positive_m, tree)
@@ -46,8 +48,9 @@ def heading_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64) + 180.0) % 360.0 - 180.0)
 
 
-def facing_filter(hard: list[np.ndarray], db_heading: np.ndarray, q_heading: np.ndarray,
-                  max_deg: float) -> list[np.ndarray]:
+def facing_filter(
+    hard: list[np.ndarray], db_heading: np.ndarray, q_heading: np.ndarray, max_deg: float
+) -> list[np.ndarray]:
     """Keep the hard positives within ``max_deg`` of their query's heading; unknown headings are kept."""
     out = []
     for i, h in enumerate(hard):
@@ -71,9 +74,12 @@ def mine_split(catalog: pl.DataFrame, split: str, cfg: MiningConfig) -> pl.DataF
     q_xy = queries.select("utm_east", "utm_north").to_numpy()
     hard, soft = utm_positives(db_xy, q_xy, cfg.train_positive_m, cfg.test_positive_m)
     if cfg.train_positive_heading_deg is not None and "heading" in rows.columns:
-        hard = facing_filter(hard, database["heading"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
-                             queries["heading"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
-                             cfg.train_positive_heading_deg)
+        hard = facing_filter(
+            hard,
+            database["heading"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
+            queries["heading"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
+            cfg.train_positive_heading_deg,
+        )
     db_paths = database["path"].to_numpy()
     table = pl.DataFrame(
         {
@@ -83,8 +89,13 @@ def mine_split(catalog: pl.DataFrame, split: str, cfg: MiningConfig) -> pl.DataF
             "hard_positives": [db_paths[h].tolist() for h in hard],
             "soft_positives": [db_paths[s].tolist() for s in soft],
         },
-        schema={"path": pl.String, "utm_east": pl.Float64, "utm_north": pl.Float64,
-                "hard_positives": pl.List(pl.String), "soft_positives": pl.List(pl.String)},
+        schema={
+            "path": pl.String,
+            "utm_east": pl.Float64,
+            "utm_north": pl.Float64,
+            "hard_positives": pl.List(pl.String),
+            "soft_positives": pl.List(pl.String),
+        },
     )
     if split == "train":
         keep = np.array([len(h) > 0 for h in hard], dtype=bool)
@@ -97,8 +108,9 @@ def write_mining(table: pl.DataFrame, target: str | Path) -> Path:
     return write_parquet_atomic(table, target)
 
 
-def mine_all(catalog_path: str | Path, out_dir: str | Path, cfg: MiningConfig,
-             splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Path]:
+def mine_all(
+    catalog_path: str | Path, out_dir: str | Path, cfg: MiningConfig, splits: tuple[str, ...] = ("train", "val", "test")
+) -> dict[str, Path]:
     """Mine every split of a catalog into ``out_dir/{split}.parquet`` (the DVC/Prefect step)."""
     catalog = pl.read_parquet(catalog_path)
     return {s: write_mining(mine_split(catalog, s, cfg), Path(out_dir) / f"{s}.parquet") for s in splits}

@@ -14,6 +14,7 @@ def exit_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:
     its task queue forever (it holds the queue's write end itself, so it never sees end-of-file):
     without this, every killed run would leave its workers behind.
     """
+
     def watch() -> None:
         while True:
             if os.getppid() != parent_pid:

@@ -5,7 +5,7 @@ Pure logic (no Prefect): the scheduled ``reindex`` flow and ``vpr reindex`` both
 What a run does, for files directly or indirectly under ``inbox/`` (hidden files and ``inbox/quarantine``
 are skipped — copy a file in under a hidden name, then rename it, so a half-copied file is never read):
 
-1. **Validate** each file exactly like ingest (``vpr.catalog``: readable, not empty, an image, fully
+1. **Validate** (``vpr.inbox``) each file exactly like ingest (``vpr.catalog``: readable, not empty, an image, fully
    decodable, at most ``ingest.max_pixels``). Its position comes from a datasets_vg file name or, for an
    ordinary photo, from EXIF GPS (lat/lon → UTM), in which case the file gets the datasets_vg name built
    from that position (``@E@N@zone@letter@lat@lon@@@heading@@@@timestamp@note@.jpg``, note = original
@@ -37,55 +37,40 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 from PIL import Image
 
-from vpr.atomic import write_parquet_atomic, write_text_atomic
+from vpr.atomic import write_text_atomic
 from vpr.catalog import (
     CATALOG_SCHEMA,
-    REASON_BAD_NAME,
-    REASON_EMPTY,
-    REASON_UNREADABLE,
-    _decode,
-    _mark_duplicates,
-    _name_fields,
+    append_to_catalog,
     printable_path,
-    strict_pillow,
 )
 from vpr.config import Config
-from vpr.geo import format_name, latlon_to_utm
+from vpr.imageio import decode_rgb
+from vpr.inbox import QUARANTINE, ROLE, check_file, move_file, quarantine, scan_inbox
 from vpr.layout import Layout
-from vpr.shards import (INDEX_SCHEMA, _meta_json, checksum, encode_image, read_index, sample_key, shard_name,
-                         write_tar)
+from vpr.shardio import checksum, read_index
+from vpr.shards import append_to_index, sample_key, shard_name, write_new_shards
 
-QUARANTINE = "quarantine"
 PENDING = "pending.json"
 HISTORY = "history.jsonl"
-ROLE = "database"  # new imagery is always database imagery (what locate searches)
 
-REASON_NO_POSITION = "no position"  # full: "no position: not a datasets_vg name (...) and no EXIF GPS"
 REASON_ALREADY_INDEXED = "already indexed"
 REASON_DUPLICATE_NAME = "duplicate name in batch"
 REASON_OTHER_ZONE = "other UTM zone"
 
-_GPS_IFD = 0x8825
-_EXIF_IFD = 0x8769
-_DATETIME_ORIGINAL = 36867
-_DATETIME = 306
 _KEY_NUMBER = re.compile(r"_(\d+)$")
 _SHARD_NUMBER = re.compile(r"-(\d{6})\.tar$")
 
@@ -110,8 +95,14 @@ class ReindexResult:
         return bool(self.added)
 
     def to_dict(self) -> dict:
-        return {"batch": self.batch, "resumed": self.resumed, "added": self.added, "rejected": self.rejected,
-                "releases": self.releases, "note": self.note}
+        return {
+            "batch": self.batch,
+            "resumed": self.resumed,
+            "added": self.added,
+            "rejected": self.rejected,
+            "releases": self.releases,
+            "note": self.note,
+        }
 
 
 def _reached(step: str) -> None:
@@ -143,155 +134,11 @@ def reindex_lock(layout: Layout) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def scan_inbox(inbox: Path) -> list[str]:
-    """Files under the inbox (relative posix paths, sorted), skipping hidden ones and the quarantine."""
-    if not inbox.is_dir():
-        return []
-    found = []
-    for dirpath, dirnames, filenames in os.walk(inbox):
-        rel_dir = Path(dirpath).relative_to(inbox)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and not (rel_dir == Path(".") and d == QUARANTINE))
-        found += [(rel_dir / f).as_posix() for f in filenames if not f.startswith(".")]
-    return sorted(found)
-
-
-# --------------------------------------------------------------------------- EXIF GPS
-
-
-def _rational(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ZeroDivisionError, ValueError):
-        num, den = value
-        return float(num) / float(den)
-
-
-def _dms(value, ref: str | None) -> float:
-    d, m, s = (_rational(v) for v in value)
-    deg = d + m / 60.0 + s / 3600.0
-    return -deg if (ref or "").strip().upper() in ("S", "W") else deg
-
-
-def exif_position(data: bytes) -> dict | None:
-    """lat, lon (WGS84), heading and timestamp from a photo's EXIF GPS block; None without a usable fix."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            exif = im.getexif()
-            gps = exif.get_ifd(_GPS_IFD)
-            sub = exif.get_ifd(_EXIF_IFD)
-    except Exception:  # noqa: BLE001 - no EXIF, broken EXIF: no position
-        return None
-    if not gps or 2 not in gps or 4 not in gps:
-        return None
-    try:
-        lat = _dms(gps[2], gps.get(1))
-        lon = _dms(gps[4], gps.get(3))
-    except Exception:  # noqa: BLE001 - malformed rationals
-        return None
-    if not (np.isfinite(lat) and np.isfinite(lon) and -80.0 <= lat <= 84.0 and -180.0 <= lon <= 180.0):
-        return None  # outside UTM's latitude band (or garbage)
-    heading = None
-    if 17 in gps:
-        try:
-            heading = _rational(gps[17]) % 360.0
-        except Exception:  # noqa: BLE001
-            heading = None
-    stamp = sub.get(_DATETIME_ORIGINAL) or exif.get(_DATETIME)
-    timestamp = re.sub(r"[^0-9]", "", str(stamp))[:14] if stamp else ""
-    return {"lat": lat, "lon": lon, "heading": heading, "timestamp": timestamp}
-
-
-def _note(original: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", Path(original).stem)[:64]
-
-
-def name_from_exif(original: str, pos: dict) -> str:
-    """The datasets_vg name of a photo at an EXIF position (note field = the original file stem)."""
-    east, north, zone, letter = latlon_to_utm(pos["lat"], pos["lon"])
-    ext = Path(original).suffix.lstrip(".").lower() or "jpg"
-    return format_name(east, north, utm_zone=zone, utm_letter=letter, lat=pos["lat"], lon=pos["lon"],
-                       heading=pos["heading"], timestamp=pos["timestamp"], note=_note(original), ext=ext)
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def check_file(inbox: Path, rel: str, split: str, max_pixels: int) -> dict:
-    """A catalog row (``reason`` None) for the file's place in the data tree, or a reject ``reason``.
-
-    The same checks as ingest's ``inspect_file``; only the name may come from EXIF GPS instead.
-    """
-    base = {"inbox": rel, "split": split, "role": ROLE}
-    try:
-        data = (inbox / rel).read_bytes()
-    except OSError:
-        return {**base, "reason": REASON_UNREADABLE}
-    if not data:
-        return {**base, "reason": REASON_EMPTY}
-    name, source = Path(rel).name, "name"
-    fields = _name_fields(name)
-    with strict_pillow(max_pixels):
-        facts = _decode(data, max_pixels)
-    if isinstance(facts, str):
-        return {**base, "reason": facts}
-    if isinstance(fields, str):  # not a datasets_vg name: an ordinary photo needs EXIF GPS
-        pos = exif_position(data)
-        if pos is None:
-            why = fields[len(REASON_BAD_NAME) + 2:] if fields.startswith(REASON_BAD_NAME) else fields
-            return {**base, "reason": f"{REASON_NO_POSITION}: not a datasets_vg name ({why}) and no EXIF GPS"}
-        name, source = name_from_exif(rel, pos), "exif"
-        fields = _name_fields(name)
-        if isinstance(fields, str):  # pragma: no cover - format_name always parses
-            return {**base, "reason": fields}
-    path = f"images/{split}/{ROLE}/{name}"
-    return {**base, "path": path, "source": source, **fields, **facts,
-            "sha256": hashlib.sha256(data).hexdigest(), "reason": None}
-
-
-def quarantine(inbox: Path, rel: str, reason: str) -> Path:
-    """Move a rejected file to ``inbox/quarantine/`` (never overwriting) with a ``.reason.txt`` beside it.
-
-    The file keeps its base name only (it lands directly in the quarantine folder, whatever folders or
-    ``..`` parts ``rel`` has), spelled as printable UTF-8 when the original bytes are not.
-    """
-    qdir = inbox / QUARANTINE
-    qdir.mkdir(parents=True, exist_ok=True)
-    name = printable_path(Path(rel).name)
-    if name in ("", ".", ".."):
-        name = "unnamed"
-    target = qdir / name
-    n = 1
-    while target.exists() or target.with_name(target.name + ".reason.txt").exists():
-        target = qdir / f"{Path(name).stem}.{n}{Path(name).suffix}"
-        n += 1
-    write_text_atomic(target.with_name(target.name + ".reason.txt"),
-                      f"{reason}\nfrom inbox/{printable_path(rel)} at {_now()}\n")
-    _move(inbox / rel, target)
-    return target
-
-
-def _move(src: Path, dst: Path) -> None:
-    """Rename (atomic on one file system); across devices copy to a temp name, rename, then delete."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(src, dst)
-    except OSError:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        src.unlink()
-
-
 # --------------------------------------------------------------------------- planning
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _catalog(layout: Layout) -> pl.DataFrame:
@@ -310,8 +157,10 @@ def _release_dirs(cfg: Config, layout: Layout) -> list[Path]:
         dirs += sorted(p for p in root.iterdir() if p.is_dir() and p not in dirs and not p.name.startswith("."))
     live = [d for d in dirs if current_version(d) is not None]
     if layout.release_dir(cfg.index.head) not in live:
-        raise ReindexError(f"no release in {layout.release_dir(cfg.index.head)} to extend "
-                           "(run train-all or `vpr index` first); inbox files are left where they are")
+        raise ReindexError(
+            f"no release in {layout.release_dir(cfg.index.head)} to extend "
+            "(run train-all or `vpr index` first); inbox files are left where they are"
+        )
     return live
 
 
@@ -329,15 +178,24 @@ def plan_batch(accepted: list[dict], index: pl.DataFrame, split: str, per_shard:
     next_shard = _next_number(same["shard"].unique().to_list(), _SHARD_NUMBER)
     items = []
     for i, row in enumerate(accepted):
-        items.append({
-            "id": next_id + i, "key": sample_key(split, ROLE, next_key + i),
-            "shard": shard_name(split, ROLE, next_shard + i // per_shard),
-            "inbox": row["inbox"], "source": row["source"],
-            "row": {k: row.get(k) for k in CATALOG_SCHEMA if k != "duplicate_of"},
-        })
+        items.append(
+            {
+                "id": next_id + i,
+                "key": sample_key(split, ROLE, next_key + i),
+                "shard": shard_name(split, ROLE, next_shard + i // per_shard),
+                "inbox": row["inbox"],
+                "source": row["source"],
+                "row": {k: row.get(k) for k in CATALOG_SCHEMA if k != "duplicate_of"},
+            }
+        )
     digest = hashlib.sha256(json.dumps([(it["row"]["path"], it["row"]["sha256"]) for it in items]).encode())
-    return {"batch": digest.hexdigest()[:16], "created": _now(), "split": split, "base_count": index.height,
-            "items": items}
+    return {
+        "batch": digest.hexdigest()[:16],
+        "created": _now(),
+        "split": split,
+        "base_count": index.height,
+        "items": items,
+    }
 
 
 def _validate_inbox(cfg: Config, layout: Layout, result: ReindexResult) -> list[dict]:
@@ -360,8 +218,13 @@ def _validate_inbox(cfg: Config, layout: Layout, result: ReindexResult) -> list[
                 reason = f"{REASON_OTHER_ZONE}: zone {row['utm_zone']} is not the catalog's ({have})"
         if reason is not None:
             target = quarantine(inbox, rel, reason)
-            result.rejected.append({"inbox": printable_path(rel), "reason": reason,
-                                    "quarantined": target.relative_to(layout.inbox).as_posix()})
+            result.rejected.append(
+                {
+                    "inbox": printable_path(rel),
+                    "reason": reason,
+                    "quarantined": target.relative_to(layout.inbox).as_posix(),
+                }
+            )
             continue
         seen.add(row["path"])
         accepted.append(row)
@@ -388,26 +251,8 @@ def _plan_state(index: pl.DataFrame, plan: dict) -> str:
 
 def _write_batch_shards(plan: dict, layout: Layout, cfg: Config) -> list[dict]:
     """Encode the batch into its new tar files; the shard-index rows (with byte ranges) they give."""
-    shards_dir, sc = layout.shards_dir, cfg.shards
-    by_shard: dict[str, list[dict]] = {}
-    for it in plan["items"]:
-        by_shard.setdefault(it["shard"], []).append(it)
-    rows = []
-    for name, items in sorted(by_shard.items()):
-        target = shards_dir / name
-        samples = []
-        for it in items:
-            src = _source(layout, it)
-            jpg = encode_image(str(src), sc.height, sc.width, sc.jpeg_quality)
-            samples.append((it["key"], jpg, _meta_json(it["row"], it["id"], it["key"])))
-        ranges = write_tar(target, samples)
-        for it, (offset, size), (_, jpg, _) in zip(items, ranges, samples):
-            r = it["row"]
-            rows.append({"id": it["id"], "key": it["key"], "path": r["path"], "split": r["split"],
-                         "role": r["role"], "utm_east": r["utm_east"], "utm_north": r["utm_north"],
-                         "lat": r["lat"], "lon": r["lon"], "shard": name, "offset": offset, "size": size,
-                         "crc32": checksum(jpg)})
-    return rows
+    samples = [(it["shard"], it["id"], it["key"], it["row"], _source(layout, it)) for it in plan["items"]]
+    return write_new_shards(layout.shards_dir, samples, cfg.shards)
 
 
 def _source(layout: Layout, item: dict) -> Path:
@@ -427,8 +272,9 @@ def _read_images(layout: Layout, rows: list[dict]) -> list[Image.Image]:
     for r in rows:
         with open(layout.shards_dir / r["shard"], "rb") as fh:
             data = os.pread(fh.fileno(), r["size"], r["offset"])
-        with Image.open(io.BytesIO(data)) as im:
-            images.append(im.convert("RGB"))
+        if r.get("crc32") is not None and checksum(data) != r["crc32"]:
+            raise ReindexError(f"shard {r['shard']}: the bytes of new image {r['id']} do not match their checksum")
+        images.append(decode_rgb(data))
     return images
 
 
@@ -440,45 +286,26 @@ def _add_to_releases(cfg: Config, layout: Layout, rows: list[dict], result: Rein
     meta = pl.DataFrame(rows).select("id", "path", "split", "role", "utm_east", "utm_north", "lat", "lon")
     for release_dir in _release_dirs(cfg, layout):
         release = load_release(release_dir, cfg.train.device)
-        if release.manifest.get("splits") is not None and cfg.orchestration.reindex_split not in release.manifest["splits"]:
+        if (
+            release.manifest.get("splits") is not None
+            and cfg.orchestration.reindex_split not in release.manifest["splits"]
+        ):
             result.releases[release_dir.name] = release.version  # this release does not index that split
             continue
         fresh = ~np.isin(ids, release.ids["id"].to_numpy())
         if fresh.any():
-            desc = release.encode_images([im for im, f in zip(images, fresh) if f],
-                                         batch_size=cfg.evaluate.batch_size)
+            desc = release.encode_images([im for im, f in zip(images, fresh) if f], batch_size=cfg.evaluate.batch_size)
             version = add_to_release(release, ids[fresh], desc, meta)
         else:
             version = release.path
         result.releases[release_dir.name] = Path(version).name
 
 
-def _append_index(layout: Layout, rows: list[dict]) -> None:
-    index = read_index(layout.shards_dir)
-    if "crc32" not in index.columns:  # an index from before checksums: its rows stay unchecked
-        index = index.with_columns(pl.lit(None, pl.Int64).alias("crc32"))
-    new = pl.DataFrame(rows, schema=INDEX_SCHEMA)
-    write_parquet_atomic(pl.concat([index.cast(INDEX_SCHEMA), new]).sort("id"),  # type: ignore[arg-type]
-                         layout.shards_dir / "index.parquet")
-
-
-def _append_catalog(layout: Layout, plan: dict) -> None:
-    catalog = _catalog(layout)
-    have = set(catalog["path"].to_list())
-    new = [it["row"] for it in plan["items"] if it["row"]["path"] not in have]
-    if not new:
-        return
-    schema = {k: v for k, v in CATALOG_SCHEMA.items() if k != "duplicate_of"}
-    merged = pl.concat([catalog.select(list(schema)).cast(schema),  # type: ignore[arg-type]
-                        pl.DataFrame(new, schema=schema)]).sort("path")
-    write_parquet_atomic(_mark_duplicates(merged).select(list(CATALOG_SCHEMA)), layout.catalog)
-
-
 def _move_files(layout: Layout, plan: dict) -> None:
     for it in plan["items"]:
         src, dst = layout.inbox / it["inbox"], layout.data / it["row"]["path"]
         if src.exists() and not dst.exists():
-            _move(src, dst)
+            move_file(src, dst)
         elif src.exists():  # moved before a crash, the inbox copy remained (cross-device move)
             if hashlib.sha256(src.read_bytes()).hexdigest() == it["row"]["sha256"]:
                 src.unlink()
@@ -504,20 +331,28 @@ def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> No
     _add_to_releases(cfg, layout, rows, result)
     _reached("release-switched")
     if not _index_has(read_index(layout.shards_dir), plan):
-        _append_index(layout, rows)
+        append_to_index(layout.shards_dir, rows)
     _reached("shard-index-written")
-    _append_catalog(layout, plan)
+    append_to_catalog(layout.catalog, [it["row"] for it in plan["items"]])
     _reached("catalog-written")
     _move_files(layout, plan)
     _reached("files-moved")
     paths = [it["row"]["path"] for it in plan["items"]]
-    duplicate_of = dict(_catalog(layout).filter(pl.col("path").is_in(paths))
-                        .select("path", "duplicate_of").iter_rows())  # same bytes as an earlier image
-    result.added = [{"id": it["id"], "path": it["row"]["path"], "source": it["source"],
-                     "inbox": printable_path(it["inbox"]),
-                     "utm_east": it["row"]["utm_east"], "utm_north": it["row"]["utm_north"],
-                     "duplicate_of": duplicate_of.get(it["row"]["path"])}
-                    for it in plan["items"]]
+    duplicate_of = dict(
+        _catalog(layout).filter(pl.col("path").is_in(paths)).select("path", "duplicate_of").iter_rows()
+    )  # same bytes as an earlier image
+    result.added = [
+        {
+            "id": it["id"],
+            "path": it["row"]["path"],
+            "source": it["source"],
+            "inbox": printable_path(it["inbox"]),
+            "utm_east": it["row"]["utm_east"],
+            "utm_north": it["row"]["utm_north"],
+            "duplicate_of": duplicate_of.get(it["row"]["path"]),
+        }
+        for it in plan["items"]
+    ]
 
 
 def _log(layout: Layout, result: ReindexResult) -> None:
@@ -535,8 +370,10 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
     Returns what was added and rejected. With nothing pending and an empty inbox, nothing is written.
     """
     if cfg.index.splits is not None and cfg.orchestration.reindex_split not in cfg.index.splits:
-        raise ReindexError(f"orchestration.reindex_split={cfg.orchestration.reindex_split!r} is not among "
-                           f"index.splits={cfg.index.splits}: a rebuilt release would drop the new images")
+        raise ReindexError(
+            f"orchestration.reindex_split={cfg.orchestration.reindex_split!r} is not among "
+            f"index.splits={cfg.index.splits}: a rebuilt release would drop the new images"
+        )
     result = ReindexResult()
     pending_path = work_dir(layout) / PENDING
     if not pending_path.exists() and not scan_inbox(layout.inbox):
@@ -545,8 +382,9 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
     with reindex_lock(layout):
         plan = json.loads(pending_path.read_text()) if pending_path.exists() else None
         if plan is not None and _plan_state(read_index(layout.shards_dir), plan) == "stale":
-            print(f"reindex: pending batch {plan['batch']} no longer fits the shard index; re-planning",
-                  file=sys.stderr)
+            print(
+                f"reindex: pending batch {plan['batch']} no longer fits the shard index; re-planning", file=sys.stderr
+            )
             _discard(plan, layout, read_index(layout.shards_dir))
             plan = None
         if plan is None:
@@ -557,8 +395,9 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
                 if result.rejected:
                     _log(layout, result)
                 return result
-            plan = plan_batch(accepted, read_index(layout.shards_dir), cfg.orchestration.reindex_split,
-                              cfg.shards.samples_per_shard)
+            plan = plan_batch(
+                accepted, read_index(layout.shards_dir), cfg.orchestration.reindex_split, cfg.shards.samples_per_shard
+            )
             write_text_atomic(pending_path, json.dumps(plan, indent=1, default=str))
         else:
             result.resumed = True
@@ -568,7 +407,9 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
         result.note = f"added {len(result.added)} image(s)" + (" (resumed batch)" if result.resumed else "")
         dups = [a for a in result.added if a["duplicate_of"]]
         if dups:
-            result.note += (f"; {len(dups)} with the same bytes as an image already indexed (kept; e.g. "
-                            f"{dups[0]['path']} == {dups[0]['duplicate_of']})")
+            result.note += (
+                f"; {len(dups)} with the same bytes as an image already indexed (kept; e.g. "
+                f"{dups[0]['path']} == {dups[0]['duplicate_of']})"
+            )
         _log(layout, result)
         return result

@@ -57,16 +57,28 @@ def _fmt(v, digits: int = 1) -> str:
 def _table(metrics: dict[str, dict]) -> list[str]:
     base = metrics.get(BASELINE, {}).get("recall@1")
     ranked = sorted(metrics.items(), key=lambda kv: (-kv[1].get("recall@1", -1.0), kv[0]))
-    lines = ["| rank | head | descriptor | R@1 | R@5 | R@10 | R@20 | ms/image | R@1 vs untrained avg | study R@1 |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| rank | head | descriptor | R@1 | R@5 | R@10 | R@20 | ms/image | R@1 vs untrained avg | study R@1 |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for rank, (name, m) in enumerate(ranked, start=1):
         gain = "—" if base is None or name == BASELINE else f"{m['recall@1'] - base:+.1f}"
         label = f"`{name}` (no VPR training)" if name == BASELINE else f"`{name}`"
-        lines.append("| " + " | ".join([
-            str(rank), label, str(m.get("descriptor_dim", "—")),
-            *(_fmt(m.get(f"recall@{n}")) for n in _NS), _fmt(m.get("ms_per_image"), 2), gain,
-            _fmt(STUDY_R1.get(name)),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(rank),
+                    label,
+                    str(m.get("descriptor_dim", "—")),
+                    *(_fmt(m.get(f"recall@{n}")) for n in _NS),
+                    _fmt(m.get("ms_per_image"), 2),
+                    gain,
+                    _fmt(STUDY_R1.get(name)),
+                ]
+            )
+            + " |"
+        )
     return lines
 
 
@@ -80,8 +92,7 @@ def _findings(metrics: dict[str, dict]) -> list[str]:
             sep = " = " if abs(trained[prev]["recall@1"] - trained[k]["recall@1"]) < 1e-9 else " > "
             measured += f"{sep}{k} ({trained[k]['recall@1']:.1f})"
         study = [h for h in STUDY_ORDER if h in trained]
-        verdict = ("the same order as the study" if order == study else
-                   f"not the study's order ({' > '.join(study)})")
+        verdict = "the same order as the study" if order == study else f"not the study's order ({' > '.join(study)})"
         lines.append(f"- Measured order by R@1: {measured} — {verdict}.")
     base = metrics.get(BASELINE, {}).get("recall@1")
     if base is not None:
@@ -89,16 +100,20 @@ def _findings(metrics: dict[str, dict]) -> list[str]:
             if head in trained:
                 gain = trained[head]["recall@1"] - base
                 ok = "meets" if gain >= 20 else "does NOT meet"
-                lines.append(f"- `{head}` R@1 is {gain:+.1f} points over the untrained avg baseline "
-                             f"({base:.1f}): {ok} the 20-point bar.")
+                lines.append(
+                    f"- `{head}` R@1 is {gain:+.1f} points over the untrained avg baseline "
+                    f"({base:.1f}): {ok} the 20-point bar."
+                )
     ties = [k for k in trained if sum(abs(trained[k]["recall@1"] - v["recall@1"]) < 1e-9 for v in trained.values()) > 1]
     if ties:
         lines.append(f"- Tied at R@1 (ordered by name): {', '.join(sorted(ties))}.")
     any_m = next(iter(metrics.values()), None)
     if any_m:
-        lines.append(f"- {any_m.get('queries')} test queries ({any_m.get('queries_without_positive', 0)} without any "
-                     f"database image within {any_m.get('test_positive_m')} m, which no method can find) against "
-                     f"{any_m.get('database')} database images; extraction on {any_m.get('device', '?')}.")
+        lines.append(
+            f"- {any_m.get('queries')} test queries ({any_m.get('queries_without_positive', 0)} without any "
+            f"database image within {any_m.get('test_positive_m')} m, which no method can find) against "
+            f"{any_m.get('database')} database images; extraction on {any_m.get('device', '?')}."
+        )
     return lines
 
 
@@ -106,14 +121,21 @@ def _approx_lines(metrics: dict[str, dict]) -> list[str]:
     rows = [(k, m["approximate"]) for k, m in metrics.items() if "approximate" in m]
     if not rows:
         return []
-    lines = ["", "## Approximate search", "",
-             "Recall loss against exact search on the same descriptors (points; positive = worse).", "",
-             "| head | index | PCA dim | R@1 | loss@1 | loss@5 | top-1 agreement % | speed-up |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        "## Approximate search",
+        "",
+        "Recall loss against exact search on the same descriptors (points; positive = worse).",
+        "",
+        "| head | index | PCA dim | R@1 | loss@1 | loss@5 | top-1 agreement % | speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for k, a in rows:
-        lines.append(f"| `{k}` | {a['index']} | {a.get('pca_dim') or '—'} | {_fmt(a.get('recall@1'))} | "
-                     f"{_fmt(a.get('recall_loss@1'))} | {_fmt(a.get('recall_loss@5'))} | "
-                     f"{_fmt(a.get('top1_agreement'))} | {_fmt(a.get('speedup'), 2)} |")
+        lines.append(
+            f"| `{k}` | {a['index']} | {a.get('pca_dim') or '—'} | {_fmt(a.get('recall@1'))} | "
+            f"{_fmt(a.get('recall_loss@1'))} | {_fmt(a.get('recall_loss@5'))} | "
+            f"{_fmt(a.get('top1_agreement'))} | {_fmt(a.get('speedup'), 2)} |"
+        )
     return lines
 
 
@@ -170,8 +192,12 @@ def matches_figure(preds: pl.DataFrame, reader, head: str, path: Path, top: int 
             ax = axes[r][c + 1]
             if c < len(row["prediction_ids"]):
                 ok = row["correct"][c]
-                _framed(ax, reader.load(row["prediction_ids"][c]), "tab:green" if ok else "tab:red",
-                        f"#{c + 1}  d={row['distances'][c]:.3f}")
+                _framed(
+                    ax,
+                    reader.load(row["prediction_ids"][c]),
+                    "tab:green" if ok else "tab:red",
+                    f"#{c + 1}  d={row['distances'][c]:.3f}",
+                )
             else:
                 ax.axis("off")
     _save(fig, path)
@@ -181,10 +207,11 @@ def crn_figure(cfg: Config, layout: Layout, reader, query_ids: list[int], path: 
     import torch
     import torch.nn.functional as F
 
-    from vpr.evaluate import eval_transform, load_model
+    from vpr.checkpoints import load_model
+    from vpr.descriptors import eval_transform
 
     model, _ = load_model(layout.checkpoint("crn"), "cpu")
-    tf = eval_transform(cfg)
+    tf = eval_transform(cfg.shards, cfg.train.image_scale)
     images = [reader.load(i) for i in query_ids]
     with torch.inference_mode():
         batch = torch.stack([tf(im) for im in images])
@@ -213,8 +240,15 @@ def positions_figure(index: pl.DataFrame, path: Path) -> None:
         rows = index.filter(pl.col("split") == split)
         for role, marker, color, size in (("database", ".", "tab:blue", 8), ("queries", "x", "tab:red", 16)):
             group = rows.filter(pl.col("role") == role)
-            ax.scatter(group["utm_east"], group["utm_north"], s=size, marker=marker, color=color,
-                       label=f"{role} ({group.height})", alpha=0.7)
+            ax.scatter(
+                group["utm_east"],
+                group["utm_north"],
+                s=size,
+                marker=marker,
+                color=color,
+                label=f"{role} ({group.height})",
+                alpha=0.7,
+            )
         ax.set(title=split, xlabel="east")
         ax.set_aspect("equal", adjustable="datalim")
         ax.ticklabel_format(useOffset=False, style="plain")
@@ -228,8 +262,11 @@ def positions_figure(index: pl.DataFrame, path: Path) -> None:
 
 
 def _recall_csv(metrics: dict[str, dict]) -> str:
-    names = [BASELINE, *[k for k in ("avg", "gem", "netvlad", "crn") if k in metrics],
-             *sorted(k for k in metrics if k not in (BASELINE, "avg", "gem", "netvlad", "crn"))]
+    names = [
+        BASELINE,
+        *[k for k in ("avg", "gem", "netvlad", "crn") if k in metrics],
+        *sorted(k for k in metrics if k not in (BASELINE, "avg", "gem", "netvlad", "crn")),
+    ]
     names = [n for n in names if n in metrics]
     ns = sorted({int(k.split("@")[1]) for m in metrics.values() for k in m if k.startswith("recall@")})
     table = pl.DataFrame({"n": ns, **{n: [metrics[n].get(f"recall@{k}") for k in ns] for n in names}})
@@ -238,7 +275,7 @@ def _recall_csv(metrics: dict[str, dict]) -> str:
 
 def write_report(cfg: Config, layout: Layout) -> Path:
     """Write ``reports/results.md``, ``reports/recall_at_n.csv`` and ``reports/figures/*.png``; return the md path."""
-    from vpr.shards import ShardReader
+    from vpr.shardio import ShardReader
 
     metrics = _load_metrics(cfg, layout)
     if not metrics:
@@ -267,8 +304,9 @@ def write_report(cfg: Config, layout: Layout) -> Path:
         notes.append(f"qualitative matches skipped: {preds_path} missing")
     if layout.checkpoint("crn").exists():
         if not query_ids:
-            query_ids = reader.index.filter((pl.col("split") == "test") & (pl.col("role") == "queries"))[
-                "id"].head(4).to_list()
+            query_ids = (
+                reader.index.filter((pl.col("split") == "test") & (pl.col("role") == "queries"))["id"].head(4).to_list()
+            )
         crn_figure(cfg, layout, reader, query_ids, figdir / FIGURES["crn"])
         made["crn"] = "CRN context masks over query images"
     else:
@@ -280,23 +318,33 @@ def write_report(cfg: Config, layout: Layout) -> Path:
     write_bytes_atomic(layout.reports / "recall_at_n.csv", _recall_csv(metrics).encode())
     any_m = next(iter(metrics.values()))
     lines = [
-        "# Results", "",
+        "# Results",
+        "",
         "Visual place recognition on the test split: a query is found at N when one of its first N "
         f"database matches lies within {any_m.get('test_positive_m', cfg.mining.test_positive_m)} m. "
         "Exact (FAISS flat L2) search; heads ordered by measured R@1. The study's Pitts30k-test R@1 is "
-        "given for reference only (different data, not run here).", "",
-        *_table(metrics), "",
-        "## Findings", "", *_findings(metrics),
-        *_approx_lines(metrics), "",
-        "## Setup", "",
+        "given for reference only (different data, not run here).",
+        "",
+        *_table(metrics),
+        "",
+        "## Findings",
+        "",
+        *_findings(metrics),
+        *_approx_lines(metrics),
+        "",
+        "## Setup",
+        "",
         f"- Images {cfg.shards.width}×{cfg.shards.height} × scale {cfg.train.image_scale}; backbone weights "
         f"{_weights_note(cfg)}; {cfg.train.epochs} epoch(s) × {cfg.train.queries_per_epoch} queries, "
         f"lr {cfg.train.lr}, {cfg.train.mining} mining; NetVLAD/CRN with {cfg.model.netvlad_clusters} clusters.",
         "- ms/image: descriptor extraction wall time (decode + transform + model) per image during evaluation.",
-        "- Sources: `metrics/*.json` (`dvc metrics show`), predictions in `artifacts/predictions/`.", "",
-        "## Figures", "",
+        "- Sources: `metrics/*.json` (`dvc metrics show`), predictions in `artifacts/predictions/`.",
+        "",
+        "## Figures",
+        "",
         *(f"- [{desc}](figures/{FIGURES[key]})" for key, desc in made.items()),
-        *(f"- ({n})" for n in notes), "",
+        *(f"- ({n})" for n in notes),
+        "",
         *(f"![{desc}](figures/{FIGURES[key]})\n" for key, desc in made.items()),
     ]
     out = layout.reports / "results.md"

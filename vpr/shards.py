@@ -5,12 +5,8 @@ and a JSON metadata record under a dot-free key. The tars are byte-identical for
 and parameters (fixed tar headers, sorted order), so DVC sees no change when nothing changed.
 
 ``index.parquet`` gives, for every image id, the shard file, the byte range of its JPEG data
-inside the tar and the CRC-32 of those bytes, so ``ShardReader`` can serve random access (training
-batches) with one ``pread``, while ``iter_split`` streams a split in order through
-``webdataset.WebDataset`` (extraction). Both readers check every sample against the index (size,
-checksum, members): a truncated or corrupted tar is an error naming the shard and the sample, never
-a silently different image, and a sample carrying any member but ``.jpg`` and ``.json`` (e.g. a
-``.pyd``/``.pickle`` payload) is refused; nothing is ever unpickled.
+inside the tar and the CRC-32 of those bytes; the readers that check every sample against it live
+in ``vpr.shardio``.
 
 Writing is all-or-nothing for readers: every new tar and the new index are first written to
 staging names (``*.tar.tmp``); only when all of them are on disk is the old index removed, the tars
@@ -27,40 +23,26 @@ import multiprocessing
 import os
 import re
 import tarfile
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
-from PIL import Image, ImageOps
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vpr.atomic import fsync_dir
-from vpr.catalog import strict_pillow
+from vpr.atomic import fsync_dir, write_parquet_atomic
 from vpr.config import ShardConfig
+from vpr.imageio import encode_jpeg, shard_rendition, strict_pillow
 from vpr.procs import exit_with_parent
+from vpr.shardio import INDEX_FILE, INDEX_SCHEMA, ShardError, checksum, read_index
 
-INDEX_FILE = "index.parquet"
 STAGED_INDEX_FILE = "index.parquet.tmp"  # the next index, written before the commit (never read)
-SAMPLE_MEMBERS = frozenset({"jpg", "json"})  # anything else in a sample is refused, never decoded
 META_FIELDS = ("path", "split", "role", "utm_east", "utm_north", "lat", "lon", "heading", "sha256")
 _SHARD_NAME = re.compile(r"^[a-z]+-[a-z]+-\d{6}\.tar(\.tmp)?$")
 _BLOCK = tarfile.BLOCKSIZE
-_JPEG_SOI = b"\xff\xd8"
-
-INDEX_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.Int64, "key": pl.String, "path": pl.String, "split": pl.String, "role": pl.String,
-    "utm_east": pl.Float64, "utm_north": pl.Float64, "lat": pl.Float64, "lon": pl.Float64,
-    "shard": pl.String, "offset": pl.Int64, "size": pl.Int64, "crc32": pl.Int64,
-}
-
-
-class ShardError(Exception):
-    """A shard is missing, truncated or corrupt, or a source image cannot be packed."""
 
 
 def sample_key(split: str, role: str, n: int) -> str:
@@ -72,11 +54,6 @@ def shard_name(split: str, role: str, n: int) -> str:
     return f"{split}-{role}-{n:06d}.tar"
 
 
-def checksum(data: bytes) -> int:
-    """CRC-32 of a sample's JPEG bytes, as stored in the index's ``crc32`` column."""
-    return zlib.crc32(data)
-
-
 # --------------------------------------------------------------------------- encoding (workers)
 
 
@@ -84,23 +61,10 @@ def encode_image(path: str, height: int, width: int, quality: int) -> bytes:
     """Source file → upright RGB JPEG of exactly ``width``×``height`` (deterministic bytes)."""
     try:
         with strict_pillow(None), Image.open(path) as im:  # ingest already enforced max_pixels
-            _draft(im, width, height)
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            im = im.resize((width, height), Image.Resampling.BILINEAR)
+            rendition = shard_rendition(im, width, height)
     except OSError as exc:
         raise ShardError(f"cannot read source image {path}: {exc}") from None
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _draft(im: Image.Image, width: int, height: int) -> None:
-    """Let the JPEG decoder downscale by 1/2..1/8 while staying at least the target size (speed)."""
-    if im.format != "JPEG":
-        return
-    orientation = im.getexif().get(0x0112)
-    size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-    im.draft("RGB", size)
+    return encode_jpeg(rendition, quality)
 
 
 def _encode_job(job: tuple[str, int, int, int]) -> bytes:
@@ -155,7 +119,7 @@ def write_tar(path: Path, samples: Sequence[tuple[str, bytes, bytes]]) -> list[t
     return ranges
 
 
-def _meta_json(row: dict[str, Any], sample_id: int, key: str) -> bytes:
+def sample_metadata(row: dict[str, Any], sample_id: int, key: str) -> bytes:
     meta = {k: row.get(k) for k in META_FIELDS}
     meta.update(id=sample_id, key=key)
     return json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
@@ -198,13 +162,15 @@ def plan_shards(catalog: pl.DataFrame, per_shard: int) -> list[tuple[str, list[d
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]shard"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("[bold]shard"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
         console=Console(stderr=True),
     )
 
 
-def _encode_rows(rows: list[dict], data_root: Path, cfg: ShardConfig, pool: ProcessPoolExecutor | None
-                 ) -> list[bytes]:
+def _encode_rows(rows: list[dict], data_root: Path, cfg: ShardConfig, pool: ProcessPoolExecutor | None) -> list[bytes]:
     jobs = [(str(data_root / r["path"]), cfg.height, cfg.width, cfg.jpeg_quality) for r in rows]
     if pool is None:
         return [_encode_job(j) for j in jobs]
@@ -218,29 +184,41 @@ def _remove_stale(out_dir: Path, keep: set[str]) -> None:
             f.unlink(missing_ok=True)
 
 
-def _pack(plan: list[tuple[str, list[dict]]], data_root: Path, out_dir: Path, cfg: ShardConfig,
-          workers: int) -> list[dict]:
+def _pack(
+    plan: list[tuple[str, list[dict]]], data_root: Path, out_dir: Path, cfg: ShardConfig, workers: int
+) -> list[dict]:
     """Encode every planned shard into its staging file; index rows (catalog row + shard, offset, size, crc32).
 
     Nothing a reader looks at is touched: the tars are written as ``*.tar.tmp`` (see ``_commit``).
     """
     index_rows: list[dict] = []
-    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                initializer=exit_with_parent, initargs=(os.getpid(),))
-            if workers > 1 else None)  # spawn: callers (Prefect thread runners) may hold locks
+    pool = (
+        ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=exit_with_parent,
+            initargs=(os.getpid(),),
+        )
+        if workers > 1
+        else None
+    )  # spawn: callers (Prefect thread runners) may hold locks
     try:
         with _progress() as bar:
             task = bar.add_task("shard", total=sum(len(rows) for _, rows in plan))
             for name, rows in plan:
                 jpgs = _encode_rows(rows, data_root, cfg, pool)
-                samples = [(r["key"], j, _meta_json(r, r["id"], r["key"])) for r, j in zip(rows, jpgs)]
+                samples = [(r["key"], j, sample_metadata(r, r["id"], r["key"])) for r, j in zip(rows, jpgs)]
                 try:
                     ranges = _write_tar_file(staged(out_dir / name), samples)
                 except OSError as exc:  # ENOSPC, EDQUOT, EIO...: name the file and the cause
-                    raise ShardError(f"cannot write shard {name} in {out_dir}: {exc.strerror or exc}; "
-                                     "the previous shards and index are unchanged") from exc
-                index_rows += [{**r, "shard": name, "offset": off, "size": size, "crc32": checksum(j)}
-                               for r, j, (off, size) in zip(rows, jpgs, ranges)]
+                    raise ShardError(
+                        f"cannot write shard {name} in {out_dir}: {exc.strerror or exc}; "
+                        "the previous shards and index are unchanged"
+                    ) from exc
+                index_rows += [
+                    {**r, "shard": name, "offset": off, "size": size, "crc32": checksum(j)}
+                    for r, j, (off, size) in zip(rows, jpgs, ranges)
+                ]
                 bar.advance(task, len(rows))
     finally:
         if pool is not None:
@@ -299,8 +277,9 @@ def write_shards(
                 os.fsync(fh.fileno())
         except Exception as exc:  # noqa: BLE001 - OSError or polars' own I/O error (full disk...)
             why = getattr(exc, "strerror", None) or exc
-            raise ShardError(f"cannot write the shard index in {out_dir}: {why}; "
-                             "the previous shards and index are unchanged") from exc
+            raise ShardError(
+                f"cannot write the shard index in {out_dir}: {why}; the previous shards and index are unchanged"
+            ) from exc
     except BaseException:
         _discard_staged(out_dir, names)
         raise
@@ -309,185 +288,39 @@ def write_shards(
     return index_path
 
 
-# --------------------------------------------------------------------------- readers
+# --------------------------------------------------------------------------- appending (re-indexing)
 
 
-def read_index(shards_dir: str | Path) -> pl.DataFrame:
-    """The shard index table (``id``, ``key``, ``shard``, ``offset``, ``size``, geo columns)."""
-    path = Path(shards_dir) / INDEX_FILE
-    if not path.exists():
-        raise ShardError(f"shard index not found: {path} (run `vpr shard` first)")
-    return pl.read_parquet(path)
+def write_new_shards(
+    shards_dir: str | Path, samples: Sequence[tuple[str, int, str, dict, Path]], cfg: ShardConfig
+) -> list[dict]:
+    """Write ``(shard name, id, key, catalog row, source file)`` samples into new tar files (each atomic).
 
-
-class ShardReader:
-    """Random access to shard JPEGs by image id, via the index's byte ranges.
-
-    File descriptors are opened lazily, per process (a pickled or forked reader reopens its own),
-    and read with ``os.pread`` so threads and DataLoader workers never share a file position.
+    Existing tars are never rewritten and nothing references the new ones until ``append_to_index``;
+    returns the index rows (byte ranges, checksums) for it.
     """
-
-    def __init__(self, shards_dir: str | Path) -> None:
-        self.shards_dir = Path(shards_dir)
-        index = read_index(self.shards_dir).sort("id")
-        if index["id"].to_list() != list(range(index.height)):
-            raise ShardError(f"{self.shards_dir / INDEX_FILE}: ids are not 0..N-1")
-        self.index = index
-        self._shard: list[str] = index["shard"].to_list()
-        self._key: list[str] = index["key"].to_list()
-        self._offset: list[int] = index["offset"].to_list()
-        self._size: list[int] = index["size"].to_list()
-        # indexes written before checksums were recorded (or rows appended without one): size check only
-        self._crc: list[int | None] = (index["crc32"].to_list() if "crc32" in index.columns
-                                       else [None] * index.height)
-        self._fds: dict[str, int] = {}
-        self._pid = os.getpid()
-
-    def __len__(self) -> int:
-        return len(self._shard)
-
-    def _fd(self, shard: str) -> int:
-        if self._pid != os.getpid():  # inherited through fork: descriptors belong to the parent
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(shard)
-        if fd is None:
-            try:
-                fd = os.open(self.shards_dir / shard, os.O_RDONLY)
-            except OSError as exc:
-                raise ShardError(f"cannot open shard {shard} in {self.shards_dir}: {exc}") from None
-            self._fds[shard] = fd
-        return fd
-
-    def _where(self, i: int) -> str:
-        return f"shard {self.shards_dir / self._shard[i]}, sample {self._key[i]} (id {i})"
-
-    def read_jpeg(self, i: int) -> bytes:
-        """The stored JPEG bytes of image ``i``; ``ShardError`` if the shard is short or corrupt."""
-        if not 0 <= i < len(self):
-            raise IndexError(f"image id {i} out of range 0..{len(self) - 1}")
-        data = os.pread(self._fd(self._shard[i]), self._size[i], self._offset[i])
-        if len(data) != self._size[i]:
-            raise ShardError(f"truncated {self._where(i)}: expected {self._size[i]} bytes at offset "
-                             f"{self._offset[i]}, got {len(data)}")
-        if not data.startswith(_JPEG_SOI):
-            raise ShardError(f"corrupt {self._where(i)}: data at offset {self._offset[i]} is not a JPEG")
-        crc = self._crc[i]
-        if crc is not None and checksum(data) != crc:
-            raise ShardError(f"corrupt {self._where(i)}: the {self._size[i]} bytes at offset {self._offset[i]} "
-                             f"do not match the index checksum (crc32 {checksum(data):08x}, expected {crc:08x})")
-        return data
-
-    def load(self, i: int) -> Image.Image:
-        """Image ``i`` decoded to RGB."""
-        data = self.read_jpeg(i)
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                return im.convert("RGB")
-        except OSError as exc:
-            raise ShardError(f"corrupt {self._where(i)}: {exc}") from None
-
-    def close(self) -> None:
-        if self._pid == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
-        self._fds = {}
-
-    def __enter__(self) -> "ShardReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_fds"] = {}  # descriptors do not travel; the receiving process opens its own
-        return state
+    shards_dir = Path(shards_dir)
+    by_shard: dict[str, list[tuple[int, str, dict, Path]]] = {}
+    for name, sample_id, key, row, src in samples:
+        by_shard.setdefault(name, []).append((sample_id, key, row, src))
+    rows = []
+    for name, items in sorted(by_shard.items()):
+        jpgs = [encode_image(str(src), cfg.height, cfg.width, cfg.jpeg_quality) for _, _, _, src in items]
+        tar_samples = [(key, jpg, sample_metadata(row, i, key)) for (i, key, row, _), jpg in zip(items, jpgs)]
+        ranges = write_tar(shards_dir / name, tar_samples)
+        for (i, key, row, _), jpg, (offset, size) in zip(items, jpgs, ranges):
+            entry = {k: row.get(k) for k in INDEX_SCHEMA}
+            entry.update(id=i, key=key, shard=name, offset=offset, size=size, crc32=checksum(jpg))
+            rows.append(entry)
+    return rows
 
 
-@dataclass(frozen=True)
-class _ShardPlan:
-    """What the index says one shard holds: keys in order and each jpg's byte range."""
-
-    url: Path
-    keys: list[str]
-    ends: list[int]  # offset + size of each sample's jpg data
-    crcs: list[int | None]  # the index's checksum of each sample's jpg data (None: not recorded)
-
-
-def split_shards(shards_dir: str | Path, split: str, role: str) -> list[_ShardPlan]:
-    """Shard files of one split/role in order, each with the samples the index says it holds."""
-    index = read_index(shards_dir).filter((pl.col("split") == split) & (pl.col("role") == role)).sort("id")
-    if "crc32" not in index.columns:
+def append_to_index(shards_dir: str | Path, rows: list[dict]) -> Path:
+    """Add rows (from ``write_new_shards``) to the shard index in one atomic replace; the new tars go live."""
+    shards_dir = Path(shards_dir)
+    index = read_index(shards_dir)
+    if "crc32" not in index.columns:  # an index from before checksums: its rows stay unchecked
         index = index.with_columns(pl.lit(None, pl.Int64).alias("crc32"))
-    plans: dict[str, _ShardPlan] = {}
-    for shard, key, offset, size, crc in index.select("shard", "key", "offset", "size", "crc32").iter_rows():
-        plan = plans.setdefault(shard, _ShardPlan(Path(shards_dir) / shard, [], [], []))
-        plan.keys.append(key)
-        plan.ends.append(offset + size)
-        plan.crcs.append(crc)
-    return [plans[name] for name in sorted(plans)]
-
-
-def _damage(plan: _ShardPlan, n_read: int, exc: Exception) -> ShardError:
-    """Name the first sample the file cannot hold (truncation), else the one being read."""
-    size = plan.url.stat().st_size if plan.url.exists() else 0
-    cut = next((k for k, end in zip(plan.keys, plan.ends) if end > size), None)
-    where = (f"sample {cut} lies beyond the end of the file ({size} bytes)" if cut is not None
-             else f"at or after sample {plan.keys[min(n_read, len(plan.keys) - 1)]}")
-    reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else repr(exc)
-    return ShardError(f"shard {plan.url} is truncated or corrupt: {where}; "
-                      f"{n_read} of {len(plan.keys)} samples read ({reason})")
-
-
-def _stream_shard(plan: _ShardPlan) -> Iterator[tuple[str, Image.Image, dict]]:
-    """Stream one tar through WebDataset, checking every sample against the index."""
-    import webdataset as wds  # imports torch (~1.5 s): keep it out of the resize workers' start-up
-
-    url, expected = plan.url, plan.keys
-    if not url.exists():
-        raise ShardError(f"shard missing: {url}")
-    # workersplitter=None: this one shard is read whole wherever it runs (WebDataset's default would give
-    # it to DataLoader worker 0 only and leave the others empty, so streaming in workers failed)
-    dataset = wds.WebDataset(str(url), shardshuffle=False, empty_check=False, handler=wds.reraise_exception,
-                             workersplitter=None)
-    n = 0
-    try:
-        for sample in dataset:
-            key = sample["__key__"]
-            if n >= len(expected) or key != expected[n]:
-                raise ShardError(f"shard {url}: unexpected sample {key} (index expects "
-                                 f"{expected[n] if n < len(expected) else 'end of shard'})")
-            members = {k for k in sample if not k.startswith("__")}
-            if members - SAMPLE_MEMBERS:  # e.g. .pyd / .pickle: a payload we never decode, let alone unpickle
-                extra = ", ".join(f".{m}" for m in sorted(members - SAMPLE_MEMBERS))
-                raise ShardError(f"shard {url}: sample {key} has unexpected member(s) {extra}; only .jpg and "
-                                 ".json are allowed (refused, nothing was decoded)")
-            if "jpg" not in sample or "json" not in sample:
-                raise ShardError(f"shard {url}: sample {key} is incomplete (truncated or corrupt tar)")
-            crc = plan.crcs[n]
-            if crc is not None and checksum(sample["jpg"]) != crc:
-                raise ShardError(f"shard {url}: sample {key} is corrupt: its jpg data does not match the "
-                                 f"index checksum (crc32 {checksum(sample['jpg']):08x}, expected {crc:08x})")
-            with Image.open(io.BytesIO(sample["jpg"])) as im:
-                image = im.convert("RGB")
-            yield key, image, json.loads(sample["json"])
-            n += 1
-    except ShardError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - tarfile.ReadError, OSError from PIL, JSON errors...
-        raise _damage(plan, n, exc) from exc
-    if n != len(expected):
-        raise ShardError(f"shard {url} ends early (truncated or corrupt): {n} of {len(expected)} "
-                         f"samples read, first missing {expected[n]}")
-
-
-def iter_split(shards_dir: str | Path, split: str, role: str) -> Iterator[tuple[str, Image.Image, dict]]:
-    """Stream ``(key, RGB image, metadata)`` of one split/role in id order (descriptor extraction)."""
-    for plan in split_shards(shards_dir, split, role):
-        yield from _stream_shard(plan)
+    new = pl.DataFrame(rows, schema=INDEX_SCHEMA)
+    merged = pl.concat([index.cast(INDEX_SCHEMA), new]).sort("id")  # type: ignore[arg-type]
+    return write_parquet_atomic(merged, shards_dir / INDEX_FILE)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,106 +23,30 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from vpr.atomic import atomic_path, write_bytes_atomic
+from vpr.atomic import write_bytes_atomic
+from vpr.checkpoints import CheckpointError as CheckpointError  # raised here for unreadable checkpoints
+from vpr.checkpoints import load_checkpoint, save_checkpoint
 from vpr.config import Config
-from vpr.descriptors import (ShardImages, autocast, extract, image_transform, loader_kwargs, resolve_device,
-                             use_bf16)
-from vpr.evaluate import exact_search, recall_at_n
+from vpr.descriptors import (
+    autocast,
+    extract,
+    image_batches,
+    image_transform,
+    loader_kwargs,
+    resolve_device,
+    use_bf16,
+)
 from vpr.layout import Layout
 from vpr.models import VPRModel, build_model
+from vpr.retrieval import exact_search, recall_at_n
 from vpr.rng import reseed_torch_rng
-from vpr.shards import ShardReader, read_index
+from vpr.shardio import ShardReader
+from vpr.splits import SplitData, load_split
+from vpr.triplets import TripletImages, select_triplets, triplet_loss
 
-HISTORY_COLUMNS = ["epoch", "loss", "recall@1", "recall@5", "recall@10", "recall@20", "seconds",
-                   "images_per_s"]
-
-
-@dataclass(frozen=True)
-class SplitData:
-    """A split's mined queries as shard ids, positives as indices into ``db_ids``."""
-
-    db_ids: np.ndarray
-    q_ids: np.ndarray
-    hard: list[np.ndarray]
-    soft: list[np.ndarray]
-
-
-def load_split(index: pl.DataFrame, mining: pl.DataFrame, split: str) -> SplitData:
-    """Join a mining table with the shard index: paths become ids."""
-    rows = index.filter(pl.col("split") == split)
-    db = rows.filter(pl.col("role") == "database").sort("path")
-    db_pos = {p: i for i, p in enumerate(db["path"].to_list())}
-    q_id = dict(rows.filter(pl.col("role") == "queries").select("path", "id").iter_rows())
-    missing = [p for p in mining["path"].to_list() if p not in q_id]
-    if missing:
-        raise ValueError(f"{len(missing)} mined {split} queries are not in the shard index, e.g. {missing[0]}")
-
-    def positions(paths: list[str]) -> np.ndarray:
-        return np.array([db_pos[p] for p in paths], dtype=np.int64)
-
-    return SplitData(
-        db_ids=db["id"].to_numpy().astype(np.int64),
-        q_ids=np.array([q_id[p] for p in mining["path"].to_list()], dtype=np.int64),
-        hard=[positions(h) for h in mining["hard_positives"].to_list()],
-        soft=[positions(s) for s in mining["soft_positives"].to_list()],
-    )
-
-
-def select_triplets(q_desc: np.ndarray, pool_desc: np.ndarray, pool_idx: np.ndarray,
-                    hard: list[np.ndarray], soft: list[np.ndarray], candidates: np.ndarray,
-                    n_neg: int, n_db: int, rng: np.random.Generator) -> np.ndarray:
-    """Per query: [best positive, n_neg hardest negatives] as database indices (m × (1+n_neg)).
-
-    ``pool_idx`` (sorted) lists the database indices whose descriptors are in ``pool_desc``.
-    Negatives are the nearest ``candidates`` that are not soft positives; with no candidates (or
-    too few) the rest is drawn uniformly from the database's non-positives.
-    """
-    m = len(q_desc)
-    out = np.empty((m, 1 + n_neg), dtype=np.int64)
-    cand_rows = np.searchsorted(pool_idx, candidates)
-    cand_desc = pool_desc[cand_rows] if len(candidates) else np.empty((0, q_desc.shape[1]), np.float32)
-    dist = (np.sum(q_desc**2, 1)[:, None] + np.sum(cand_desc**2, 1)[None, :] - 2.0 * q_desc @ cand_desc.T)
-    for i in range(m):
-        pos_rows = np.searchsorted(pool_idx, hard[i])
-        d_pos = np.sum((pool_desc[pos_rows] - q_desc[i]) ** 2, 1)
-        out[i, 0] = hard[i][int(np.argmin(d_pos))]
-        row = dist[i].copy()
-        if len(candidates):
-            row[np.isin(candidates, soft[i])] = np.inf
-        valid = int(np.isfinite(row).sum())
-        take = min(n_neg, valid)
-        chosen = candidates[np.argsort(row, kind="stable")[:take]] if take else np.empty(0, np.int64)
-        if take < n_neg:
-            chosen = np.concatenate([chosen, _random_negatives(n_db, soft[i], chosen, n_neg - take, rng)])
-        out[i, 1:] = chosen
-    return out
-
-
-def _random_negatives(n_db: int, soft: np.ndarray, exclude: np.ndarray, k: int,
-                      rng: np.random.Generator) -> np.ndarray:
-    allowed = np.setdiff1d(np.arange(n_db), np.concatenate([soft, exclude]), assume_unique=False)
-    if len(allowed) == 0:
-        raise ValueError("no database image is a negative for some query: the split is too small")
-    return rng.choice(allowed, size=k, replace=len(allowed) < k)
-
-
-class TripletImages(Dataset):
-    """One query's triplet images stacked: (2 + n_neg) × 3 × H × W."""
-
-    def __init__(self, reader: ShardReader, triplet_ids: np.ndarray, query_transform, db_transform):
-        self.reader, self.ids = reader, triplet_ids
-        self.query_transform, self.db_transform = query_transform, db_transform
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        row = self.ids[i]
-        images = [self.query_transform(self.reader.load(int(row[0])))]
-        images += [self.db_transform(self.reader.load(int(j))) for j in row[1:]]
-        return torch.stack(images)
+HISTORY_COLUMNS = ["epoch", "loss", "recall@1", "recall@5", "recall@10", "recall@20", "seconds", "images_per_s"]
 
 
 class TrunkCache:
@@ -135,18 +58,29 @@ class TrunkCache:
     ``layer3`` + head only, and gives a resumed run exactly the features of an uninterrupted one.
     """
 
-    def __init__(self, model: VPRModel, reader: ShardReader, ids: np.ndarray, transform,
-                 device: torch.device, batch_size: int, bf16: bool = False) -> None:
+    def __init__(
+        self,
+        model: VPRModel,
+        reader: ShardReader,
+        ids: np.ndarray,
+        transform,
+        device: torch.device,
+        batch_size: int,
+        bf16: bool = False,
+    ) -> None:
         self.ids = np.unique(ids)
         self.model, self.bf16 = model, bf16
-        chunks = []
+        features: torch.Tensor | None = None
         model.eval()
         with torch.inference_mode():
-            for start in range(0, len(self.ids), batch_size):
-                batch = torch.stack([transform(reader.load(int(i))) for i in self.ids[start:start + batch_size]])
+            for positions, batch in image_batches(reader, self.ids, transform, device=device, batch_size=batch_size):
                 with autocast(device, bf16):  # stored in float32 either way
-                    chunks.append(model.backbone.trunk(batch.to(device)).float())
-        self.features = torch.cat(chunks)
+                    out = model.backbone.trunk(batch).float()
+                if features is None:
+                    features = torch.empty((len(self.ids), *out.shape[1:]), dtype=out.dtype, device=out.device)
+                features[torch.from_numpy(positions).to(out.device)] = out
+        assert features is not None, "no images to cache"
+        self.features = features
         model.train()
 
     @staticmethod
@@ -156,7 +90,9 @@ class TrunkCache:
 
     def get(self, ids: np.ndarray) -> torch.Tensor:
         rows = np.searchsorted(self.ids, np.asarray(ids).ravel())
-        if np.any(rows >= len(self.ids)) or np.any(self.ids[np.minimum(rows, len(self.ids) - 1)] != np.asarray(ids).ravel()):
+        if np.any(rows >= len(self.ids)) or np.any(
+            self.ids[np.minimum(rows, len(self.ids) - 1)] != np.asarray(ids).ravel()
+        ):
             raise KeyError("image id not in the trunk cache")
         return self.features[torch.from_numpy(rows)]
 
@@ -168,7 +104,7 @@ class TrunkCache:
         out = []
         for i in range(0, len(ids), batch_size):
             with autocast(device, self.bf16):
-                out.append(self.model.forward_from_trunk(self.get(ids[i:i + batch_size])).float().cpu().numpy())
+                out.append(self.model.forward_from_trunk(self.get(ids[i : i + batch_size])).float().cpu().numpy())
         self.model.train(was_training)
         return np.concatenate(out) if out else np.empty((0, self.model.descriptor_dim), np.float32)
 
@@ -180,27 +116,37 @@ def use_trunk_cache(cfg: Config, device: torch.device, n_images: int) -> bool:
         return mode == "on" and cfg.model.freeze_early_layers
     h = round(cfg.shards.height * cfg.train.image_scale)
     w = round(cfg.shards.width * cfg.train.image_scale)
-    return (cfg.model.freeze_early_layers and device.type == "cpu"
-            and TrunkCache.estimate_bytes(n_images, h, w) < 4 * 2**30)
+    return (
+        cfg.model.freeze_early_layers and device.type == "cpu" and TrunkCache.estimate_bytes(n_images, h, w) < 4 * 2**30
+    )
 
 
-def descriptors(model: VPRModel, reader: ShardReader, ids: np.ndarray, transform, cfg: Config,
-                device: torch.device, cache: TrunkCache | None) -> np.ndarray:
+def descriptors(
+    model: VPRModel,
+    reader: ShardReader,
+    ids: np.ndarray,
+    transform,
+    cfg: Config,
+    device: torch.device,
+    cache: TrunkCache | None,
+) -> np.ndarray:
     """Inference-mode descriptors, from the trunk cache when there is one."""
     if cache is not None:
         return cache.descriptors(ids, cfg.evaluate.batch_size)
-    return extract(model, reader, ids, transform, device=device, batch_size=cfg.evaluate.batch_size,
-                   workers=cfg.train.workers)
+    return extract(
+        model, reader, ids, transform, device=device, batch_size=cfg.evaluate.batch_size, workers=cfg.train.workers
+    )
 
 
-def triplet_loss(desc: torch.Tensor, margin: float) -> torch.Tensor:
-    """Mean triplet margin loss over (query, best positive, each negative); desc is B×(2+N)×D."""
-    q, p, n = desc[:, :1], desc[:, 1:2], desc[:, 2:]
-    return F.triplet_margin_loss(q.expand_as(n), p.expand_as(n), n, margin=margin, p=2)
-
-
-def validate(model: VPRModel, reader: ShardReader, val: SplitData, transform, cfg: Config,
-             device: torch.device, cache: TrunkCache | None = None) -> dict[int, float]:
+def validate(
+    model: VPRModel,
+    reader: ShardReader,
+    val: SplitData,
+    transform,
+    cfg: Config,
+    device: torch.device,
+    cache: TrunkCache | None = None,
+) -> dict[int, float]:
     """Recall@N on the validation split (soft positives, exact search)."""
     db = descriptors(model, reader, val.db_ids, transform, cfg, device, cache)
     q = descriptors(model, reader, val.q_ids, transform, cfg, device, cache)
@@ -208,8 +154,9 @@ def validate(model: VPRModel, reader: ShardReader, val: SplitData, transform, cf
     return recall_at_n(ranked, val.soft, cfg.evaluate.recall_at)
 
 
-def init_netvlad(model: VPRModel, reader: ShardReader, db_ids: np.ndarray, transform, cfg: Config,
-                 device: torch.device, seed: int) -> None:
+def init_netvlad(
+    model: VPRModel, reader: ShardReader, db_ids: np.ndarray, transform, cfg: Config, device: torch.device, seed: int
+) -> None:
     """k-means (faiss) centroids from local conv4 descriptors sampled over training images."""
     rng = np.random.default_rng(seed)
     target = cfg.model.kmeans_descriptors
@@ -219,15 +166,19 @@ def init_netvlad(model: VPRModel, reader: ShardReader, db_ids: np.ndarray, trans
     n_images = min(len(db_ids), max(cfg.model.netvlad_clusters, math.ceil(target / per_image)))
     ids = np.sort(rng.choice(db_ids, size=n_images, replace=False))
     chunks = []
+    waiting: dict[int, np.ndarray] = {}  # streamed out of order (loader workers): held until their turn
     model.eval()
     with torch.inference_mode():
-        loader = DataLoader(ShardImages(reader, ids, transform), batch_size=cfg.evaluate.batch_size,
-                            **loader_kwargs(device, cfg.train.workers))
-        for batch in loader:
+        batches = image_batches(
+            reader, ids, transform, device=device, batch_size=cfg.evaluate.batch_size, workers=cfg.train.workers
+        )
+        for positions, batch in batches:
             with autocast(device):
-                feats = model.features(batch.to(device)).float()
+                feats = model.features(batch).float()
             local = F.normalize(feats, dim=1).flatten(2).transpose(1, 2).cpu().numpy()  # B×HW×D
-            for f in local:
+            waiting.update(zip(positions.tolist(), local))
+            while len(chunks) in waiting:  # sample in id order, so the draws do not depend on the workers
+                f = waiting.pop(len(chunks))
                 chunks.append(f[rng.choice(len(f), size=min(per_image, len(f)), replace=False)])
     descriptors = np.concatenate(chunks).astype(np.float32)
     head = model.head
@@ -235,44 +186,16 @@ def init_netvlad(model: VPRModel, reader: ShardReader, db_ids: np.ndarray, trans
     model.train()
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be trusted or read (foreign objects, damaged archive)."""
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely: ``weights_only=True`` never unpickles arbitrary objects.
-
-    A file holding anything but tensors and plain containers (a pickled object whose loading would run
-    code) is refused with ``CheckpointError``, as is a damaged archive; nothing in it is executed.
-    """
-    import pickle
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain "
-                              f"data (loaded with weights_only=True; nothing in it was run): "
-                              f"{str(exc).splitlines()[0]}") from None
-    except (RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a vpr checkpoint (a {type(state).__name__}, not a dict)")
-    return state
-
-
-def _save(obj: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def _write_history(history: list[dict], path: Path) -> None:
     table = pl.DataFrame(history, schema={c: pl.Float64 for c in HISTORY_COLUMNS}).with_columns(
-        pl.col("epoch").cast(pl.Int64))
+        pl.col("epoch").cast(pl.Int64)
+    )
     write_bytes_atomic(path, table.write_csv().encode())
 
 
-def build_training_model(head: str, cfg: Config, layout: Layout, reader: ShardReader,
-                         train: SplitData, transform, device: torch.device) -> VPRModel:
+def build_training_model(
+    head: str, cfg: Config, layout: Layout, reader: ShardReader, train: SplitData, transform, device: torch.device
+) -> VPRModel:
     """A fresh model for ``head``; NetVLAD gets k-means centroids, CRN starts from this run's NetVLAD."""
     model = build_model(head, cfg.model, seed=cfg.train.seed).to(device)
     if head == "netvlad":
@@ -280,23 +203,32 @@ def build_training_model(head: str, cfg: Config, layout: Layout, reader: ShardRe
     elif head == "crn":
         source = layout.checkpoint("netvlad")
         if not source.exists():
-            raise FileNotFoundError(f"CRN starts from this run's NetVLAD, but {source} is missing: "
-                                    "train the netvlad head first")
+            raise FileNotFoundError(
+                f"CRN starts from this run's NetVLAD, but {source} is missing: train the netvlad head first"
+            )
         state = load_checkpoint(source)["model"]
-        model.backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items()
-                                        if k.startswith("backbone.")})
+        model.backbone.load_state_dict(
+            {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+        )
         model.head.load_netvlad_state(state)
     return model
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
-                    transient=not sys.stderr.isatty(), disable=not sys.stderr.isatty())
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        transient=not sys.stderr.isatty(),
+        disable=not sys.stderr.isatty(),
+    )
 
 
-def train_head(head: str, cfg: Config, layout: Layout, *, resume: bool = False,
-               stop_after_batches: int | None = None) -> dict:
+def train_head(
+    head: str, cfg: Config, layout: Layout, *, resume: bool = False, stop_after_batches: int | None = None
+) -> dict:
     """Train one head; returns a summary. ``stop_after_batches`` simulates an interruption (tests)."""
     tc = cfg.train
     device = resolve_device(tc.device)
@@ -311,8 +243,11 @@ def train_head(head: str, cfg: Config, layout: Layout, *, resume: bool = False,
 
     last_path = layout.last_checkpoint(head)
     state = load_checkpoint(last_path) if resume and last_path.exists() else None
-    model = (build_model(head, cfg.model, seed=tc.seed).to(device) if state else
-             build_training_model(head, cfg, layout, reader, train, eval_tf, device))
+    model = (
+        build_model(head, cfg.model, seed=tc.seed).to(device)
+        if state
+        else build_training_model(head, cfg, layout, reader, train, eval_tf, device)
+    )
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr)
@@ -326,8 +261,11 @@ def train_head(head: str, cfg: Config, layout: Layout, *, resume: bool = False,
     step_model = torch.compile(model) if tc.compile and device.type == "cuda" else model
     touched = np.concatenate([train.db_ids, train.q_ids, val.db_ids, val.q_ids])
     step_bf16 = use_bf16(device, tc.precision)
-    cache = (TrunkCache(model, reader, touched, eval_tf, device, cfg.evaluate.batch_size, bf16=step_bf16)
-             if use_trunk_cache(cfg, device, len(touched)) else None)
+    cache = (
+        TrunkCache(model, reader, touched, eval_tf, device, cfg.evaluate.batch_size, bf16=step_bf16)
+        if use_trunk_cache(cfg, device, len(touched))
+        else None
+    )
     batches_done = 0
     for epoch in range(start_epoch, tc.epochs + 1):
         if bad_epochs >= tc.patience:
@@ -340,7 +278,7 @@ def train_head(head: str, cfg: Config, layout: Layout, *, resume: bool = False,
         with _progress() as progress:
             task = progress.add_task(f"{head} epoch {epoch}/{tc.epochs}", total=n_batches, loss=0.0)
             for start in range(0, len(order), tc.refresh_every):
-                chunk = order[start:start + tc.refresh_every]
+                chunk = order[start : start + tc.refresh_every]
                 triplets = _mine_chunk(model, reader, train, chunk, eval_tf, cfg, device, rng, cache)
                 ids = np.concatenate([train.q_ids[chunk][:, None], train.db_ids[triplets]], axis=1)
                 model.train()
@@ -360,26 +298,61 @@ def train_head(head: str, cfg: Config, layout: Layout, *, resume: bool = False,
                         return {"head": head, "interrupted": True, "epoch": epoch}
         seconds = time.perf_counter() - t0
         recalls = validate(model, reader, val, eval_tf, cfg, device, cache)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **{f"recall@{n}": recalls.get(n, float("nan"))
-                        for n in (1, 5, 10, 20)}, "seconds": seconds, "images_per_s": images / seconds})
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                **{f"recall@{n}": recalls.get(n, float("nan")) for n in (1, 5, 10, 20)},
+                "seconds": seconds,
+                "images_per_s": images / seconds,
+            }
+        )
         improved = recalls[5] > best if 5 in recalls else True
         if improved:
             best, bad_epochs = recalls.get(5, best), 0
-            _save({"model": model.state_dict(), "head": head, "epoch": epoch, "recall5": best,
-                   "model_config": cfg.model.model_dump()}, layout.checkpoint(head))
+            save_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "head": head,
+                    "epoch": epoch,
+                    "recall5": best,
+                    "model_config": cfg.model.model_dump(),
+                },
+                layout.checkpoint(head),
+            )
         else:
             bad_epochs += 1
-        _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-               "history": history, "best_recall5": best, "bad_epochs": bad_epochs, "head": head}, last_path)
+        save_checkpoint(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "best_recall5": best,
+                "bad_epochs": bad_epochs,
+                "head": head,
+            },
+            last_path,
+        )
         _write_history(history, layout.history(head))
-        print(f"{head} epoch {epoch}: loss {history[-1]['loss']:.4f} val R@1 {recalls.get(1, float('nan')):.1f} "
-              f"R@5 {recalls.get(5, float('nan')):.1f} ({seconds:.1f} s, {images / seconds:.1f} img/s)",
-              file=sys.stderr)
+        print(
+            f"{head} epoch {epoch}: loss {history[-1]['loss']:.4f} val R@1 {recalls.get(1, float('nan')):.1f} "
+            f"R@5 {recalls.get(5, float('nan')):.1f} ({seconds:.1f} s, {images / seconds:.1f} img/s)",
+            file=sys.stderr,
+        )
     return {"head": head, "best_recall5": best, "epochs": len(history), "history": history}
 
 
-def _batches(ids: np.ndarray, reader: ShardReader, query_tf, db_tf, cfg: Config, device: torch.device,
-             rng: np.random.Generator, cache: TrunkCache | None):
+def _batches(
+    ids: np.ndarray,
+    reader: ShardReader,
+    query_tf,
+    db_tf,
+    cfg: Config,
+    device: torch.device,
+    rng: np.random.Generator,
+    cache: TrunkCache | None,
+):
     """Training inputs per batch of queries: (tensor, queries, images per query).
 
     With a trunk cache the tensor holds trunk maps (augmented queries are encoded live); without,
@@ -390,7 +363,7 @@ def _batches(ids: np.ndarray, reader: ShardReader, query_tf, db_tf, cfg: Config,
     if cache is not None:
         augment = cfg.train.augment.enabled
         for start in range(0, len(ids), b_size):
-            rows = ids[start:start + b_size]
+            rows = ids[start : start + b_size]
             b, n = rows.shape
             feats = cache.get(rows).view(b, n, *cache.features.shape[1:]).clone()
             if augment:
@@ -399,9 +372,12 @@ def _batches(ids: np.ndarray, reader: ShardReader, query_tf, db_tf, cfg: Config,
                     feats[:, 0] = cache.model.backbone.trunk(queries)
             yield feats.flatten(0, 1), b, n
         return
-    loader = DataLoader(TripletImages(reader, ids, query_tf, db_tf), batch_size=b_size, shuffle=False,
-                        **loader_kwargs(device, tc.workers,
-                                        torch.Generator().manual_seed(int(rng.integers(2**31)))))
+    loader = DataLoader(
+        TripletImages(reader, ids, query_tf, db_tf),
+        batch_size=b_size,
+        shuffle=False,
+        **loader_kwargs(device, tc.workers, torch.Generator().manual_seed(int(rng.integers(2**31)))),
+    )
     for batch in loader:
         b, n = batch.shape[:2]
         batch = batch.flatten(0, 1).to(device, non_blocking=True)
@@ -410,9 +386,17 @@ def _batches(ids: np.ndarray, reader: ShardReader, query_tf, db_tf, cfg: Config,
         yield batch, b, n
 
 
-def _mine_chunk(model: VPRModel, reader: ShardReader, train: SplitData, chunk: np.ndarray, transform,
-                cfg: Config, device: torch.device, rng: np.random.Generator,
-                cache: TrunkCache | None = None) -> np.ndarray:
+def _mine_chunk(
+    model: VPRModel,
+    reader: ShardReader,
+    train: SplitData,
+    chunk: np.ndarray,
+    transform,
+    cfg: Config,
+    device: torch.device,
+    rng: np.random.Generator,
+    cache: TrunkCache | None = None,
+) -> np.ndarray:
     """Refresh descriptors for a chunk of queries and pick their triplets (database indices)."""
     tc = cfg.train
     n_db = len(train.db_ids)
@@ -426,5 +410,14 @@ def _mine_chunk(model: VPRModel, reader: ShardReader, train: SplitData, chunk: n
     pool_idx = np.unique(np.concatenate([positives, candidates]))
     pool_desc = descriptors(model, reader, train.db_ids[pool_idx], transform, cfg, device, cache)
     q_desc = descriptors(model, reader, train.q_ids[chunk], transform, cfg, device, cache)
-    return select_triplets(q_desc, pool_desc, pool_idx, [train.hard[i] for i in chunk],
-                           [train.soft[i] for i in chunk], candidates, tc.negatives, n_db, rng)
+    return select_triplets(
+        q_desc,
+        pool_desc,
+        pool_idx,
+        [train.hard[i] for i in chunk],
+        [train.soft[i] for i in chunk],
+        candidates,
+        tc.negatives,
+        n_db,
+        rng,
+    )

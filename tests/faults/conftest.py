@@ -20,23 +20,43 @@ RELEASE_OVERRIDES = {"train": {"epochs": 1, "queries_per_epoch": 4, "negatives":
 def env(**extra: str) -> dict:
     """Subprocess environment: this checkout's ``vpr`` first on the path, no telemetry, CPU only."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1",
-            "CUDA_VISIBLE_DEVICES": "", **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": path,
+        "DVC_NO_ANALYTICS": "1",
+        "DO_NOT_TRACK": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        **extra,
+    }
 
 
 def vpr(root: Path, *args: str, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
     """Run ``vpr ARGS`` (the real CLI, a fresh interpreter) in project ``root``."""
-    return subprocess.run([sys.executable, "-m", "vpr.cli", *args], cwd=root, env=env(**extra_env),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "vpr.cli", *args],
+        cwd=root,
+        env=env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def start_victim(root: Path, marker: Path, target: str, count: int, *args: str,
-                 hold: str = "inf", **extra_env: str) -> subprocess.Popen:
+def start_victim(
+    root: Path, marker: Path, target: str, count: int, *args: str, hold: str = "inf", **extra_env: str
+) -> subprocess.Popen:
     """``vpr ARGS`` that pauses before the ``count``-th call of ``target`` (see ``tests.faults.victim``)."""
     cmd = [sys.executable, "-m", "tests.faults.victim", str(marker), target, str(count), str(hold), "--", *args]
     # its own process group, so that a test can clean up whatever a killed victim left behind
-    return subprocess.Popen(cmd, cwd=root, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=root,
+        env=env(**extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -70,8 +90,11 @@ def kill9(proc: subprocess.Popen) -> None:
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Relative path → sha256 of every file under ``folder``."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def copy_project(src: Path, dst: Path):

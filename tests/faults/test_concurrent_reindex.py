@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tests.faults.conftest import start_victim, vpr, wait_for
+from tests.faults.conftest import start_victim, wait_for
 from vpr.index import load_release
 
 pytestmark = pytest.mark.timeout(300)
@@ -20,8 +20,9 @@ pytestmark = pytest.mark.timeout(300)
 def _waiting_on(lock: Path, pid: int) -> bool:
     """Whether process ``pid`` is blocked on the flock of ``lock`` (Linux ``/proc/locks``)."""
     inode = f":{lock.stat().st_ino} "
-    return any("->" in line and f" {pid} " in line and inode in line
-               for line in Path("/proc/locks").read_text().splitlines())
+    return any(
+        "->" in line and f" {pid} " in line and inode in line for line in Path("/proc/locks").read_text().splitlines()
+    )
 
 
 def test_second_reindex_waits_and_each_image_is_added_once(released, tmp_path):

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from tests.micro import write_params
 from vpr.cli import app
-from vpr.shards import ShardError, ShardReader, iter_split
+from vpr.shardio import ShardError, ShardReader, iter_split
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,9 +23,9 @@ def _damage(layout, split: str, how: str) -> dict:
     data = bytearray(path.read_bytes())
     if how == "flip":  # a few bytes inside the JPEG's entropy-coded data: Pillow decodes it without a word
         mid = victim["offset"] + victim["size"] // 2
-        data[mid:mid + 16] = bytes(b ^ 0x5A for b in data[mid:mid + 16])
+        data[mid : mid + 16] = bytes(b ^ 0x5A for b in data[mid : mid + 16])
     else:  # cut the file inside this sample's JPEG
-        del data[victim["offset"] + victim["size"] // 2:]
+        del data[victim["offset"] + victim["size"] // 2 :]
     path.write_bytes(bytes(data))
     return victim
 
@@ -43,11 +43,15 @@ def test_streaming_and_random_access_name_shard_and_sample(micro_project, how):
     assert victim["shard"] in str(err.value) and victim["key"] in str(err.value)
 
 
-@pytest.mark.parametrize("command,split,workers", [
-    (["train", "--head", "gem"], "train", 0),
-    (["evaluate", "--head", "avg", "--untrained"], "test", 0),
-    (["evaluate", "--head", "avg", "--untrained"], "test", 1),  # the error crosses a DataLoader worker
-], ids=["train", "evaluate", "evaluate-worker"])
+@pytest.mark.parametrize(
+    "command,split,workers",
+    [
+        (["train", "--head", "gem"], "train", 0),
+        (["evaluate", "--head", "avg", "--untrained"], "test", 0),
+        (["evaluate", "--head", "avg", "--untrained"], "test", 1),  # the error crosses a DataLoader worker
+    ],
+    ids=["train", "evaluate", "evaluate-worker"],
+)
 def test_cli_fails_with_the_shard_and_sample(micro_project, monkeypatch, command, split, workers):
     root, cfg, layout = micro_project
     write_params(root, {"train": {"workers": workers}})

@@ -15,7 +15,7 @@ from vpr.index import build_release, load_release
 from vpr.locate import locate
 from vpr.mining import mine_all
 from vpr.shards import write_shards
-from vpr.train import load_split
+from vpr.splits import load_split
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -23,8 +23,9 @@ pytestmark = pytest.mark.timeout(180)
 def _far_image(source, folder, east_offset: float):
     """New content (mirrored) at a position ``east_offset`` metres east of ``source``."""
     geo = parse_name(source.name)
-    target = folder / format_name(geo.utm_east + east_offset, geo.utm_north, utm_zone=geo.utm_zone,
-                                  utm_letter=geo.utm_letter, note="far")
+    target = folder / format_name(
+        geo.utm_east + east_offset, geo.utm_north, utm_zone=geo.utm_zone, utm_letter=geo.utm_letter, note="far"
+    )
     with Image.open(source) as im:
         ImageOps.mirror(im.convert("RGB")).save(target, "JPEG", quality=95)
     return target
@@ -35,8 +36,9 @@ def test_duplicates_reported_and_a_far_database_image_kept(released, capsys):
     db = layout.data / "images/train/database"
     original = sorted(db.iterdir())[5]
     geo = parse_name(original.name)
-    twin = db / format_name(geo.utm_east + 0.5, geo.utm_north, utm_zone=geo.utm_zone, utm_letter=geo.utm_letter,
-                            note="twin")
+    twin = db / format_name(
+        geo.utm_east + 0.5, geo.utm_north, utm_zone=geo.utm_zone, utm_letter=geo.utm_letter, note="twin"
+    )
     shutil.copy(original, twin)  # same bytes, another name
     far = _far_image(sorted((layout.data / "images/train/queries").iterdir())[0], db, 50_000.0)
 
@@ -73,8 +75,9 @@ def test_reindex_reports_a_duplicate_and_keeps_a_far_image(released):
     layout.inbox.mkdir()
     original = sorted((layout.data / "images/test/database").iterdir())[2]
     geo = parse_name(original.name)
-    copy = layout.inbox / format_name(geo.utm_east + 1.0, geo.utm_north, utm_zone=geo.utm_zone,
-                                      utm_letter=geo.utm_letter, note="again")
+    copy = layout.inbox / format_name(
+        geo.utm_east + 1.0, geo.utm_north, utm_zone=geo.utm_zone, utm_letter=geo.utm_letter, note="again"
+    )
     shutil.copy(original, copy)
     far = _far_image(sorted((layout.data / "images/test/queries").iterdir())[1], layout.inbox, -40_000.0)
 

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from tests.faults.conftest import snapshot
 from tests.micro import write_params
 from vpr.cli import app
-from vpr.shards import ShardError, ShardReader, iter_split, write_shards
+from vpr.shardio import ShardError, ShardReader, iter_split
+from vpr.shards import write_shards
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,10 +10,11 @@ import torch
 
 from tests.faults.conftest import copy_project, kill9, snapshot, start_victim, vpr, wait_for
 from tests.micro import write_params
+from vpr.checkpoints import load_checkpoint
 from vpr.config import load_config
 from vpr.index import current_version, load_release
-from vpr.shards import ShardError, ShardReader, iter_split, write_shards
-from vpr.train import load_checkpoint
+from vpr.shardio import ShardError, ShardReader, iter_split
+from vpr.shards import write_shards
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,8 +36,7 @@ def test_kill9_mid_epoch_then_resume_equals_uninterrupted_run(micro_project, tmp
     # each: no oversubscription of the cores, and all three runs compute with the same settings)
     one = {"OMP_NUM_THREADS": "1"}
     marker = tmp_path / "paused"
-    victim = start_victim(killed.root, marker, "vpr.train:triplet_loss", batches + 2, "train", "--head", "gem",
-                          **one)
+    victim = start_victim(killed.root, marker, "vpr.train:triplet_loss", batches + 2, "train", "--head", "gem", **one)
     reference = vpr(root, "train", "--head", "gem", **one)
     wait_for(marker, victim)
     # paused in epoch 2 after one optimiser step of it: epoch 1 is checkpointed, epoch 2 is not
@@ -74,22 +74,33 @@ def _assert_old_or_nothing(shards_dir, before: dict[str, str]) -> None:
     with ShardReader(shards_dir) as reader:
         for i in range(len(reader)):
             reader.load(i)
-    assert sum(1 for _ in iter_split(shards_dir, "test", "database")) == index.filter(
-        (pl.col("split") == "test") & (pl.col("role") == "database")).height
+    assert (
+        sum(1 for _ in iter_split(shards_dir, "test", "database"))
+        == index.filter((pl.col("split") == "test") & (pl.col("role") == "database")).height
+    )
 
 
-@pytest.mark.parametrize("target,count", [
-    ("vpr.shards:_encode_rows", 3),  # while the new tars are being written
-    ("os:replace", 2),  # while they are being switched in
-], ids=["writing", "switching"])
+@pytest.mark.parametrize(
+    "target,count",
+    [
+        ("vpr.shards:_encode_rows", 3),  # while the new tars are being written
+        ("os:replace", 2),  # while they are being switched in
+    ],
+    ids=["writing", "switching"],
+)
 def test_kill9_during_shard_writing_never_exposes_a_mix(micro_project, tmp_path, target, count):
     root, cfg, layout = micro_project
     before = snapshot(layout.shards_dir)
     new_cfg = write_params(root, {"shards": {"jpeg_quality": 70}})  # every tar's bytes change
     clean = tmp_path / "clean"
     shutil.copytree(root, clean)
-    write_shards(clean / "artifacts/catalog/catalog.parquet", clean / "data", clean / "artifacts/shards",
-                 new_cfg.shards, workers=1)
+    write_shards(
+        clean / "artifacts/catalog/catalog.parquet",
+        clean / "data",
+        clean / "artifacts/shards",
+        new_cfg.shards,
+        workers=1,
+    )
 
     marker = tmp_path / "paused"
     victim = start_victim(root, marker, target, count, "shard")
@@ -105,10 +116,14 @@ def test_kill9_during_shard_writing_never_exposes_a_mix(micro_project, tmp_path,
 # --------------------------------------------------------------------------- case 2: index
 
 
-@pytest.mark.parametrize("target", [
-    "faiss:write_index",  # the new version folder is half written
-    "vpr.index:write_text_atomic",  # the new version is complete but CURRENT not yet switched
-], ids=["half-written", "not-switched"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "faiss:write_index",  # the new version folder is half written
+        "vpr.index:write_text_atomic",  # the new version is complete but CURRENT not yet switched
+    ],
+    ids=["half-written", "not-switched"],
+)
 def test_kill9_during_index_build_keeps_the_previous_release(released, tmp_path, target):
     from vpr.index import build_release
 

@@ -20,12 +20,13 @@ from typer.testing import CliRunner
 
 from tests.faults.conftest import snapshot
 from tests.flowkit import exif_photo
-from vpr.catalog import ingest, strict_pillow
+from vpr.catalog import ingest
+from vpr.checkpoints import CheckpointError, load_checkpoint
 from vpr.cli import app
 from vpr.config import IngestConfig
 from vpr.geo import parse_name
-from vpr.shards import ShardError, iter_split
-from vpr.train import CheckpointError, load_checkpoint
+from vpr.imageio import strict_pillow
+from vpr.shardio import ShardError, iter_split
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,8 +68,12 @@ def test_malicious_checkpoint_is_refused_and_never_runs(released, tmp_path, monk
     _evil_checkpoint(current_version(layout.release_dir("avg")) / "model.pt", marker)
     _evil_checkpoint(layout.checkpoint("avg"), marker)
     _evil_checkpoint(layout.last_checkpoint("avg"), marker)
-    for command in (["locate", str(probe)], ["index", "--head", "avg"], ["train", "--head", "avg", "--resume"],
-                    ["evaluate", "--head", "avg"]):
+    for command in (
+        ["locate", str(probe)],
+        ["index", "--head", "avg"],
+        ["train", "--head", "avg", "--resume"],
+        ["evaluate", "--head", "avg"],
+    ):
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 1 and "refusing to load" in result.output, (command, result.output)
     with pytest.raises(Exception, match="Weights only load failed"):  # a local backbone weights file
@@ -114,7 +119,7 @@ def _bomb(source: Path, target: Path, width: int, height: int) -> Path:
     """A small JPEG whose header claims ``width``×``height`` pixels (its data holds far fewer)."""
     data = bytearray(source.read_bytes())
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
     target.write_bytes(bytes(data))
     with strict_pillow(None), Image.open(target) as im:  # Pillow's own guard off, just to read the header
         assert im.size == (width, height)
@@ -136,8 +141,8 @@ def decoded(monkeypatch) -> list[tuple[int, int]]:
 
 
 def test_images_over_the_pixel_limit_are_refused_before_decoding(released, tmp_path, decoded):
+    from vpr.inbox import check_file
     from vpr.locate import locate
-    from vpr.reindex import check_file
 
     root, cfg, layout = released
     limit = 100_000
@@ -153,8 +158,10 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(released, tmp_p
 
     result = ingest(city, tmp_path / "catalog", IngestConfig(workers=1, max_pixels=limit))
     reasons = dict(result.rejected_table.iter_rows())
-    assert reasons == {f"images/train/database/{over.name}": "too many pixels",
-                       f"images/train/database/{huge.name}": "too many pixels"}
+    assert reasons == {
+        f"images/train/database/{over.name}": "too many pixels",
+        f"images/train/database/{huge.name}": "too many pixels",
+    }
     assert result.accepted == 1
 
     answers = locate([over, huge, good], layout.release_dir("avg"), 3, max_pixels=limit)
@@ -193,8 +200,11 @@ def test_ingest_hostile_names_rejected_or_safe(micro_template, tmp_path):
 
     result = ingest(city, tmp_path / "catalog", IngestConfig(workers=1))
     rejected = dict(result.rejected_table.iter_rows())
-    expected = {"images/train/database/" + os.fsdecode(n).encode("utf-8", "surrogateescape")
-                .decode("utf-8", "backslashreplace"): r for n, r in hostile.items()}
+    expected = {
+        "images/train/database/"
+        + os.fsdecode(n).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"): r
+        for n, r in hostile.items()
+    }
     assert rejected == expected
     assert "images/train/database/@584100.00@4477100.00@17@T@@@@@@@@@@caf\\xe9@.jpg" in rejected
     paths = result.catalog["path"].to_list()

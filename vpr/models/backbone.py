@@ -49,7 +49,7 @@ class ResNetConv4(nn.Sequential):
             x = getattr(self, name)(x)
         return x
 
-    def train(self, mode: bool = True) -> "ResNetConv4":
+    def train(self, mode: bool = True) -> ResNetConv4:
         super().train(mode)
         if self.freeze_early:
             for name in _FROZEN:

@@ -145,5 +145,5 @@ class CRNHead(nn.Module):
         if keys <= set(state_dict):
             state = {k: state_dict[k] for k in keys}
         else:
-            state = {k[len("head."):]: v for k, v in state_dict.items() if k.startswith("head.")}
+            state = {k[len("head.") :]: v for k, v in state_dict.items() if k.startswith("head.")}
         self.netvlad.load_state_dict(state, strict=True)

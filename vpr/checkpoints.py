@@ -1,0 +1,71 @@
+"""Checkpoints: safe loading (no unpickling of objects), atomic saving, and models rebuilt from them."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from vpr.atomic import atomic_path
+from vpr.config import ModelConfig
+from vpr.models import VPRModel, build_model
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be trusted or read (foreign objects, damaged archive)."""
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint safely: ``weights_only=True`` never unpickles arbitrary objects.
+
+    A file holding anything but tensors and plain containers (a pickled object whose loading would run
+    code) is refused with ``CheckpointError``, as is a damaged archive; nothing in it is executed.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain "
+            f"data (loaded with weights_only=True; nothing in it was run): "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a vpr checkpoint (a {type(state).__name__}, not a dict)")
+    return state
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then an atomic rename over it."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[VPRModel, dict]:
+    """A trained model from a ``model.pt`` checkpoint (eval mode, on ``device``) and the checkpoint dict.
+
+    The backbone is built without reading any pretrained file (``weights="none"``): the checkpoint's
+    state dict replaces every weight anyway.
+    """
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path} (train the head first: `vpr train --head ...`)")
+    ckpt = load_checkpoint(path)
+    model_cfg = ModelConfig(**{**ckpt["model_config"], "weights": "none"})
+    model = build_model(ckpt["head"], model_cfg)
+    model.load_state_dict(ckpt["model"])
+    return _prepare(model, torch.device(device)), ckpt
+
+
+def untrained_model(head: str, model_cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> VPRModel:
+    """The baseline: ``head`` as built before any VPR training (backbone per ``model.weights``, seeded)."""
+    return _prepare(build_model(head, model_cfg, seed=seed), torch.device(device))
+
+
+def _prepare(model: VPRModel, device: torch.device) -> VPRModel:
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -1,0 +1,167 @@
+"""Image I/O shared by every step: strict decoding, the shard-size rendition, JPEG encoding, EXIF.
+
+One implementation of each, so ingest, sharding, re-indexing and locate agree on what an image is:
+
+- ``strict_pillow``: truncated data is an error and Pillow's bomb guard sits at our limit;
+- ``decode_facts``: open and fully decode bytes once → size/format, or the reason they are unusable;
+- ``shard_rendition``: upright (EXIF orientation), RGB, resized to the shard size — what the shards
+  store and what a query photo is turned into before it is described;
+- ``exif_gps``: position, heading and time from a photo's EXIF GPS block, read by Pillow's named tags.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from PIL import ExifTags, Image, ImageFile, ImageOps
+
+# Reject reasons of decoding: exact strings, asserted by tests and grouped in ingest's summary.
+REASON_NOT_IMAGE = "not an image"
+REASON_TRUNCATED = "truncated image"
+REASON_TOO_MANY_PIXELS = "too many pixels"
+
+# EXIF orientations that rotate by 90°/270°: stored width and height are swapped on display.
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+_PILLOW_GLOBALS = threading.Lock()
+
+
+@contextmanager
+def strict_pillow(max_pixels: int | None) -> Iterator[None]:
+    """Never accept truncated data; put Pillow's own bomb guard at our limit (None: off).
+
+    Pillow keeps both settings in module globals, so they are set under a lock and restored after.
+    """
+    with _PILLOW_GLOBALS:
+        saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
+
+
+def orientation(im: Image.Image) -> int | None:
+    """The EXIF orientation tag (1..8), None when absent or unreadable."""
+    try:
+        return im.getexif().get(ExifTags.Base.Orientation)
+    except Exception:  # noqa: BLE001 - a broken EXIF block does not make the pixels unusable
+        return None
+
+
+def displayed_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) after applying the EXIF orientation, read from the header only."""
+    width, height = im.size
+    if orientation(im) in _TRANSPOSING_ORIENTATIONS:
+        return height, width
+    return width, height
+
+
+def decode_facts(data: bytes, max_pixels: int) -> dict | str:
+    """Open and fully decode image bytes: ``{width, height, format}`` on success, a reject reason otherwise.
+
+    Call under ``strict_pillow``. The pixel limit is checked from the header, before any pixel is decoded.
+    """
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        return REASON_TOO_MANY_PIXELS
+    except Exception:  # noqa: BLE001 - UnidentifiedImageError and friends: not an image we can read
+        return REASON_NOT_IMAGE
+    with im:
+        width, height = im.size
+        if width * height > max_pixels:
+            return REASON_TOO_MANY_PIXELS
+        try:
+            im.load()
+        except Exception:  # noqa: BLE001 - OSError "image file is truncated", SyntaxError, zlib...
+            return REASON_TRUNCATED
+        width, height = displayed_size(im)
+        return {"width": width, "height": height, "format": im.format}
+
+
+def draft(im: Image.Image, width: int, height: int) -> None:
+    """Let the JPEG decoder downscale by 1/2..1/8 while staying at least the target size (speed)."""
+    if im.format != "JPEG":
+        return
+    size = (height, width) if orientation(im) in _TRANSPOSING_ORIENTATIONS else (width, height)
+    im.draft("RGB", size)
+
+
+def shard_rendition(im: Image.Image, width: int, height: int) -> Image.Image:
+    """An opened image → upright RGB of exactly ``width``×``height`` (the shards' rendition)."""
+    draft(im, width, height)
+    upright = ImageOps.exif_transpose(im).convert("RGB")
+    return upright.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def encode_jpeg(im: Image.Image, quality: int) -> bytes:
+    """JPEG bytes of an RGB image (deterministic for the same pixels and quality)."""
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Encoded bytes → RGB image (raises Pillow's ``OSError`` on damaged data)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+# --------------------------------------------------------------------------- EXIF GPS
+
+
+def _rational(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ZeroDivisionError, ValueError):
+        num, den = value
+        return float(num) / float(den)
+
+
+def _dms(value, ref: str | None) -> float:
+    d, m, s = (_rational(v) for v in value)
+    deg = d + m / 60.0 + s / 3600.0
+    return -deg if (ref or "").strip().upper() in ("S", "W") else deg
+
+
+def exif_gps(data: bytes) -> dict | None:
+    """lat, lon (WGS84), heading and timestamp from a photo's EXIF GPS block; None without a usable fix.
+
+    A fix outside UTM's latitude band (−80°..84°) or with non-finite values is no fix.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            exif = im.getexif()
+            gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+            sub = exif.get_ifd(ExifTags.IFD.Exif)
+    except Exception:  # noqa: BLE001 - no EXIF, broken EXIF: no position
+        return None
+    G = ExifTags.GPS
+    if not gps or G.GPSLatitude not in gps or G.GPSLongitude not in gps:
+        return None
+    try:
+        lat = _dms(gps[G.GPSLatitude], gps.get(G.GPSLatitudeRef))
+        lon = _dms(gps[G.GPSLongitude], gps.get(G.GPSLongitudeRef))
+    except Exception:  # noqa: BLE001 - malformed rationals
+        return None
+    if not (math.isfinite(lat) and math.isfinite(lon) and -80.0 <= lat <= 84.0 and -180.0 <= lon <= 180.0):
+        return None
+    heading = None
+    if G.GPSImgDirection in gps:
+        try:
+            heading = _rational(gps[G.GPSImgDirection]) % 360.0
+        except Exception:  # noqa: BLE001
+            heading = None
+    stamp = sub.get(ExifTags.Base.DateTimeOriginal) or exif.get(ExifTags.Base.DateTime)
+    timestamp = re.sub(r"[^0-9]", "", str(stamp))[:14] if stamp else ""
+    return {"lat": lat, "lon": lon, "heading": heading, "timestamp": timestamp}

@@ -1,0 +1,152 @@
+"""The inbox of new imagery: what is waiting, whether each file is usable, and the quarantine for the rest.
+
+A file is checked exactly like ingest checks one (``vpr.catalog``: readable, not empty, an image,
+fully decodable, at most ``ingest.max_pixels``). Its position comes from a datasets_vg file name or,
+for an ordinary photo, from EXIF GPS (lat/lon → UTM), in which case it gets the datasets_vg name
+built from that position. Bad files are moved to ``inbox/quarantine/`` with a reason beside them,
+never deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from vpr.atomic import write_text_atomic
+from vpr.catalog import REASON_BAD_NAME, REASON_EMPTY, REASON_UNREADABLE, name_fields, printable_path
+from vpr.geo import format_name, latlon_to_utm
+from vpr.imageio import decode_facts, exif_gps, strict_pillow
+
+QUARANTINE = "quarantine"
+ROLE = "database"  # new imagery is always database imagery (what locate searches)
+
+REASON_NO_POSITION = "no position"  # full: "no position: not a datasets_vg name (...) and no EXIF GPS"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def scan_inbox(inbox: Path) -> list[str]:
+    """Files under the inbox (relative posix paths, sorted), skipping hidden ones and the quarantine."""
+    if not inbox.is_dir():
+        return []
+    found = []
+    for dirpath, dirnames, filenames in os.walk(inbox):
+        rel_dir = Path(dirpath).relative_to(inbox)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and not (rel_dir == Path(".") and d == QUARANTINE)
+        )
+        found += [(rel_dir / f).as_posix() for f in filenames if not f.startswith(".")]
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------- names from EXIF GPS
+
+
+def _note(original: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", Path(original).stem)[:64]
+
+
+def name_from_exif(original: str, pos: dict) -> str:
+    """The datasets_vg name of a photo at an EXIF position (note field = the original file stem)."""
+    east, north, zone, letter = latlon_to_utm(pos["lat"], pos["lon"])
+    ext = Path(original).suffix.lstrip(".").lower() or "jpg"
+    return format_name(
+        east,
+        north,
+        utm_zone=zone,
+        utm_letter=letter,
+        lat=pos["lat"],
+        lon=pos["lon"],
+        heading=pos["heading"],
+        timestamp=pos["timestamp"],
+        note=_note(original),
+        ext=ext,
+    )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_file(inbox: Path, rel: str, split: str, max_pixels: int) -> dict:
+    """A catalog row (``reason`` None) for the file's place in the data tree, or a reject ``reason``.
+
+    The same checks as ingest's ``inspect_file``; only the name may come from EXIF GPS instead.
+    """
+    base = {"inbox": rel, "split": split, "role": ROLE}
+    try:
+        data = (inbox / rel).read_bytes()
+    except OSError:
+        return {**base, "reason": REASON_UNREADABLE}
+    if not data:
+        return {**base, "reason": REASON_EMPTY}
+    name, source = Path(rel).name, "name"
+    fields = name_fields(name)
+    with strict_pillow(max_pixels):
+        facts = decode_facts(data, max_pixels)
+    if isinstance(facts, str):
+        return {**base, "reason": facts}
+    if isinstance(fields, str):  # not a datasets_vg name: an ordinary photo needs EXIF GPS
+        pos = exif_gps(data)
+        if pos is None:
+            why = fields[len(REASON_BAD_NAME) + 2 :] if fields.startswith(REASON_BAD_NAME) else fields
+            return {**base, "reason": f"{REASON_NO_POSITION}: not a datasets_vg name ({why}) and no EXIF GPS"}
+        name, source = name_from_exif(rel, pos), "exif"
+        fields = name_fields(name)
+        if isinstance(fields, str):  # pragma: no cover - format_name always parses
+            return {**base, "reason": fields}
+    path = f"images/{split}/{ROLE}/{name}"
+    return {
+        **base,
+        "path": path,
+        "source": source,
+        **fields,
+        **facts,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "reason": None,
+    }
+
+
+def quarantine(inbox: Path, rel: str, reason: str) -> Path:
+    """Move a rejected file to ``inbox/quarantine/`` (never overwriting) with a ``.reason.txt`` beside it.
+
+    The file keeps its base name only (it lands directly in the quarantine folder, whatever folders or
+    ``..`` parts ``rel`` has), spelled as printable UTF-8 when the original bytes are not.
+    """
+    qdir = inbox / QUARANTINE
+    qdir.mkdir(parents=True, exist_ok=True)
+    name = printable_path(Path(rel).name)
+    if name in ("", ".", ".."):
+        name = "unnamed"
+    target = qdir / name
+    n = 1
+    while target.exists() or target.with_name(target.name + ".reason.txt").exists():
+        target = qdir / f"{Path(name).stem}.{n}{Path(name).suffix}"
+        n += 1
+    write_text_atomic(
+        target.with_name(target.name + ".reason.txt"), f"{reason}\nfrom inbox/{printable_path(rel)} at {_now()}\n"
+    )
+    move_file(inbox / rel, target)
+    return target
+
+
+def move_file(src: Path, dst: Path) -> None:
+    """Rename (atomic on one file system); across devices copy to a temp name, rename, then delete."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(src, dst)
+    except OSError:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        src.unlink()
