@@ -1,11 +1,12 @@
-"""Flow ``train-all``: ingest → shard ∥ mine → train each head ∥ untrained baseline → evaluate → index →
-report → DVC record.
+"""Flow ``train-all``: every stage of ``dvc.yaml`` as a Prefect task, in DVC's own dependency graph, then a
+DVC record.
 
-Heads train in ``orchestration.train_lanes`` lanes (default 1: one after another, since one training
-fills the machine's cores or its GPU), beside the untrained baseline and the evaluations of heads
-already trained (bounded by the task runner, ``orchestration.max_workers``); CRN waits for NetVLAD,
-whose checkpoint it starts from. Every step is a ``tasks`` wrapper of the same
-``vpr`` function that the matching ``dvc.yaml`` stage runs through the CLI, writing the same files;
+The graph is DVC's (a stage waits for the stages whose outputs it reads: ingest → shard ∥ mine → train
+each head → evaluate ∥ baseline → index → report; CRN after NetVLAD, whose checkpoint it starts from),
+plus one ordering that is not data: heads train in ``orchestration.train_lanes`` lanes (default 1: one
+after another, since one training fills the machine's cores or its GPU). Every step is a ``tasks``
+wrapper of the same ``vpr`` function that the matching ``dvc.yaml`` stage runs through the CLI, writing
+the same files;
 the flow ends with ``dvc commit --force`` of those stages, so ``dvc status`` is clean afterwards and
 ``dvc repro`` has nothing to do.
 
@@ -20,46 +21,65 @@ import sys
 
 from prefect import flow
 from prefect.futures import wait
-from prefect.logging import get_run_logger
 
 import tasks
 from flows.common import resolve
 from flows.runners import make_task_runner
 from tasks.artifacts import format_table
 
+# The task that runs each stage group of dvc.yaml (``train@avg`` → ``tasks.train`` with head ``avg``).
+STAGE_TASKS = {
+    "ingest": tasks.ingest,
+    "shard": tasks.shard,
+    "mine": tasks.mine,
+    "train": tasks.train,
+    "evaluate": tasks.evaluate,
+    "baseline": tasks.baseline,
+    "index": tasks.index,
+    "report": tasks.report,
+}
+
+
+def lane_order(specs: dict[str, tasks.StageSpec], lanes: int) -> dict[str, list[str]]:
+    """Extra "after" edges that put the training stages into ``lanes`` queues (one training fills a device).
+
+    Not a data dependency: the order in which trainings share the machine. Stages are dealt out in
+    ``dvc.yaml`` order (a head that starts from another comes after it there).
+    """
+    trainings = [name for name in specs if name.startswith("train@")]
+    after: dict[str, list[str]] = {}
+    for i, name in enumerate(trainings):
+        if i >= lanes:
+            after[name] = [trainings[i - lanes]]
+    return after
+
+
+def task_graph(specs: dict[str, tasks.StageSpec], lanes: int) -> dict[str, list[str]]:
+    """Each stage's upstream stages: DVC's graph of ``dvc.yaml`` plus the training lanes."""
+    extra = lane_order(specs, lanes)
+    return {name: list(dict.fromkeys([*spec.upstream, *extra.get(name, [])])) for name, spec in specs.items()}
+
 
 @flow(name="train-all-steps", log_prints=True)
 def train_all_steps(params: str, root: str, record_dvc: bool = True) -> dict:
-    """The pipeline itself, run as a subflow so that its task runner can come from params."""
+    """The pipeline itself, run as a subflow so that its task runner can come from params.
+
+    One task per ``dvc.yaml`` stage, submitted in the file's order, each waiting for the stages whose
+    outputs it reads (``task_graph``): nothing here names a stage's inputs a second time.
+    """
     cfg, root_path, _ = resolve(params, root)
     root = str(root_path)
-    logger = get_run_logger()
+    specs = tasks.stage_specs(root)
+    unknown = sorted({name.partition("@")[0] for name in specs} - set(STAGE_TASKS))
+    if unknown:
+        raise RuntimeError(f"dvc.yaml stage(s) with no task in flows/train_all.py STAGE_TASKS: {unknown}")
+    graph = task_graph(specs, cfg.orchestration.train_lanes)
     submitted: dict[str, object] = {}
-
-    def submit(step, stage: str, *args, wait_for=()):
-        future = tasks.configure(step, cfg, root, stage).submit(cfg, root, *args, wait_for=list(wait_for))
-        submitted[stage] = future
-        return future
-
-    heads = sorted(cfg.train.heads, key=lambda h: h == "crn")  # NetVLAD is submitted before CRN
-    ingested = submit(tasks.ingest, "ingest")
-    sharded = submit(tasks.shard, "shard", wait_for=[ingested])
-    mined = submit(tasks.mine, "mine", wait_for=[ingested])
-    trained = {}
-    lanes: list[list] = [[] for _ in range(cfg.orchestration.train_lanes)]  # heads trained at once
-    for i, head in enumerate(heads):
-        lane = lanes[i % len(lanes)]
-        after = [sharded, mined, *lane[-1:]] + ([trained["netvlad"]] if head == "crn" and "netvlad" in trained else [])
-        trained[head] = submit(tasks.train, f"train@{head}", head, wait_for=after)
-        lane.append(trained[head])
-    evaluated = [submit(tasks.evaluate, f"evaluate@{h}", h, wait_for=[trained[h]]) for h in heads]
-    evaluated.append(submit(tasks.baseline, "baseline", wait_for=[sharded, mined]))
-    indexed = []
-    if cfg.index.head in trained:
-        indexed = [submit(tasks.index, "index", wait_for=[trained[cfg.index.head], *evaluated])]
-    else:
-        logger.warning("index.head=%s is not among train.heads: no release built", cfg.index.head)
-    reported = submit(tasks.report, "report", wait_for=[*evaluated, *indexed])
+    for stage in specs:
+        group, _, key = stage.partition("@")
+        step = tasks.configure(STAGE_TASKS[group], cfg, root, stage)
+        upstream = [submitted[u] for u in graph[stage]]
+        submitted[stage] = step.submit(cfg, root, *([key] if key else []), wait_for=upstream)
 
     wait(list(submitted.values()))
     steps = {stage: f.state.name for stage, f in submitted.items()}
@@ -71,7 +91,7 @@ def train_all_steps(params: str, root: str, record_dvc: bool = True) -> dict:
         f"{len(cached)} of {len(steps)} steps unchanged since a previous run (cache hits)"
         + (f": {', '.join(cached)}" if cached else "")
     )
-    report_path = reported.result().get("report")
+    report_path = submitted["report"].result().get("report") if "report" in submitted else None
     rows = tasks.publish_results(cfg, root, report_path)
     recorded = tasks.record_in_dvc(root, list(submitted)) if record_dvc else {"recorded": []}
     print("results (test split):\n" + format_table(rows))

@@ -43,6 +43,7 @@ class StageSpec:
     deps: tuple[str, ...]
     params: tuple[str, ...]
     outs: tuple[str, ...]
+    upstream: tuple[str, ...] = ()  # the stages whose outputs it reads (DVC's own graph)
 
 
 # --------------------------------------------------------------------------- dvc.yaml
@@ -52,12 +53,14 @@ _SPECS_LOCK = threading.Lock()
 
 
 def stage_specs(root: str | Path) -> dict[str, StageSpec]:
-    """Every stage of ``ROOT/dvc.yaml`` by its name (``train@netvlad``); {} without dvc.yaml."""
+    """Every stage of ``ROOT/dvc.yaml`` by its name (``train@netvlad``), in file order; {} without dvc.yaml."""
     root = Path(root).resolve()
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.exists():
         return {}
-    memo_key = (str(root), hashlib.sha256(dvc_yaml.read_bytes()).hexdigest())
+    params = root / "params.yaml"  # dvc.yaml interpolates paths and foreach lists from it
+    text = dvc_yaml.read_bytes() + (params.read_bytes() if params.exists() else b"")
+    memo_key = (str(root), hashlib.sha256(text).hexdigest())
     with _SPECS_LOCK:
         if memo_key in _SPECS:
             return _SPECS[memo_key]
@@ -65,9 +68,11 @@ def stage_specs(root: str | Path) -> dict[str, StageSpec]:
 
         specs: dict[str, StageSpec] = {}
         with Repo(str(root), uninitialized=True) as repo:
+            graph = repo.index.graph  # edges: stage → the stages whose outputs it depends on
             for stage in repo.index.stages:
                 if Path(stage.path).resolve() != dvc_yaml:  # e.g. data.dvc, nested dvc.yaml files
                     continue
+                upstream = tuple(s.name for s in graph.successors(stage) if Path(s.path).resolve() == dvc_yaml)
                 deps, params = [], []
                 for dep in stage.deps:
                     keys = getattr(dep, "params", None)
@@ -76,7 +81,7 @@ def stage_specs(root: str | Path) -> dict[str, StageSpec]:
                     else:
                         deps.append(dep.def_path)
                 specs[stage.name] = StageSpec(
-                    stage.name, tuple(deps), tuple(params), tuple(o.def_path for o in stage.outs)
+                    stage.name, tuple(deps), tuple(params), tuple(o.def_path for o in stage.outs), upstream
                 )
         _SPECS[memo_key] = specs
         return specs
@@ -110,6 +115,11 @@ def hash_file(path: Path) -> str:
     return value
 
 
+# Written by DVC itself beside the outputs it tracks (``dvc commit`` lists them in the parent folder's
+# .gitignore): not data, so a folder dependency holding other stages' outputs keeps its key.
+_NOT_DATA = frozenset({".gitignore"})
+
+
 def hash_path(path: str | Path) -> str:
     """Content hash of a file or a directory tree (relative names + file hashes); 'missing' if absent."""
     path = Path(path)
@@ -120,7 +130,7 @@ def hash_path(path: str | Path) -> str:
     digest = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()
-        for name in sorted(filenames):
+        for name in sorted(set(filenames) - _NOT_DATA):
             f = Path(dirpath) / name
             digest.update(f.relative_to(path).as_posix().encode() + b"\0" + hash_file(f).encode() + b"\n")
     return digest.hexdigest()

@@ -25,7 +25,7 @@ def _layout(cfg: Config, root: str) -> Layout:
     return Layout.from_config(cfg, Path(root))
 
 
-@task(name="ingest", cache_policy=StageInputs(stage="ingest"), persist_result=True)
+@task(name="ingest", task_run_name="ingest", cache_policy=StageInputs(stage="ingest"), persist_result=True)
 def ingest(cfg: Config, root: str) -> dict:
     """Validate every image of ``data/`` once → ``artifacts/catalog`` (catalog + rejected list)."""
     from vpr.catalog import ingest as run_ingest
@@ -40,7 +40,7 @@ def ingest(cfg: Config, root: str) -> dict:
     }
 
 
-@task(name="shard", cache_policy=StageInputs(stage="shard"), persist_result=True)
+@task(name="shard", task_run_name="shard", cache_policy=StageInputs(stage="shard"), persist_result=True)
 def shard(cfg: Config, root: str) -> dict:
     """Pack the catalog's images into WebDataset tars → ``artifacts/shards``."""
     from vpr.shards import write_shards
@@ -50,7 +50,7 @@ def shard(cfg: Config, root: str) -> dict:
     return {"index": str(index)}
 
 
-@task(name="mine", cache_policy=StageInputs(stage="mine"), persist_result=True)
+@task(name="mine", task_run_name="mine", cache_policy=StageInputs(stage="mine"), persist_result=True)
 def mine(cfg: Config, root: str) -> dict:
     """UTM positives per query for every split → ``artifacts/mining``."""
     from vpr.mining import mine_all
@@ -59,7 +59,7 @@ def mine(cfg: Config, root: str) -> dict:
     return {split: str(path) for split, path in mine_all(layout.catalog, layout.mining_dir, cfg.mining).items()}
 
 
-@task(name="train", task_run_name="train-{head}", cache_policy=StageInputs(stage="train@{head}"), persist_result=True)
+@task(name="train", task_run_name="train@{head}", cache_policy=StageInputs(stage="train@{head}"), persist_result=True)
 def train(cfg: Config, root: str, head: str) -> dict:
     """Triplet-train one head → ``artifacts/models/{head}`` (CRN reads NetVLAD's checkpoint)."""
     from vpr.train import train_head
@@ -70,7 +70,7 @@ def train(cfg: Config, root: str, head: str) -> dict:
 
 @task(
     name="evaluate",
-    task_run_name="evaluate-{head}",
+    task_run_name="evaluate@{head}",
     cache_policy=StageInputs(stage="evaluate@{head}"),
     persist_result=True,
 )
@@ -81,7 +81,7 @@ def evaluate(cfg: Config, root: str, head: str) -> dict:
     return evaluate_head(head, cfg, _layout(cfg, root))
 
 
-@task(name="baseline", cache_policy=StageInputs(stage="baseline"), persist_result=True)
+@task(name="baseline", task_run_name="baseline", cache_policy=StageInputs(stage="baseline"), persist_result=True)
 def baseline(cfg: Config, root: str, head: str = "avg") -> dict:
     """Recall@N of ``head`` with no VPR training (the study's base line) → ``metrics/{head}-untrained.json``."""
     from vpr.evaluate import evaluate_head
@@ -89,7 +89,7 @@ def baseline(cfg: Config, root: str, head: str = "avg") -> dict:
     return evaluate_head(head, cfg, _layout(cfg, root), untrained=True)
 
 
-@task(name="index", cache_policy=StageInputs(stage="index"), persist_result=True)
+@task(name="index", task_run_name="index", cache_policy=StageInputs(stage="index"), persist_result=True)
 def index(cfg: Config, root: str) -> dict:
     """Build the release (FAISS index + ids + model) of ``index.head`` → ``artifacts/release/{head}``."""
     from vpr.index import build_release
@@ -98,7 +98,7 @@ def index(cfg: Config, root: str) -> dict:
     return {"head": cfg.index.head, "version": str(version)}
 
 
-@task(name="report", cache_policy=StageInputs(stage="report"), persist_result=True)
+@task(name="report", task_run_name="report", cache_policy=StageInputs(stage="report"), persist_result=True)
 def report(cfg: Config, root: str) -> dict:
     """The study report (results table, plots) → ``reports/``."""
     from vpr.report import write_report

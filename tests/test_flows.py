@@ -87,13 +87,35 @@ def test_heads_train_one_at_a_time_by_default(trained):
         runs = [
             r
             for r in client.read_task_runs()
-            if r.name in {f"train-{h}" for h in HEADS} and r.state_name == "Completed"
+            if r.name in {f"train@{h}" for h in HEADS} and r.state_name == "Completed"
         ]
     spans = sorted((r.start_time, r.end_time) for r in runs)
     assert len(spans) >= len(HEADS)
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), [
         (r.name, r.start_time.time(), r.end_time.time()) for r in sorted(runs, key=lambda r: r.start_time)
     ]
+
+
+def test_the_flow_ran_dvcs_graph(trained):
+    """The task runs' wait_for edges are exactly dvc.yaml's graph plus the training lanes."""
+    from prefect.client.orchestration import get_client
+
+    from flows.train_all import task_graph
+    from tasks.cache import stage_specs
+
+    root = trained[0]
+    expected = {(s, u) for s, us in task_graph(stage_specs(root), lanes=1).items() for u in us}
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_task_runs() if r.name in PIPELINE_STEPS]
+    by_flow: dict = {}
+    for r in runs:
+        by_flow.setdefault(r.flow_run_id, []).append(r)
+    complete = [rs for rs in by_flow.values() if {r.name for r in rs} == PIPELINE_STEPS]
+    assert complete
+    for rs in complete:
+        name = {r.id: r.name for r in rs}
+        edges = {(r.name, name[i.id]) for r in rs for i in r.task_inputs.get("wait_for", [])}
+        assert edges == expected
 
 
 def test_train_all_leaves_dvc_clean_and_repro_has_nothing_to_do(trained):

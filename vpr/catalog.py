@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vpr.atomic import write_parquet_atomic
 from vpr.config import IngestConfig
@@ -32,6 +30,7 @@ from vpr.imageio import REASON_TRUNCATED as REASON_TRUNCATED
 from vpr.imageio import decode_facts, strict_pillow
 from vpr.layout import ROLES, SPLITS
 from vpr.procs import exit_with_parent
+from vpr.progress import step_progress
 
 # Reject reasons: exact strings, asserted by tests and grouped in the summary.
 REASON_EMPTY = "empty file"
@@ -180,22 +179,11 @@ def _chunks(items: Sequence[_Candidate], workers: int) -> list[Sequence[_Candida
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]ingest"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=False,
-    )
-
-
 def _inspect_all(root: Path, cands: list[_Candidate], cfg: IngestConfig) -> list[dict]:
     """Inspect every candidate (in a process pool when ``workers`` > 1); rows sorted by path."""
     rows: list[dict] = []
     chunks = _chunks(cands, cfg.workers)
-    with _progress() as bar:
+    with step_progress("ingest") as bar:
         task = bar.add_task("ingest", total=len(cands))
         if cfg.workers == 1:
             for chunk in chunks:

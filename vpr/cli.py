@@ -46,17 +46,24 @@ def synth(
 
 @app.command()
 def ingest(
-    root: Path = typer.Argument(..., help="datasets_vg root (ROOT/images/{split}/{role}/*.jpg)"),
-    out: Path = typer.Option(..., "--out", help="folder for catalog.parquet and rejected.parquet"),
+    root: Path | None = typer.Argument(
+        None, help="datasets_vg root (ROOT/images/{split}/{role}/*.jpg; default: paths.data)"
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="folder for catalog.parquet and rejected.parquet (default: from params paths)"
+    ),
     params: Path = ParamsOpt,
 ) -> None:
     """Validate every image once and write the catalog and the rejected list."""
     cfg = _config(params)
     from vpr.catalog import IngestError
     from vpr.catalog import ingest as run_ingest
+    from vpr.layout import Layout
 
+    layout = Layout.from_config(cfg)
+    out = out or layout.catalog_dir
     try:
-        result = run_ingest(root, out, cfg.ingest)
+        result = run_ingest(root or layout.data, out, cfg.ingest)
     except IngestError as exc:
         _fail(str(exc))
     typer.echo(f"catalog: {result.accepted} images, {result.rejected} rejected → {out}", err=True)

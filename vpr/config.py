@@ -117,7 +117,7 @@ class TrainConfig(_Strict):
     # layer3 + head on the cached maps. auto = on CPU when the layers are frozen and it fits in memory.
     cache_frozen_trunk: Literal["auto", "on", "off"] = "auto"
     # Training-step arithmetic. auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 /
-    # AMX; here 1.9x the fp32 training step, 1.6x a whole epoch), fp32 elsewhere.
+    # AMX; speed-up measured in BENCHMARKS.md), fp32 elsewhere.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
@@ -158,8 +158,7 @@ class OrchestrationConfig(_Strict):
     task_runner: Literal["threads", "dask"] = "threads"
     max_workers: int = Field(2, ge=1)
     # heads trained at once; one training already fills a machine's cores or its GPU, so on one device
-    # two at once only contend (CPU demo, 2 cores: avg + gem side by side 3 min 36 s, each epoch ~6x
-    # slower; one after the other 2 min 11 s)
+    # two at once only contend (measured: README, CPU demo)
     train_lanes: int = Field(1, ge=1)
     dask_address: str | None = None
     reindex_cron: str = "*/15 * * * *"

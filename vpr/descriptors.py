@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
+from typing import TypedDict, Unpack
 
 import numpy as np
 import polars as pl
@@ -145,6 +146,13 @@ def loader_kwargs(device: torch.device, workers: int, generator: torch.Generator
     return kwargs
 
 
+class Loading(TypedDict, total=False):
+    """How ``image_batches`` (and so ``extract``) reads the shards."""
+
+    batch_size: int  # images per batch (default 32)
+    workers: int  # DataLoader worker processes (default 0: read in this process)
+
+
 def image_batches(
     reader: ShardReader,
     ids: Sequence[int],
@@ -169,18 +177,18 @@ def extract(
     transform: Callable,
     *,
     device: torch.device,
-    batch_size: int = 32,
-    workers: int = 0,
+    **loading: Unpack[Loading],
 ) -> np.ndarray:
-    """Descriptors (float32, N×dim) of shard images ``ids``, in the given order (streamed, see ``ShardStream``)."""
+    """Descriptors (float32, N×dim) of shard images ``ids``, in the given order (streamed, see ``ShardStream``).
+
+    ``loading`` (``batch_size``, ``workers``) is passed on to ``image_batches``.
+    """
     ids = np.asarray(ids, dtype=np.int64)
     was_training = model.training
     model.eval()
     out = np.empty((len(ids), model.descriptor_dim), dtype=np.float32)
     done = np.zeros(len(ids), dtype=bool)
-    for positions, batch in image_batches(
-        reader, ids, transform, device=device, batch_size=batch_size, workers=workers
-    ):
+    for positions, batch in image_batches(reader, ids, transform, device=device, **loading):
         with autocast(device):
             desc = model(batch)
         out[positions] = desc.float().cpu().numpy()

@@ -14,22 +14,12 @@ from pathlib import PurePath
 
 import utm
 
+# fmt: off
 FIELDS = (
-    "utm_east",
-    "utm_north",
-    "utm_zone",
-    "utm_letter",
-    "lat",
-    "lon",
-    "pano_id",
-    "tile",
-    "heading",
-    "pitch",
-    "roll",
-    "height",
-    "timestamp",
-    "note",
+    "utm_east", "utm_north", "utm_zone", "utm_letter", "lat", "lon", "pano_id",
+    "tile", "heading", "pitch", "roll", "height", "timestamp", "note",
 )
+# fmt: on
 
 
 class NameError_(ValueError):

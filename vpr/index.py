@@ -64,7 +64,7 @@ from vpr.descriptors import autocast, eval_transform, extract, image_transform, 
 from vpr.layout import Layout
 from vpr.models import VPRModel
 from vpr.retrieval import make_index
-from vpr.shardio import ShardReader
+from vpr.shardio import INDEX_SCHEMA, ShardReader
 
 CURRENT = "CURRENT"
 INDEX_FILE = "index.faiss"
@@ -74,14 +74,7 @@ MANIFEST_FILE = "release.json"
 _VERSION = re.compile(r"^v(\d{6})$")
 
 ID_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.Int64,
-    "path": pl.String,
-    "split": pl.String,
-    "role": pl.String,
-    "utm_east": pl.Float64,
-    "utm_north": pl.Float64,
-    "lat": pl.Float64,
-    "lon": pl.Float64,
+    k: INDEX_SCHEMA[k] for k in ("id", "path", "split", "role", "utm_east", "utm_north", "lat", "lon")
 }
 
 

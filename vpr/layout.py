@@ -15,6 +15,15 @@ SPLITS = ("train", "val", "test")
 ROLES = ("database", "queries")
 
 
+def _below(base: str, name: str, doc: str | None = None) -> property:
+    """A read-only path: ``name`` inside the layout's path ``base`` (a field or another such path)."""
+
+    def path(layout: Layout) -> Path:
+        return getattr(layout, base) / name
+
+    return property(path, doc=doc)
+
+
 @dataclass(frozen=True)
 class Layout:
     root: Path
@@ -31,40 +40,24 @@ class Layout:
         return cls(root, root / p.data, root / p.artifacts, root / p.metrics, root / p.reports, root / p.inbox)
 
     # ingest
-    @property
-    def catalog_dir(self) -> Path:
-        return self.artifacts / "catalog"
-
-    @property
-    def catalog(self) -> Path:
-        return self.catalog_dir / "catalog.parquet"
-
-    @property
-    def rejected(self) -> Path:
-        return self.catalog_dir / "rejected.parquet"
+    catalog_dir = _below("artifacts", "catalog")
+    catalog = _below("catalog_dir", "catalog.parquet")
+    rejected = _below("catalog_dir", "rejected.parquet")
 
     # shards
-    @property
-    def shards_dir(self) -> Path:
-        return self.artifacts / "shards"
-
-    @property
-    def shard_index(self) -> Path:
-        """Table: one row per image → shard file, member offsets (random access by id)."""
-        return self.shards_dir / "index.parquet"
+    shards_dir = _below("artifacts", "shards")
+    shard_index = _below(
+        "shards_dir", "index.parquet", "Table: one row per image → shard file, member offsets (random access by id)."
+    )
 
     # mining
-    @property
-    def mining_dir(self) -> Path:
-        return self.artifacts / "mining"
+    mining_dir = _below("artifacts", "mining")
 
     def mining(self, split: str) -> Path:
         return self.mining_dir / f"{split}.parquet"
 
     # training
-    @property
-    def models_dir(self) -> Path:
-        return self.artifacts / "models"
+    models_dir = _below("artifacts", "models")
 
     def checkpoint(self, head: str) -> Path:
         return self.models_dir / head / "model.pt"

@@ -6,7 +6,8 @@ metric) and writes, atomically:
 - ``reports/results.md``: heads ordered by measured R@1 (whatever that order is), descriptor size,
   R@1/5/10/20, extraction ms/image, gain over the untrained avg baseline, the study's reference
   figures beside them, approximate-index losses when evaluated, and links to the figures;
-- ``reports/recall_at_n.csv``: Recall@N per head (``dvc plots show`` draws it);
+- ``reports/recall_at_n.csv``: Recall@N per head, one column each, and ``reports/recall/{model}.csv``
+  (one file per model: ``dvc plots show`` draws each as a series);
 - ``reports/figures/*.png`` (matplotlib, Agg, no pyplot state): Recall@N curves, qualitative matches
   (query + top-5 of the best head, correct in green, wrong in red), CRN context masks over query
   images (when a CRN checkpoint exists), and a map of database/query positions.
@@ -15,6 +16,7 @@ metric) and writes, atomically:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -261,16 +263,14 @@ def positions_figure(index: pl.DataFrame, path: Path) -> None:
 # --------------------------------------------------------------------------- the report
 
 
-def _recall_csv(metrics: dict[str, dict]) -> str:
-    names = [
-        BASELINE,
-        *[k for k in ("avg", "gem", "netvlad", "crn") if k in metrics],
-        *sorted(k for k in metrics if k not in (BASELINE, "avg", "gem", "netvlad", "crn")),
-    ]
+def _recall_tables(metrics: dict[str, dict], heads: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """Recall@N as one wide CSV (a column per model) and one CSV per model (what ``dvc plots`` draws)."""
+    names = [BASELINE, *heads, *sorted(k for k in metrics if k != BASELINE and k not in heads)]
     names = [n for n in names if n in metrics]
     ns = sorted({int(k.split("@")[1]) for m in metrics.values() for k in m if k.startswith("recall@")})
-    table = pl.DataFrame({"n": ns, **{n: [metrics[n].get(f"recall@{k}") for k in ns] for n in names}})
-    return table.write_csv()
+    wide = pl.DataFrame({"n": ns, **{n: [metrics[n].get(f"recall@{k}") for k in ns] for n in names}})
+    per_model = {n: pl.DataFrame({"n": ns, "recall": wide[n]}).write_csv() for n in names}
+    return wide.write_csv(), per_model
 
 
 def write_report(cfg: Config, layout: Layout) -> Path:
@@ -315,7 +315,14 @@ def write_report(cfg: Config, layout: Layout) -> Path:
         if key not in made:
             (figdir / name).unlink(missing_ok=True)
 
-    write_bytes_atomic(layout.reports / "recall_at_n.csv", _recall_csv(metrics).encode())
+    wide, per_model = _recall_tables(metrics, cfg.train.heads)
+    write_bytes_atomic(layout.reports / "recall_at_n.csv", wide.encode())
+    curves = layout.reports / "recall"
+    for name, text in per_model.items():
+        write_bytes_atomic(curves / f"{name}.csv", text.encode())
+    for stale in curves.glob("*.csv"):  # a model no longer evaluated must not linger in the plot
+        if stale.stem not in per_model:
+            stale.unlink()
     any_m = next(iter(metrics.values()))
     lines = [
         "# Results",

@@ -259,7 +259,9 @@ def decode_sample(plan: ShardPlan, n: int, jpg: bytes) -> Image.Image:
         with Image.open(io.BytesIO(jpg)) as im:
             return im.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError from a damaged JPEG
-        raise ShardError(f"shard {plan.url}: sample {plan.keys[n]} is corrupt: its jpg does not decode ({exc})") from None
+        raise ShardError(
+            f"shard {plan.url}: sample {plan.keys[n]} is corrupt: its jpg does not decode ({exc})"
+        ) from None
 
 
 def stream_shard(plan: ShardPlan) -> Iterator[tuple[str, Image.Image, dict]]:

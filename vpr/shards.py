@@ -30,13 +30,12 @@ from typing import Any
 
 import polars as pl
 from PIL import Image
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vpr.atomic import fsync_dir, write_parquet_atomic
 from vpr.config import ShardConfig
 from vpr.imageio import encode_jpeg, shard_rendition, strict_pillow
 from vpr.procs import exit_with_parent
+from vpr.progress import step_progress
 from vpr.shardio import INDEX_FILE, INDEX_SCHEMA, ShardError, checksum, read_index
 
 STAGED_INDEX_FILE = "index.parquet.tmp"  # the next index, written before the commit (never read)
@@ -160,16 +159,6 @@ def plan_shards(catalog: pl.DataFrame, per_shard: int) -> list[tuple[str, list[d
 # --------------------------------------------------------------------------- driver
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]shard"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-    )
-
-
 def _encode_rows(rows: list[dict], data_root: Path, cfg: ShardConfig, pool: ProcessPoolExecutor | None) -> list[bytes]:
     jobs = [(str(data_root / r["path"]), cfg.height, cfg.width, cfg.jpeg_quality) for r in rows]
     if pool is None:
@@ -203,7 +192,7 @@ def _pack(
         else None
     )  # spawn: callers (Prefect thread runners) may hold locks
     try:
-        with _progress() as bar:
+        with step_progress("shard") as bar:
             task = bar.add_task("shard", total=sum(len(rows) for _, rows in plan))
             for name, rows in plan:
                 jpgs = _encode_rows(rows, data_root, cfg, pool)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -25,15 +26,25 @@ def _quad(cam: Camera, y: float, x0: float, z0: float, x1: float, z1: float) -> 
     return [(p[0], p[1]) for p in pts]
 
 
-def _draw_vehicle(
-    draw: ImageDraw.ImageDraw,
-    cam: Camera,
-    x: float,
-    y: float,
-    rng: np.random.Generator,
-    shade: Callable[[RGB], RGB],
-    cond: Condition,
-) -> None:
+@dataclass(frozen=True)
+class _Scene:
+    """What every distractor is drawn with: the image, the capture's camera, RNG and shader, and its condition."""
+
+    draw: ImageDraw.ImageDraw
+    cam: Camera
+    rng: np.random.Generator
+    shade: Callable[[RGB], RGB]
+    cond: Condition
+
+    def disc(self, centre: tuple[float, float, float], radius: float, fill: RGB) -> None:
+        """A disc of ``radius`` metres facing the camera (a wheel, a lamp, a head)."""
+        u, v, depth = self.cam.project(centre)
+        r = self.cam.focal * radius / depth
+        self.draw.ellipse([u - r, v - r, u + r, v + r], fill=fill)
+
+
+def _draw_vehicle(scene: _Scene, x: float, y: float) -> None:
+    cam, draw, rng, shade = scene.cam, scene.draw, scene.rng, scene.shade
     big = rng.random() < 0.08
     length = float(rng.uniform(8, 11) if big else rng.uniform(3.8, 4.8))
     body_top = float(rng.uniform(2.6, 3.1) if big else rng.uniform(0.95, 1.1))
@@ -60,25 +71,14 @@ def _draw_vehicle(
         ]
         draw.polygon([(p[0], p[1]) for p in cabin], fill=glass)
     for wx in (x + 0.18 * length, x + 0.82 * length):
-        u, v, depth = cam.project((wx, y - 0.1, 0.35))
-        r = cam.focal * 0.35 / depth
-        draw.ellipse([u - r, v - r, u + r, v + r], fill=shade((20, 20, 22)))
-    if cond.lamps_on:
+        scene.disc((wx, y - 0.1, 0.35), 0.35, shade((20, 20, 22)))
+    if scene.cond.lamps_on:
         for lx in (x + 0.05, x + length - 0.05):
-            u, v, depth = cam.project((lx, y - 0.1, 0.75))
-            r = cam.focal * 0.15 / depth
-            draw.ellipse([u - r, v - r, u + r, v + r], fill=(255, 230, 180) if lx > x + 1 else (230, 40, 30))
+            scene.disc((lx, y - 0.1, 0.75), 0.15, (255, 230, 180) if lx > x + 1 else (230, 40, 30))
 
 
-def _draw_pedestrian(
-    draw: ImageDraw.ImageDraw,
-    cam: Camera,
-    x: float,
-    y: float,
-    rng: np.random.Generator,
-    shade: Callable[[RGB], RGB],
-    cond: Condition,
-) -> None:
+def _draw_pedestrian(scene: _Scene, x: float, y: float) -> None:
+    cam, draw, rng, shade = scene.cam, scene.draw, scene.rng, scene.shade
     h = float(rng.uniform(1.55, 1.9))
     legs = _quad(cam, y, x - 0.15, 0.0, x + 0.15, h * 0.48)
     torso = _quad(cam, y, x - 0.25, h * 0.47, x + 0.25, h * 0.85)
@@ -86,10 +86,8 @@ def _draw_pedestrian(
         return
     draw.polygon(legs, fill=shade(jitter(rng, (50, 50, 70), 40)))
     draw.polygon(torso, fill=shade(CAR_COLOURS[int(rng.integers(0, len(CAR_COLOURS)))]))
-    u, v, depth = cam.project((x, y, h * 0.92))
-    r = cam.focal * 0.11 / depth
-    draw.ellipse([u - r, v - r, u + r, v + r], fill=shade(jitter(rng, (200, 160, 130), 50)))
-    if cond.rain > 0 and rng.random() < 0.6:
+    scene.disc((x, y, h * 0.92), 0.11, shade(jitter(rng, (200, 160, 130), 50)))
+    if scene.cond.rain > 0 and rng.random() < 0.6:
         u, v, depth = cam.project((x, y, h + 0.15))
         r = cam.focal * 0.55 / depth
         draw.pieslice(
@@ -112,6 +110,6 @@ def draw_distractors(image: Image.Image, cam: Camera, rng: np.random.Generator, 
     for _ in range(int(rng.poisson(2.0))):
         y = float(rng.uniform(-2.8, -0.6))
         items.append((y, "pedestrian", float(cam.centre[0] + rng.uniform(-half, half) * (y + d))))
-    draw, shade = ImageDraw.Draw(image), shader(cond)
+    scene = _Scene(ImageDraw.Draw(image), cam, rng, shader(cond), cond)
     for y, kind, x in sorted(items, key=lambda item: -item[0]):  # farthest (closest to facade) first
-        (_draw_vehicle if kind == "vehicle" else _draw_pedestrian)(draw, cam, x, y, rng, shade, cond)
+        (_draw_vehicle if kind == "vehicle" else _draw_pedestrian)(scene, x, y)
