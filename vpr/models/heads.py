@@ -1,4 +1,4 @@
-"""Descriptor heads mapping the conv4 map ``B×256×H×W`` to an L2-normalised global descriptor (the study's four heads)."""
+"""Descriptor heads: the conv4 map ``B×256×H×W`` → an L2-normalised global descriptor (the study's four)."""
 
 from __future__ import annotations
 
