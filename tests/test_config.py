@@ -43,3 +43,11 @@ def test_cli_rejects_bad_params_before_work(tmp_path):
     assert proc.returncode == 2
     assert "shards.height" in proc.stderr
     assert not out.exists()
+
+
+def test_checkpoint_selection_must_be_a_computed_recall():
+    assert parse_config({"train": {"select_by": 10}}).train.select_by == 10
+    with pytest.raises(ConfigError, match=r"train.select_by=3 is not among evaluate.recall_at"):
+        parse_config({"train": {"select_by": 3}})
+    with pytest.raises(ConfigError, match="train.select_by"):
+        parse_config({"train": {"select_by": 20}, "evaluate": {"recall_at": [1, 5]}})

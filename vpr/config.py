@@ -107,6 +107,8 @@ class TrainConfig(_Strict):
     negative_sample: int = Field(500, gt=0)
     refresh_every: int = Field(100, gt=0)
     patience: int = Field(3, ge=1)
+    # which validation Recall@N picks the kept checkpoint (model.pt): N must be one of evaluate.recall_at
+    select_by: int = Field(5, gt=0)
     image_scale: float = Field(1.0, gt=0)
     augment: AugmentConfig = AugmentConfig()
     seed: int = 0
@@ -178,6 +180,19 @@ class Config(_Strict):
     index: IndexConfig = IndexConfig()
     locate: LocateConfig = LocateConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        _check_selection(self)
+        return self
+
+
+def _check_selection(cfg: Config) -> None:
+    if cfg.train.select_by not in cfg.evaluate.recall_at:
+        raise ValueError(
+            f"train.select_by={cfg.train.select_by} is not among evaluate.recall_at={cfg.evaluate.recall_at}: "
+            "the checkpoint is picked by a validation recall that is computed"
+        )
 
 
 class ConfigError(ValueError):

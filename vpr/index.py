@@ -38,7 +38,6 @@ Public API (for ``vpr locate`` and the scheduled re-index flow):
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -55,6 +54,7 @@ import faiss
 import numpy as np
 import polars as pl
 import torch
+from filelock import FileLock
 from PIL import Image
 
 from vpr.atomic import fsync_dir, write_text_atomic
@@ -159,12 +159,8 @@ def release_lock(release_dir: str | Path) -> Iterator[None]:
     """Exclusive writer lock for one release folder (blocks until the other writer is done)."""
     release_dir = Path(release_dir)
     release_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(_lock_path(release_dir), "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with FileLock(_lock_path(release_dir)):
+        yield
 
 
 def _commit_version(release_dir: Path, build: Callable[[Path, int], None]) -> Path:

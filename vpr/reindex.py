@@ -123,7 +123,11 @@ def quarantine_dir(layout: Layout) -> Path:
 
 @contextmanager
 def reindex_lock(layout: Layout) -> Iterator[None]:
-    """Exclusive lock: one re-index at a time on this project, whatever started it."""
+    """Exclusive lock: one re-index at a time on this project, whatever started it.
+
+    A blocking ``flock`` rather than ``filelock`` (which polls): a waiting run sleeps in the kernel, where
+    ``/proc/locks`` shows it waiting (the concurrency fault test relies on that).
+    """
     folder = work_dir(layout)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a+b") as fh:

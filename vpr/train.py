@@ -6,7 +6,8 @@ inference mode (streamed from the shards by id) for the chunk's queries, their h
 the candidate negatives (``full``: the whole database; ``partial``: one shared random database
 sample; ``random``: none). Selection is vectorised (one distance matrix per chunk), so mining costs
 one inference pass instead of a per-query loop. Every epoch ends with validation Recall@N, an
-atomic checkpoint (``last.pt``, for ``--resume``) and, when R@5 improves, the best model
+atomic checkpoint (``last.pt``, for ``--resume``) and, when validation Recall@``train.select_by``
+(default 5) improves, the best model
 (``model.pt``). All randomness of epoch *e* derives from ``(seed, e)``, so a resumed run
 reproduces an uninterrupted one on CPU.
 """
@@ -256,7 +257,7 @@ def train_head(
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        history, best, bad_epochs = state["history"], state["best_recall5"], state["bad_epochs"]
+        history, best, bad_epochs = state["history"], state["best_val_recall"], state["bad_epochs"]
         start_epoch = state["epoch"] + 1
     step_model = torch.compile(model) if tc.compile and device.type == "cuda" else model
     touched = np.concatenate([train.db_ids, train.q_ids, val.db_ids, val.q_ids])
@@ -307,15 +308,15 @@ def train_head(
                 "images_per_s": images / seconds,
             }
         )
-        improved = recalls[5] > best if 5 in recalls else True
-        if improved:
-            best, bad_epochs = recalls.get(5, best), 0
+        if recalls[tc.select_by] > best:
+            best, bad_epochs = recalls[tc.select_by], 0
             save_checkpoint(
                 {
                     "model": model.state_dict(),
                     "head": head,
                     "epoch": epoch,
-                    "recall5": best,
+                    "select_by": f"recall@{tc.select_by}",
+                    "val_recall": best,
                     "model_config": cfg.model.model_dump(),
                 },
                 layout.checkpoint(head),
@@ -328,7 +329,7 @@ def train_head(
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
                 "history": history,
-                "best_recall5": best,
+                "best_val_recall": best,
                 "bad_epochs": bad_epochs,
                 "head": head,
             },
@@ -340,7 +341,13 @@ def train_head(
             f"R@5 {recalls.get(5, float('nan')):.1f} ({seconds:.1f} s, {images / seconds:.1f} img/s)",
             file=sys.stderr,
         )
-    return {"head": head, "best_recall5": best, "epochs": len(history), "history": history}
+    return {
+        "head": head,
+        "select_by": f"recall@{tc.select_by}",
+        "best_val_recall": best,
+        "epochs": len(history),
+        "history": history,
+    }
 
 
 def _batches(
