@@ -139,16 +139,10 @@ def test_modules_stay_small(path):
 
 
 def test_library_never_imports_prefect():
-    offenders = [
-        str(p)
-        for p in VPR.rglob("*.py")
-        if "prefect"
-        in {(n.module or "").split(".")[0] for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ImportFrom)}
-        | {
-            a.name.split(".")[0]
-            for n in ast.walk(ast.parse(p.read_text()))
-            if isinstance(n, ast.Import)
-            for a in n.names
-        }
-    ]
+    offenders = []
+    for path in VPR.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path}: {n}" for n in names if n.split(".")[0] == "prefect"]
     assert not offenders, offenders

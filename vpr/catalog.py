@@ -58,6 +58,8 @@ CATALOG_SCHEMA: dict[str, pl.DataType] = {
     "sha256": pl.String,
     "duplicate_of": pl.String,
 }
+# What a validated image contributes; ``duplicate_of`` is derived over the whole catalog (``mark_duplicates``).
+ROW_SCHEMA: dict[str, pl.DataType] = {k: v for k, v in CATALOG_SCHEMA.items() if k != "duplicate_of"}
 REJECTED_SCHEMA: dict[str, pl.DataType] = {"path": pl.String, "reason": pl.String}
 
 
@@ -213,9 +215,9 @@ def mark_duplicates(catalog: pl.DataFrame) -> pl.DataFrame:
 
 
 def _tables(rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    good = [{k: r.get(k) for k in CATALOG_SCHEMA if k != "duplicate_of"} for r in rows if r["reason"] is None]
+    good = [{k: r.get(k) for k in ROW_SCHEMA} for r in rows if r["reason"] is None]
     bad = [{"path": r["path"], "reason": r["reason"]} for r in rows if r["reason"] is not None]
-    schema = {k: v for k, v in CATALOG_SCHEMA.items() if k != "duplicate_of"}
+    schema = ROW_SCHEMA
     catalog = mark_duplicates(pl.DataFrame(good, schema=schema).sort("path"))
     rejected = pl.DataFrame(bad, schema=REJECTED_SCHEMA).sort("path")
     return catalog.select(list(CATALOG_SCHEMA)), rejected
@@ -261,7 +263,7 @@ def append_to_catalog(catalog_path: str | Path, rows: list[dict]) -> Path:
     new = [r for r in rows if r["path"] not in have]
     if not new:
         return catalog_path
-    schema = {k: v for k, v in CATALOG_SCHEMA.items() if k != "duplicate_of"}
+    schema = ROW_SCHEMA
     merged = pl.concat(
         [
             catalog.select(list(schema)).cast(schema),  # type: ignore[arg-type]

@@ -182,17 +182,13 @@ class Config(_Strict):
     orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @model_validator(mode="after")
-    def _consistent(self) -> Config:
-        _check_selection(self)
+    def _selection_is_computed(self) -> Config:
+        if self.train.select_by not in self.evaluate.recall_at:
+            raise ValueError(
+                f"train.select_by={self.train.select_by} is not among evaluate.recall_at={self.evaluate.recall_at}: "
+                "the checkpoint is picked by a validation recall that is computed"
+            )
         return self
-
-
-def _check_selection(cfg: Config) -> None:
-    if cfg.train.select_by not in cfg.evaluate.recall_at:
-        raise ValueError(
-            f"train.select_by={cfg.train.select_by} is not among evaluate.recall_at={cfg.evaluate.recall_at}: "
-            "the checkpoint is picked by a validation recall that is computed"
-        )
 
 
 class ConfigError(ValueError):

@@ -19,7 +19,7 @@ from torchvision.transforms import v2 as T
 
 from vpr.config import AugmentConfig, ShardConfig
 from vpr.rng import Locked
-from vpr.shardio import ShardError, ShardReader, decode_sample, shard_plans, stream_samples
+from vpr.shardio import ShardError, ShardReader, decode_sample, stream_samples
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,15 +97,15 @@ class ShardStream(IterableDataset):
         if rows.height != len(first):
             missing = sorted(set(first) - set(rows["id"].to_list()))
             raise ShardError(f"image id(s) not in the shard index of {reader.shards_dir}: {missing[:5]}")
-        self.plans = shard_plans(rows, reader.shards_dir)  # only the shards that hold a requested image
+        holding = set(rows["shard"].to_list())
+        # whole shards (every sample is checked, wanted or not), only those that hold a requested image
+        self.plans = [p for p in reader.plans() if p.url.name in holding]
         self.wanted, self.transform = first, transform
-        self.full_plans = {p.url.name: p for p in shard_plans(reader.index, reader.shards_dir)}
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         info = get_worker_info()
         mine = self.plans if info is None else self.plans[info.id :: info.num_workers]
-        for part in mine:
-            plan = self.full_plans[part.url.name]  # the whole shard: every sample is checked, wanted or not
+        for plan in mine:
             for n, jpg, _ in stream_samples(plan):
                 pos = self.wanted.get(plan.ids[n])
                 if pos is not None:
@@ -183,19 +183,13 @@ def extract(
 
     ``loading`` (``batch_size``, ``workers``) is passed on to ``image_batches``.
     """
-    ids = np.asarray(ids, dtype=np.int64)
+    unique, inverse = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)  # each image once
     was_training = model.training
     model.eval()
-    out = np.empty((len(ids), model.descriptor_dim), dtype=np.float32)
-    done = np.zeros(len(ids), dtype=bool)
-    for positions, batch in image_batches(reader, ids, transform, device=device, **loading):
+    out = np.empty((len(unique), model.descriptor_dim), dtype=np.float32)
+    for positions, batch in image_batches(reader, unique, transform, device=device, **loading):
         with autocast(device):
             desc = model(batch)
         out[positions] = desc.float().cpu().numpy()
-        done[positions] = True
     model.train(was_training)
-    if not done.all():  # an id asked for twice: copy the descriptor computed at its first position
-        first = {i: pos for pos, i in reversed(list(enumerate(ids.tolist())))}
-        rest = np.flatnonzero(~done)
-        out[rest] = out[[first[i] for i in ids[rest].tolist()]]
-    return out
+    return out[inverse.ravel()]

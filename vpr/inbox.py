@@ -28,7 +28,8 @@ ROLE = "database"  # new imagery is always database imagery (what locate searche
 REASON_NO_POSITION = "no position"  # full: "no position: not a datasets_vg name (...) and no EXIF GPS"
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """Now, as the ISO-8601 UTC timestamp the re-index records carry."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
@@ -130,7 +131,7 @@ def quarantine(inbox: Path, rel: str, reason: str) -> Path:
         target = qdir / f"{Path(name).stem}.{n}{Path(name).suffix}"
         n += 1
     write_text_atomic(
-        target.with_name(target.name + ".reason.txt"), f"{reason}\nfrom inbox/{printable_path(rel)} at {_now()}\n"
+        target.with_name(target.name + ".reason.txt"), f"{reason}\nfrom inbox/{printable_path(rel)} at {utc_now()}\n"
     )
     move_file(inbox / rel, target)
     return target

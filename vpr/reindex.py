@@ -44,7 +44,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -53,15 +52,15 @@ from PIL import Image
 
 from vpr.atomic import write_text_atomic
 from vpr.catalog import (
-    CATALOG_SCHEMA,
+    ROW_SCHEMA,
     append_to_catalog,
     printable_path,
 )
 from vpr.config import Config
 from vpr.imageio import decode_rgb
-from vpr.inbox import QUARANTINE, ROLE, check_file, move_file, quarantine, scan_inbox
+from vpr.inbox import QUARANTINE, ROLE, check_file, move_file, quarantine, scan_inbox, utc_now
 from vpr.layout import Layout
-from vpr.shardio import checksum, read_index
+from vpr.shardio import read_index, verified_jpeg
 from vpr.shards import append_to_index, sample_key, shard_name, write_new_shards
 
 PENDING = "pending.json"
@@ -141,10 +140,6 @@ def reindex_lock(layout: Layout) -> Iterator[None]:
 # --------------------------------------------------------------------------- planning
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def _catalog(layout: Layout) -> pl.DataFrame:
     if not layout.catalog.exists():
         raise ReindexError(f"catalog not found: {layout.catalog} (run train-all or `vpr ingest` first)")
@@ -189,13 +184,13 @@ def plan_batch(accepted: list[dict], index: pl.DataFrame, split: str, per_shard:
                 "shard": shard_name(split, ROLE, next_shard + i // per_shard),
                 "inbox": row["inbox"],
                 "source": row["source"],
-                "row": {k: row.get(k) for k in CATALOG_SCHEMA if k != "duplicate_of"},
+                "row": {k: row.get(k) for k in ROW_SCHEMA},
             }
         )
     digest = hashlib.sha256(json.dumps([(it["row"]["path"], it["row"]["sha256"]) for it in items]).encode())
     return {
         "batch": digest.hexdigest()[:16],
-        "created": _now(),
+        "created": utc_now(),
         "split": split,
         "base_count": index.height,
         "items": items,
@@ -276,9 +271,8 @@ def _read_images(layout: Layout, rows: list[dict]) -> list[Image.Image]:
     for r in rows:
         with open(layout.shards_dir / r["shard"], "rb") as fh:
             data = os.pread(fh.fileno(), r["size"], r["offset"])
-        if r.get("crc32") is not None and checksum(data) != r["crc32"]:
-            raise ReindexError(f"shard {r['shard']}: the bytes of new image {r['id']} do not match their checksum")
-        images.append(decode_rgb(data))
+        where = f"shard {layout.shards_dir / r['shard']}, new image {r['id']}"
+        images.append(decode_rgb(verified_jpeg(data, r["size"], r["offset"], r["crc32"], where)))
     return images
 
 
@@ -360,7 +354,7 @@ def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> No
 
 
 def _log(layout: Layout, result: ReindexResult) -> None:
-    line = json.dumps({"finished": _now(), **result.to_dict()}, default=str)
+    line = json.dumps({"finished": utc_now(), **result.to_dict()}, default=str)
     with open(work_dir(layout) / HISTORY, "a") as fh:
         fh.write(line + "\n")
 

@@ -61,6 +61,20 @@ def read_index(shards_dir: str | Path) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
+def verified_jpeg(data: bytes, size: int, offset: int, crc: int | None, where: str) -> bytes:
+    """``data`` read at ``offset`` if it is the whole JPEG the index recorded there, else ``ShardError``."""
+    if len(data) != size:
+        raise ShardError(f"truncated {where}: expected {size} bytes at offset {offset}, got {len(data)}")
+    if not data.startswith(_JPEG_SOI):
+        raise ShardError(f"corrupt {where}: data at offset {offset} is not a JPEG")
+    if crc is not None and checksum(data) != crc:
+        raise ShardError(
+            f"corrupt {where}: the {size} bytes at offset {offset} "
+            f"do not match the index checksum (crc32 {checksum(data):08x}, expected {crc:08x})"
+        )
+    return data
+
+
 class ShardReader:
     """Random access to shard JPEGs by image id, via the index's byte ranges.
 
@@ -82,6 +96,7 @@ class ShardReader:
         self._crc: list[int | None] = index["crc32"].to_list() if "crc32" in index.columns else [None] * index.height
         self._fds: dict[str, int] = {}
         self._pid = os.getpid()
+        self._plans: list[ShardPlan] | None = None
 
     def __len__(self) -> int:
         return len(self._shard)
@@ -101,25 +116,18 @@ class ShardReader:
     def _where(self, i: int) -> str:
         return f"shard {self.shards_dir / self._shard[i]}, sample {self._key[i]} (id {i})"
 
+    def plans(self) -> list[ShardPlan]:
+        """Every shard of the index with the samples it holds (computed once per reader)."""
+        if self._plans is None:
+            self._plans = shard_plans(self.index, self.shards_dir)
+        return self._plans
+
     def read_jpeg(self, i: int) -> bytes:
         """The stored JPEG bytes of image ``i``; ``ShardError`` if the shard is short or corrupt."""
         if not 0 <= i < len(self):
             raise IndexError(f"image id {i} out of range 0..{len(self) - 1}")
         data = os.pread(self._fd(self._shard[i]), self._size[i], self._offset[i])
-        if len(data) != self._size[i]:
-            raise ShardError(
-                f"truncated {self._where(i)}: expected {self._size[i]} bytes at offset "
-                f"{self._offset[i]}, got {len(data)}"
-            )
-        if not data.startswith(_JPEG_SOI):
-            raise ShardError(f"corrupt {self._where(i)}: data at offset {self._offset[i]} is not a JPEG")
-        crc = self._crc[i]
-        if crc is not None and checksum(data) != crc:
-            raise ShardError(
-                f"corrupt {self._where(i)}: the {self._size[i]} bytes at offset {self._offset[i]} "
-                f"do not match the index checksum (crc32 {checksum(data):08x}, expected {crc:08x})"
-            )
-        return data
+        return verified_jpeg(data, self._size[i], self._offset[i], self._crc[i], self._where(i))
 
     def load(self, i: int) -> Image.Image:
         """Image ``i`` decoded to RGB."""
