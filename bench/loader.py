@@ -120,7 +120,7 @@ def gpu_decode(loader, device: torch.device, n_expected: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def breakdown(reader: ShardReader, paths: list[Path], ids: np.ndarray, tf, legacy) -> None:
+def breakdown(reader: ShardReader, paths: dict[int, Path], ids: np.ndarray, tf, legacy) -> None:
     """Single-process ms per image of each part of the path (median of 3 passes over ``ids``)."""
 
     def per_image(fn) -> float:
@@ -163,11 +163,11 @@ def main() -> None:
     device = _common.resolve(args.device)
     cfg, layout = _common.project(args.height, args.width, city=args.city)
     reader = ShardReader(layout.shards_dir)
-    ids = np.random.default_rng(0).permutation(len(reader))
-    paths = [layout.data / p for p in reader.index["path"].to_list()]
+    ids = np.random.default_rng(0).permutation(reader.index["id"].to_numpy())  # ids are per-split ranges
+    paths = {int(i): layout.data / p for i, p in zip(reader.index["id"].to_list(), reader.index["path"].to_list())}
     tf = image_transform(cfg.shards.height, cfg.shards.width)
     legacy = legacy_transform(cfg.shards.height, cfg.shards.width)
-    with Image.open(paths[0]) as im:
+    with Image.open(paths[int(ids[0])]) as im:
         assert im.size == (cfg.shards.width, cfg.shards.height), "folders and shards differ in size"
 
     print(f"# loader benchmark — {_common.machine(device)}")

@@ -42,7 +42,8 @@ def reindex(
         step = tasks.reindex_batch.with_options(retries=cfg.orchestration.task_retries, retry_delay_seconds=5)
         summary = step(cfg, str(root_path))
         if summary["added"] and record_dvc:
-            paths = [layout.catalog_dir, layout.shards_dir, *(layout.release_dir(h) for h in summary["releases"])]
+            split = layout.split_shards(cfg.orchestration.reindex_split)
+            paths = [layout.catalog_dir, split, *(layout.release_dir(h) for h in summary["releases"])]
             summary["dvc"] = tasks.record_in_dvc(str(root_path), tasks.stages_writing(root_path, paths))
     if summary["added"] or summary["rejected"]:
         tasks.publish_reindex_summary(summary)

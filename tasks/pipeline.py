@@ -27,7 +27,7 @@ def _layout(cfg: Config, root: str) -> Layout:
 
 @task(name="ingest", task_run_name="ingest", cache_policy=StageInputs(stage="ingest"), persist_result=True)
 def ingest(cfg: Config, root: str) -> dict:
-    """Validate every image of ``data/`` once → ``artifacts/catalog`` (catalog + rejected list)."""
+    """Validate every image of ``data/`` once → ``artifacts/catalog`` (one catalog per split + rejected list)."""
     from vpr.catalog import ingest as run_ingest
 
     layout = _layout(cfg, root)
@@ -35,28 +35,30 @@ def ingest(cfg: Config, root: str) -> dict:
     return {
         "accepted": result.accepted,
         "rejected": result.rejected,
-        "catalog": str(layout.catalog),
+        "catalog": str(layout.catalog_dir),
         "rejected_files": result.rejected_table.head(50).to_dicts(),
     }
 
 
-@task(name="shard", task_run_name="shard", cache_policy=StageInputs(stage="shard"), persist_result=True)
-def shard(cfg: Config, root: str) -> dict:
-    """Pack the catalog's images into WebDataset tars → ``artifacts/shards``."""
+@task(name="shard", task_run_name="shard@{split}", cache_policy=StageInputs(stage="shard@{split}"), persist_result=True)
+def shard(cfg: Config, root: str, split: str) -> dict:
+    """Pack one split's cataloged images into WebDataset tars → ``artifacts/shards/{split}``."""
     from vpr.shards import write_shards
 
     layout = _layout(cfg, root)
-    index = write_shards(layout.catalog, layout.data, layout.shards_dir, cfg.shards)
+    index = write_shards(layout.catalog(split), layout.data, layout.split_shards(split), cfg.shards)
     return {"index": str(index)}
 
 
-@task(name="mine", task_run_name="mine", cache_policy=StageInputs(stage="mine"), persist_result=True)
-def mine(cfg: Config, root: str) -> dict:
-    """UTM positives per query for every split → ``artifacts/mining``."""
+@task(name="mine", task_run_name="mine@{split}", cache_policy=StageInputs(stage="mine@{split}"), persist_result=True)
+def mine(cfg: Config, root: str, split: str) -> dict:
+    """UTM positives per query of one split → ``artifacts/mining/{split}.parquet``."""
     from vpr.mining import mine_all
 
     layout = _layout(cfg, root)
-    return {split: str(path) for split, path in mine_all(layout.catalog, layout.mining_dir, cfg.mining).items()}
+    return {
+        s: str(path) for s, path in mine_all(layout.catalog(split), layout.mining_dir, cfg.mining, (split,)).items()
+    }
 
 
 @task(name="train", task_run_name="train@{head}", cache_policy=StageInputs(stage="train@{head}"), persist_result=True)

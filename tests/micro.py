@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from vpr.config import Config, parse_config
-from vpr.layout import Layout
+from vpr.layout import SPLITS, Layout
 
 MICRO_PARAMS: dict = {
     "synth": {
@@ -48,8 +48,6 @@ def write_params(root: Path, overrides: dict | None = None) -> Config:
 def build_micro_project(root: Path, overrides: dict | None = None, *, prepare: bool = True) -> tuple[Config, Layout]:
     """params.yaml + data/ (synthetic) and, with ``prepare``, catalog, shards and mining tables."""
     from vpr.catalog import ingest
-    from vpr.mining import mine_all
-    from vpr.shards import write_shards
     from vpr.synth import generate_city
 
     root.mkdir(parents=True, exist_ok=True)
@@ -58,6 +56,15 @@ def build_micro_project(root: Path, overrides: dict | None = None, *, prepare: b
     generate_city(layout.data, cfg.synth)
     if prepare:
         ingest(layout.data, layout.catalog_dir, cfg.ingest)
-        write_shards(layout.catalog, layout.data, layout.shards_dir, cfg.shards)
-        mine_all(layout.catalog, layout.mining_dir, cfg.mining)
+        shard_and_mine(cfg, layout)
     return cfg, layout
+
+
+def shard_and_mine(cfg: Config, layout: Layout, splits: tuple[str, ...] = SPLITS, workers: int | None = None) -> None:
+    """What the shard@{split} and mine@{split} stages write, for each of ``splits``."""
+    from vpr.mining import mine_all
+    from vpr.shards import write_shards
+
+    for split in splits:
+        write_shards(layout.catalog(split), layout.data, layout.split_shards(split), cfg.shards, workers=workers)
+        mine_all(layout.catalog(split), layout.mining_dir, cfg.mining, (split,))

@@ -18,6 +18,7 @@ from vpr.catalog import (
     IngestError,
     bad_name_reason,
     ingest,
+    read_catalog,
 )
 from vpr.config import IngestConfig
 from vpr.geo import format_name
@@ -143,8 +144,11 @@ def test_catalog_columns_and_parsed_fields(tmp_path: Path) -> None:
     result = run(root, tmp_path)
     assert result.rejected == 0
     assert result.catalog["path"].to_list() == sorted([p15, p2])
-    on_disk = pl.read_parquet(tmp_path / "out" / "catalog.parquet")
+    on_disk = read_catalog(tmp_path / "out")
     assert on_disk.equals(result.catalog)
+    # one table per split: each holds exactly its split's rows
+    assert pl.read_parquet(tmp_path / "out" / "val.parquet")["path"].to_list() == [p2]
+    assert pl.read_parquet(tmp_path / "out" / "train.parquet").height == 0
     assert set(on_disk.columns) >= {
         "path",
         "split",
@@ -211,7 +215,7 @@ def test_zero_usable_images(tmp_path: Path) -> None:
     put(root, DB, "bad.jpg", jpeg_bytes())
     with pytest.raises(IngestError, match="no usable images"):
         run(root, tmp_path)
-    assert not (tmp_path / "out" / "catalog.parquet").exists()
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
 
 
 def test_process_pool_matches_inline(root: Path, tmp_path: Path) -> None:
@@ -222,5 +226,6 @@ def test_process_pool_matches_inline(root: Path, tmp_path: Path) -> None:
     pooled = ingest(root, tmp_path / "b", IngestConfig(workers=2))
     assert inline.catalog.equals(pooled.catalog)
     assert inline.rejected_table.equals(pooled.rejected_table)
-    assert (tmp_path / "a/catalog.parquet").read_bytes() == (tmp_path / "b/catalog.parquet").read_bytes()
+    for table in ("train.parquet", "val.parquet", "test.parquet", "rejected.parquet"):
+        assert (tmp_path / "a" / table).read_bytes() == (tmp_path / "b" / table).read_bytes()
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.endswith(".tmp")]

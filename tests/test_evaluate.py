@@ -16,15 +16,14 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from tests.micro import shard_and_mine
 from vpr.catalog import ingest
 from vpr.config import Config, EvalConfig, IndexConfig, IngestConfig, ModelConfig, ShardConfig, TrainConfig
 from vpr.evaluate import evaluate_head
 from vpr.geo import format_name
 from vpr.layout import Layout
-from vpr.mining import mine_all
 from vpr.models import build_model
 from vpr.retrieval import approximate_recall, exact_search, make_index, recall_at_n
-from vpr.shards import write_shards
 
 PLACES = 8
 SPACING_M = 100.0
@@ -75,8 +74,7 @@ def build_micro(root: Path, heads=("avg",), cfg: Config | None = None) -> tuple[
 
     layout = Layout.from_config(cfg, root)
     ingest(data, layout.catalog_dir, IngestConfig(workers=1))
-    write_shards(layout.catalog, data, layout.shards_dir, cfg.shards, workers=1)
-    mine_all(layout.catalog, layout.mining_dir, cfg.mining, ("test",))
+    shard_and_mine(cfg, layout, ("test",), workers=1)
     for head in heads:
         save_checkpoint(head, cfg, layout)
     return cfg, layout

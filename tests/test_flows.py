@@ -10,21 +10,23 @@ import sys
 import time
 from pathlib import Path
 
-import polars as pl
 import pytest
 import yaml
 
 from tests.flowkit import REPO, clone_project, exif_photo, make_dvc_project, run, truncated_jpeg
+from vpr.catalog import read_catalog
 from vpr.config import load_config
-from vpr.layout import Layout
+from vpr.layout import Layout, first_id
+from vpr.shardio import read_index
 
 pytestmark = pytest.mark.timeout(900)
 
 HEADS = ["avg", "gem", "netvlad", "crn"]
+SPLITS = ["train", "val", "test"]
 PIPELINE_STEPS = {
     "ingest",
-    "shard",
-    "mine",
+    *(f"shard@{s}" for s in SPLITS),
+    *(f"mine@{s}" for s in SPLITS),
     *(f"train@{h}" for h in HEADS),
     *(f"evaluate@{h}" for h in HEADS),
     "baseline",
@@ -130,16 +132,13 @@ def test_train_all_leaves_dvc_clean_and_repro_has_nothing_to_do(trained):
 def test_second_train_all_run_hits_the_cache(trained):
     from flows.train_all import train_all
 
-    root, first, first_s = trained
+    root, first, _ = trained
     layout = Layout.from_config(load_config(root / "params.yaml"), root)
     before = {h: _sha(layout.checkpoint(h)) for h in HEADS}
-    t0 = time.perf_counter()
     second = train_all(root=str(root), record_dvc=False)
-    second_s = time.perf_counter() - t0
     assert all(state == "Cached" for state in second["steps"].values()), second["steps"]
     assert second["results"] == first["results"]
     assert {h: _sha(layout.checkpoint(h)) for h in HEADS} == before  # nothing retrained
-    assert second_s < first_s
 
 
 def test_cache_key_follows_dvc_stage_inputs(trained):
@@ -147,10 +146,10 @@ def test_cache_key_follows_dvc_stage_inputs(trained):
 
     root, _, _ = trained
     cfg = load_config(root / "params.yaml")
-    keys = {s: stage_key(root, s, cfg) for s in ("shard", "mine", "train@avg")}
+    keys = {s: stage_key(root, s, cfg) for s in ("shard@test", "mine@test", "train@avg")}
     other = cfg.model_copy(update={"mining": cfg.mining.model_copy(update={"test_positive_m": 30.0})})
-    assert stage_key(root, "mine", other) != keys["mine"]  # its params section changed
-    assert stage_key(root, "shard", other) == keys["shard"]  # an unrelated section did not matter
+    assert stage_key(root, "mine@test", other) != keys["mine@test"]  # its params section changed
+    assert stage_key(root, "shard@test", other) == keys["shard@test"]  # an unrelated section did not matter
     assert stage_key(root, "report", cfg) is not None and stage_key(root, "no-such-stage", cfg) is None
 
 
@@ -160,11 +159,11 @@ def test_missing_outputs_force_the_step_to_run(trained):
 
     root = trained[0]
     shutil.rmtree(root / "artifacts" / "mining")
-    assert not outputs_present(root, "mine")  # a cache record alone must not stand in for the files
+    assert not outputs_present(root, "mine@test")  # a cache record alone must not stand in for the files
     result = train_all_steps(str(root / "params.yaml"), str(root), record_dvc=False)
-    assert result["steps"]["mine"] == "Completed" and (root / "artifacts" / "mining" / "test.parquet").exists()
+    assert result["steps"]["mine@test"] == "Completed" and (root / "artifacts" / "mining" / "test.parquet").exists()
     # the same mining tables again: every step downstream is still a cache hit
-    assert {s for s, state in result["steps"].items() if state != "Cached"} == {"mine"}
+    assert {s for s, state in result["steps"].items() if state != "Cached"} == {f"mine@{s}" for s in SPLITS}
 
 
 # --------------------------------------------------------------------------- reindex
@@ -199,9 +198,9 @@ def test_reindex_adds_batch_quarantines_broken_and_repeats_as_noop(trained, tmp_
     root = clone_project(trained[0], tmp_path / "project")
     cfg = load_config(root / "params.yaml")
     layout = Layout.from_config(cfg, root)
-    old_tars = {p.name: _sha(p) for p in layout.shards_dir.glob("*.tar")}
+    old_tars = {p.relative_to(layout.shards_dir).as_posix(): _sha(p) for p in layout.shards_dir.rglob("*.tar")}
     n_before = load_release(layout.release_dir("netvlad")).index.ntotal
-    n_catalog = pl.read_parquet(layout.catalog).height
+    n_catalog = read_catalog(layout.catalog_dir).height
     files = _drop_batch(root)
 
     summary = reindex(root=str(root))
@@ -216,12 +215,12 @@ def test_reindex_adds_batch_quarantines_broken_and_repeats_as_noop(trained, tmp_
     assert release.index.ntotal == n_before + 2
     new_ids = sorted(a["id"] for a in summary["added"])
     assert new_ids == [release.ids["id"].max() - 1, release.ids["id"].max()]
-    assert pl.read_parquet(layout.catalog).height == n_catalog + 2
-    index = pl.read_parquet(layout.shard_index)
-    assert index["id"].to_list() == list(range(index.height))
+    assert read_catalog(layout.catalog_dir).height == n_catalog + 2
+    index = read_index(layout.shards_dir, ("test",))  # the test database's ids run on, one after another
+    assert index["id"].to_list() == list(range(first_id("test"), first_id("test") + index.height))
     # existing shards untouched; files moved into the data tree; the inbox holds only the quarantine
     assert {n: _sha(layout.shards_dir / n) for n in old_tars} == old_tars
-    assert len(list(layout.shards_dir.glob("*.tar"))) == len(old_tars) + 1
+    assert len(list(layout.shards_dir.rglob("*.tar"))) == len(old_tars) + 1
     assert all((layout.data / a["path"]).exists() for a in summary["added"])
     assert [p.name for p in (root / "inbox").iterdir()] == ["quarantine"]
     # locate finds the EXIF photo at its own new id
@@ -229,8 +228,8 @@ def test_reindex_adds_batch_quarantines_broken_and_repeats_as_noop(trained, tmp_
     photo_id = next(a["id"] for a in summary["added"] if a["source"] == "exif")
     assert answer["ok"] and photo_id in [m["id"] for m in answer["matches"][:2]]
     # recorded in DVC: the raw data and the stages that own catalog, shards and release are clean
-    assert set(summary["dvc"]["recorded"]) == {"data.dvc", "ingest", "shard", "index"}
-    status = run(root, sys.executable, "-m", "dvc", "status", "data.dvc", "ingest", "shard", "index")
+    assert set(summary["dvc"]["recorded"]) == {"data.dvc", "ingest", "shard@test", "index"}
+    status = run(root, sys.executable, "-m", "dvc", "status", "data.dvc", "ingest", "shard@test", "index")
     assert "up to date" in status, status
     # summary artifact and the one-at-a-time limit
     with get_client(sync_client=True) as client:
@@ -238,11 +237,50 @@ def test_reindex_adds_batch_quarantines_broken_and_repeats_as_noop(trained, tmp_
         assert client.read_global_concurrency_limit_by_name(CONCURRENCY_LIMIT).limit == 1
 
     version = (layout.release_dir("netvlad") / "CURRENT").read_text()
-    catalog_sha = _sha(layout.catalog)
+    catalog_sha = _sha(layout.catalog("test"))
     again = reindex(root=str(root))
     assert again["added"] == [] and again["rejected"] == []
     assert (layout.release_dir("netvlad") / "CURRENT").read_text() == version
-    assert _sha(layout.catalog) == catalog_sha
+    assert _sha(layout.catalog("test")) == catalog_sha
+
+
+def test_reindexing_the_test_database_reruns_only_what_reads_it(prefect_harness, tmp_path):
+    """New imagery in one split's database: the next train-all reuses every training step from cache.
+
+    A project of its own: cache keys include the project folder (results name files in it), so a clone
+    of ``trained`` would share none of its cache records.
+    """
+    from flows.reindex import reindex
+    from flows.train_all import train_all
+
+    root = tmp_path / "project"
+    make_dvc_project(root)
+    train_all(root=str(root))
+    layout = Layout.from_config(load_config(root / "params.yaml"), root)
+    checkpoints = {h: _sha(layout.checkpoint(h)) for h in HEADS}
+    catalogs = {s: _sha(layout.catalog(s)) for s in ("train", "val")}
+    _drop_batch(root)
+    assert len(reindex(root=str(root))["added"]) == 2
+    stale = run(root, sys.executable, "-m", "dvc", "status")  # DVC agrees: no training is out of date
+    assert "mine@test" in stale and "evaluate@avg" in stale and "train@" not in stale and "shard@train" not in stale
+
+    result = train_all(root=str(root))
+
+    rerun = {s for s, state in result["steps"].items() if state != "Cached"}
+    # ingest checks the whole dataset (duplicates across splits), so it runs again; its train and val
+    # tables come out byte for byte the same, so nothing downstream of them runs
+    assert rerun == {
+        "ingest",
+        "shard@test",
+        "mine@test",
+        *(f"evaluate@{h}" for h in HEADS),
+        "baseline",
+        "index",
+        "report",
+    }
+    assert {s: _sha(layout.catalog(s)) for s in ("train", "val")} == catalogs
+    assert {h: _sha(layout.checkpoint(h)) for h in HEADS} == checkpoints
+    assert "up to date" in run(root, sys.executable, "-m", "dvc", "status")
 
 
 def test_crash_after_new_shards_keeps_previous_index_serving(trained, tmp_path, monkeypatch):
@@ -254,7 +292,7 @@ def test_crash_after_new_shards_keeps_previous_index_serving(trained, tmp_path, 
     probes = sorted((root / "data/images/test/queries").iterdir())[3:6]
     before = _locate(layout, probes)
     version = (layout.release_dir("netvlad") / "CURRENT").read_text()
-    catalog_sha, index_sha = _sha(layout.catalog), _sha(layout.shard_index)
+    catalog_sha, index_sha = _sha(layout.catalog("test")), _sha(layout.split_shards("test") / "index.parquet")
     files = _drop_batch(root)
 
     def crash(step: str) -> None:
@@ -266,10 +304,12 @@ def test_crash_after_new_shards_keeps_previous_index_serving(trained, tmp_path, 
         reindex(root=str(root), record_dvc=False)
     pending = json.loads((root / "artifacts/reindex/pending.json").read_text())
     new_tars = {it["shard"] for it in pending["items"]}
-    assert all((layout.shards_dir / t).exists() for t in new_tars)  # the crash came after the tars
+    assert all((layout.split_shards("test") / t).exists() for t in new_tars)  # the crash came after the tars
     # nothing that serves changed: same release version, same catalog and shard index, same answers
     assert (layout.release_dir("netvlad") / "CURRENT").read_text() == version
-    assert _sha(layout.catalog) == catalog_sha and _sha(layout.shard_index) == index_sha
+    assert (
+        _sha(layout.catalog("test")) == catalog_sha and _sha(layout.split_shards("test") / "index.parquet") == index_sha
+    )
     assert _locate(layout, probes) == before
     assert files["named"].exists() and files["photo"].exists()
 
@@ -356,13 +396,13 @@ def test_dask_runner_runs_the_shard_step_on_a_local_cluster(prefect_harness, mic
 
     @flow(task_runner=runner)
     def shard_on_dask() -> tuple[dict, int]:
-        shard = tasks.shard.submit(cfg, str(root))
+        shard = tasks.shard.submit(cfg, str(root), "test")
         return shard.result(), worker_pid.submit().result()
 
     result, pid = shard_on_dask()
     assert pid != os.getpid()  # tasks ran in the cluster's worker process
     assert Path(result["index"]).exists()
-    assert len(ShardReader(layout.shards_dir)) == pl.read_parquet(layout.catalog).height
+    assert len(ShardReader(layout.shards_dir, ("test",))) == read_catalog(layout.catalog_dir, ("test",)).height
 
 
 def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_it(prefect_harness, tmp_path):

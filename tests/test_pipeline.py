@@ -83,8 +83,8 @@ def test_flow_graph_is_dvcs_graph_plus_training_lanes(specs):
 
     assert {name.partition("@")[0] for name in specs} <= set(STAGE_TASKS)
     dvc_edges = {(s, u) for s, spec in specs.items() for u in spec.upstream}
-    assert ("train@crn", "train@netvlad") in dvc_edges and ("shard", "ingest") in dvc_edges
-    assert ("report", "evaluate@gem") in dvc_edges and ("train@avg", "mine") in dvc_edges
+    assert ("train@crn", "train@netvlad") in dvc_edges and ("shard@test", "ingest") in dvc_edges
+    assert ("report", "evaluate@gem") in dvc_edges and ("train@avg", "mine@train") in dvc_edges
     wide = task_graph(specs, lanes=len(specs))
     assert {(s, u) for s, us in wide.items() for u in us} == dvc_edges  # enough lanes: exactly DVC's
     one = task_graph(specs, lanes=1)
@@ -92,3 +92,16 @@ def test_flow_graph_is_dvcs_graph_plus_training_lanes(specs):
     assert extra == {(s, u) for s, us in lane_order(specs, 1).items() for u in us} - dvc_edges
     assert all(s.startswith("train@") and u.startswith("train@") for s, u in extra)
     assert nx.is_directed_acyclic_graph(nx.DiGraph(list(extra | dvc_edges)))
+
+
+def test_data_dependencies_are_as_fine_as_the_splits(specs):
+    """New test-split imagery (what re-indexing adds) reaches evaluation, index and report, never training."""
+    graph = nx.DiGraph([(u, s) for s, spec in specs.items() for u in spec.upstream])
+    below_test = nx.descendants(graph, "shard@test") | nx.descendants(graph, "mine@test")
+    heads = yaml.safe_load((REPO / "params.yaml").read_text())["train"]["heads"]
+    assert not any(name.startswith(("train@", "shard@", "mine@")) for name in below_test)
+    assert {f"evaluate@{h}" for h in heads} | {"baseline", "index", "report"} <= below_test
+    for head in heads:
+        deps = specs[f"train@{head}"].deps
+        assert not any("test" in d for d in deps), deps  # training never reads the test split
+    assert "data/images/test" in specs["shard@test"].deps and "data" not in specs["shard@test"].deps

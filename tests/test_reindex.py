@@ -6,16 +6,15 @@ import hashlib
 import shutil
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 import vpr.reindex as rx
 from tests.flowkit import exif_photo, jpeg_bytes, truncated_jpeg
-from vpr.catalog import ingest
+from vpr.catalog import ingest, read_catalog
 from vpr.geo import parse_name
 from vpr.index import build_release, load_release
 from vpr.layout import Layout
-from vpr.shardio import ShardReader
+from vpr.shardio import ShardReader, read_index
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +63,8 @@ def _state(layout: Layout) -> dict:
     release = load_release(layout.release_dir("avg"))
     return {
         "release_ids": sorted(release.ids["id"].to_list()),
-        "index": pl.read_parquet(layout.shard_index).drop("offset", "size").rows(),
-        "catalog": pl.read_parquet(layout.catalog).rows(),
+        "index": read_index(layout.shards_dir).drop("offset", "size").rows(),
+        "catalog": read_catalog(layout.catalog_dir).rows(),
         "data": sorted(p.relative_to(layout.data).as_posix() for p in layout.data.rglob("*") if p.is_file()),
     }
 
@@ -122,26 +121,31 @@ def test_quarantine_never_overwrites(tmp_path):
 
 def test_batch_extends_everything_as_a_fresh_ingest_would(project, tmp_path):
     root, cfg, layout = project
-    old_tars = {p.name: _sha(p) for p in layout.shards_dir.glob("*.tar")}
-    n_ids = pl.read_parquet(layout.shard_index).height
+    old_tars = {p.relative_to(layout.shards_dir).as_posix(): _sha(p) for p in layout.shards_dir.rglob("*.tar")}
+    n_ids = read_index(layout.shards_dir).height
+    next_id = int(read_index(layout.split_shards("test"))["id"].max()) + 1  # the test split numbers its own
     _drop(layout)
     result = rx.run_reindex(cfg, layout)
-    assert sorted(a["id"] for a in result.added) == [n_ids, n_ids + 1]
+    assert sorted(a["id"] for a in result.added) == [next_id, next_id + 1]
     assert [r["reason"] for r in result.rejected] == ["truncated image"]
     assert result.releases == {"avg": "v000002"}
     # the extended catalog is exactly what ingesting the grown data tree gives
     fresh = ingest(layout.data, tmp_path / "fresh", cfg.ingest).catalog
-    assert pl.read_parquet(layout.catalog).equals(fresh)
+    assert read_catalog(layout.catalog_dir).equals(fresh)
     # old shards byte-identical, one new shard, readable through the ordinary reader
     assert {n: _sha(layout.shards_dir / n) for n in old_tars} == old_tars
-    new = [p.name for p in layout.shards_dir.glob("*.tar") if p.name not in old_tars]
-    assert new == ["test-database-000001.tar"]
+    new = [
+        p.relative_to(layout.shards_dir).as_posix()
+        for p in layout.shards_dir.rglob("*.tar")
+        if p.relative_to(layout.shards_dir).as_posix() not in old_tars
+    ]
+    assert new == ["test/test-database-000001.tar"]
     reader = ShardReader(layout.shards_dir)
-    assert len(reader) == n_ids + 2 and reader.load(n_ids + 1).size == (cfg.shards.width, cfg.shards.height)
+    assert len(reader) == n_ids + 2 and reader.load(next_id + 1).size == (cfg.shards.width, cfg.shards.height)
     # the release's new vectors are what a from-scratch extraction gives for those shard images
     release = load_release(layout.release_dir("avg"))
-    stored = release.index.reconstruct_batch([n_ids, n_ids + 1])
-    assert abs(stored - release.encode(reader, [n_ids, n_ids + 1])).max() < 1e-4
+    stored = release.index.reconstruct_batch([next_id, next_id + 1])
+    assert abs(stored - release.encode(reader, [next_id, next_id + 1])).max() < 1e-4
     # a second run: nothing to do, nothing written
     before = _state(layout)
     again = rx.run_reindex(cfg, layout)

@@ -12,8 +12,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from vpr.catalog import ingest
+from vpr.catalog import ingest, read_catalog
 from vpr.config import IngestConfig, ShardConfig
+from vpr.layout import first_id
 from vpr.shardio import INDEX_FILE, ShardError, ShardReader, iter_split
 from vpr.shards import write_shards
 
@@ -43,7 +44,8 @@ def dataset(tmp_path_factory) -> tuple[Path, Path]:
     _save(db / "@3002@3002@.jpg", Image.new("RGB", (80, 30), (250, 0, 0)), exif=exif)
     catalog_dir = tmp_path_factory.mktemp("catalog")
     ingest(root, catalog_dir, IngestConfig(workers=1))
-    return root, catalog_dir / "catalog.parquet"
+    read_catalog(catalog_dir).write_parquet(catalog_dir / "all.parquet")  # every split into one shard set
+    return root, catalog_dir / "all.parquet"
 
 
 def shard(dataset, out: Path, cfg: ShardConfig = CFG, workers: int = 1) -> pl.DataFrame:
@@ -72,8 +74,13 @@ def test_deterministic_and_independent_of_workers(dataset, tmp_path: Path) -> No
 def test_index_matches_catalog_and_tar_members(dataset, tmp_path: Path) -> None:
     index = shard(dataset, tmp_path)
     catalog = pl.read_parquet(dataset[1])
-    assert index["id"].to_list() == list(range(catalog.height))
-    assert index["path"].to_list() == catalog["path"].to_list()
+    # each split numbered on its own, in path order, from its first id: another split's images never shift it
+    expected = {}
+    for split in ("train", "test"):
+        paths = sorted(catalog.filter(pl.col("split") == split)["path"].to_list())
+        expected.update({p: first_id(split) + n for n, p in enumerate(paths)})
+    assert dict(index.select("path", "id").iter_rows()) == expected
+    assert index["id"].to_list() == sorted(expected.values())
     assert all("." not in k for k in index["key"])
     assert index.group_by("shard").len()["len"].max() <= CFG.samples_per_shard
     for row in index.iter_rows(named=True):

@@ -37,8 +37,13 @@ REASON_EMPTY = "empty file"
 REASON_UNREADABLE = "unreadable file"  # the file vanished or cannot be read (permissions, I/O error)
 REASON_BAD_NAME = "bad name"  # full reason: "bad name: <why>" (see ``bad_name_reason``)
 
-CATALOG_FILE = "catalog.parquet"
 REJECTED_FILE = "rejected.parquet"
+
+
+def catalog_file(out_dir: str | Path, split: str) -> Path:
+    """One table per split (``train.parquet``...): a split's table changes only when its images do."""
+    return Path(out_dir) / f"{split}.parquet"
+
 
 CATALOG_SCHEMA: dict[str, pl.DataType] = {
     "path": pl.String,
@@ -246,9 +251,19 @@ def ingest(root: str | Path, out_dir: str | Path, cfg: IngestConfig) -> IngestRe
     print(summary, file=sys.stderr)
     if catalog.height == 0:
         raise IngestError(f"no usable images under {root / 'images'} ({len(cands)} file(s) found, all rejected)")
-    write_parquet_atomic(catalog, out_dir / CATALOG_FILE)
+    for split in SPLITS:  # every split's file, empty when it has no images: stages can depend on each
+        write_parquet_atomic(catalog.filter(pl.col("split") == split), catalog_file(out_dir, split))
     write_parquet_atomic(rejected, out_dir / REJECTED_FILE)
     return IngestResult(catalog.height, rejected.height, catalog, rejected)
+
+
+def read_catalog(out_dir: str | Path, splits: Sequence[str] = SPLITS) -> pl.DataFrame:
+    """The catalog of ``splits`` (default: all) as one table sorted by path."""
+    files = [catalog_file(out_dir, s) for s in splits]
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise IngestError(f"catalog not found: {missing[0]} (run `vpr ingest` first)")
+    return pl.concat([pl.read_parquet(f) for f in files]).sort("path")
 
 
 def append_to_catalog(catalog_path: str | Path, rows: list[dict]) -> Path:

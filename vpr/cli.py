@@ -50,7 +50,9 @@ def ingest(
         None, help="datasets_vg root (ROOT/images/{split}/{role}/*.jpg; default: paths.data)"
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="folder for catalog.parquet and rejected.parquet (default: from params paths)"
+        None,
+        "--out",
+        help="folder for the per-split catalogs ({split}.parquet) and rejected.parquet (default: from params paths)",
     ),
     params: Path = ParamsOpt,
 ) -> None:
@@ -69,43 +71,41 @@ def ingest(
     typer.echo(f"catalog: {result.accepted} images, {result.rejected} rejected → {out}", err=True)
 
 
+SplitOpt = typer.Option(["train", "val", "test"], "--split", help="split(s) to process (repeatable)")
+
+
 @app.command()
-def shard(
-    catalog: Path = typer.Option(None, help="catalog.parquet (default: from params paths)"),
-    data_root: Path = typer.Option(None, help="datasets_vg root the catalog paths are relative to"),
-    out: Path = typer.Option(None, help="shards folder"),
-    params: Path = ParamsOpt,
-) -> None:
-    """Pack the catalog's images into deterministic WebDataset tars plus an id → shard table."""
+def shard(split: list[str] = SplitOpt, params: Path = ParamsOpt) -> None:
+    """Pack each split's cataloged images into deterministic WebDataset tars plus an id → shard table."""
     cfg = _config(params)
-    from vpr.layout import Layout
+    from vpr.layout import SPLITS, Layout
     from vpr.shardio import ShardError
     from vpr.shards import write_shards
 
     layout = Layout.from_config(cfg)
-    try:
-        index = write_shards(catalog or layout.catalog, data_root or layout.data, out or layout.shards_dir, cfg.shards)
-    except ShardError as exc:
-        _fail(str(exc))
-    typer.echo(f"shard index → {index}", err=True)
+    for s in split:
+        if s not in SPLITS:
+            _fail(f"unknown split {s!r} (expected {', '.join(SPLITS)})")
+        try:
+            index = write_shards(layout.catalog(s), layout.data, layout.split_shards(s), cfg.shards)
+        except ShardError as exc:
+            _fail(str(exc))
+        typer.echo(f"{s}: shard index → {index}", err=True)
 
 
 @app.command()
-def mine(
-    catalog: Path = typer.Option(None, help="catalog.parquet"),
-    split: list[str] = typer.Option(["train", "val", "test"], help="split(s) to mine"),
-    out: Path = typer.Option(None, help="output folder ({split}.parquet per split)"),
-    params: Path = ParamsOpt,
-) -> None:
+def mine(split: list[str] = SplitOpt, params: Path = ParamsOpt) -> None:
     """UTM positives per query: hard (≤ train_positive_m) and soft (≤ test_positive_m)."""
     cfg = _config(params)
-    from vpr.layout import Layout
+    from vpr.layout import SPLITS, Layout
     from vpr.mining import mine_all
 
     layout = Layout.from_config(cfg)
-    written = mine_all(catalog or layout.catalog, out or layout.mining_dir, cfg.mining, tuple(split))
-    for s, path in written.items():
-        typer.echo(f"{s} → {path}", err=True)
+    for s in split:
+        if s not in SPLITS:
+            _fail(f"unknown split {s!r} (expected {', '.join(SPLITS)})")
+        for name, path in mine_all(layout.catalog(s), layout.mining_dir, cfg.mining, (s,)).items():
+            typer.echo(f"{name} → {path}", err=True)
 
 
 @app.command()

@@ -97,9 +97,9 @@ class ShardStream(IterableDataset):
         if rows.height != len(first):
             missing = sorted(set(first) - set(rows["id"].to_list()))
             raise ShardError(f"image id(s) not in the shard index of {reader.shards_dir}: {missing[:5]}")
-        holding = set(rows["shard"].to_list())
+        holding = {reader.shards_dir / shard for shard in rows["shard"].unique().to_list()}
         # whole shards (every sample is checked, wanted or not), only those that hold a requested image
-        self.plans = [p for p in reader.plans() if p.url.name in holding]
+        self.plans = [p for p in reader.plans() if p.url in holding]
         self.wanted, self.transform = first, transform
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:

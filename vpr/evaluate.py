@@ -95,7 +95,7 @@ def evaluate_head(head: str, cfg: Config, layout: Layout, *, untrained: bool = F
     """
     device = resolve_device(cfg.train.device)
     name = baseline_name(head) if untrained else head
-    reader = ShardReader(layout.shards_dir)
+    reader = ShardReader(layout.shards_dir, ("test",))
     mining_path = layout.mining("test")
     if not mining_path.exists():
         raise FileNotFoundError(f"test mining table not found: {mining_path} (run `vpr mine` first)")

@@ -247,7 +247,7 @@ def build_release(head: str, cfg: Config, layout: Layout) -> Path:
     model, ckpt = load_model(checkpoint, device)
     if ckpt.get("head", head) != head:
         raise ReleaseError(f"{checkpoint} holds head {ckpt.get('head')!r}, not {head!r}")
-    reader = ShardReader(layout.shards_dir)
+    reader = ShardReader(layout.shards_dir, cfg.index.splits)
     rows = release_images(reader.index, cfg.index.splits)
     if rows.height == 0:
         raise ReleaseError(f"no database images to index (splits: {cfg.index.splits or 'all'})")

@@ -13,6 +13,12 @@ from vpr.config import Config
 
 SPLITS = ("train", "val", "test")
 ROLES = ("database", "queries")
+ID_STRIDE = 10**9  # image ids of split k are k·ID_STRIDE + n: each split numbers its images on its own
+
+
+def first_id(split: str) -> int:
+    """The id of a split's first image: ids never depend on another split's contents."""
+    return SPLITS.index(split) * ID_STRIDE
 
 
 def _below(base: str, name: str, doc: str | None = None) -> property:
@@ -39,16 +45,18 @@ class Layout:
         p = cfg.paths
         return cls(root, root / p.data, root / p.artifacts, root / p.metrics, root / p.reports, root / p.inbox)
 
-    # ingest
+    # ingest: one catalog table per split, so a change to one split's images leaves the others' bytes alone
     catalog_dir = _below("artifacts", "catalog")
-    catalog = _below("catalog_dir", "catalog.parquet")
     rejected = _below("catalog_dir", "rejected.parquet")
 
-    # shards
+    def catalog(self, split: str) -> Path:
+        return self.catalog_dir / f"{split}.parquet"
+
+    # shards: one folder per split (its tars + index.parquet: image → shard file, member offsets)
     shards_dir = _below("artifacts", "shards")
-    shard_index = _below(
-        "shards_dir", "index.parquet", "Table: one row per image → shard file, member offsets (random access by id)."
-    )
+
+    def split_shards(self, split: str) -> Path:
+        return self.shards_dir / split
 
     # mining
     mining_dir = _below("artifacts", "mining")

@@ -53,13 +53,15 @@ from PIL import Image
 from vpr.atomic import write_text_atomic
 from vpr.catalog import (
     ROW_SCHEMA,
+    IngestError,
     append_to_catalog,
     printable_path,
+    read_catalog,
 )
 from vpr.config import Config
 from vpr.imageio import decode_rgb
 from vpr.inbox import QUARANTINE, ROLE, check_file, move_file, quarantine, scan_inbox, utc_now
-from vpr.layout import Layout
+from vpr.layout import Layout, first_id
 from vpr.shardio import read_index, verified_jpeg
 from vpr.shards import append_to_index, sample_key, shard_name, write_new_shards
 
@@ -141,9 +143,15 @@ def reindex_lock(layout: Layout) -> Iterator[None]:
 
 
 def _catalog(layout: Layout) -> pl.DataFrame:
-    if not layout.catalog.exists():
-        raise ReindexError(f"catalog not found: {layout.catalog} (run train-all or `vpr ingest` first)")
-    return pl.read_parquet(layout.catalog)
+    try:
+        return read_catalog(layout.catalog_dir)
+    except IngestError as exc:
+        raise ReindexError(f"{exc} (run train-all or `vpr ingest` first)") from None
+
+
+def _split_index(layout: Layout, split: str) -> pl.DataFrame:
+    """The shard index of the split that re-indexing extends (its own folder, its own ids)."""
+    return read_index(layout.split_shards(split))
 
 
 def _release_dirs(cfg: Config, layout: Layout) -> list[Path]:
@@ -172,7 +180,7 @@ def plan_batch(accepted: list[dict], index: pl.DataFrame, split: str, per_shard:
     """Ids, sample keys and new shard files for accepted rows (sorted by data path)."""
     accepted = sorted(accepted, key=lambda r: r["path"])
     same = index.filter((pl.col("split") == split) & (pl.col("role") == ROLE))
-    next_id = int(index["id"].max()) + 1 if index.height else 0
+    next_id = int(index["id"].max()) + 1 if index.height else first_id(split)  # index: this split's
     next_key = _next_number(same["key"].to_list(), _KEY_NUMBER)
     next_shard = _next_number(same["shard"].unique().to_list(), _SHARD_NUMBER)
     items = []
@@ -251,7 +259,7 @@ def _plan_state(index: pl.DataFrame, plan: dict) -> str:
 def _write_batch_shards(plan: dict, layout: Layout, cfg: Config) -> list[dict]:
     """Encode the batch into its new tar files; the shard-index rows (with byte ranges) they give."""
     samples = [(it["shard"], it["id"], it["key"], it["row"], _source(layout, it)) for it in plan["items"]]
-    return write_new_shards(layout.shards_dir, samples, cfg.shards)
+    return write_new_shards(layout.split_shards(plan["split"]), samples, cfg.shards)
 
 
 def _source(layout: Layout, item: dict) -> Path:
@@ -269,9 +277,10 @@ def _read_images(layout: Layout, rows: list[dict]) -> list[Image.Image]:
     """The batch images exactly as stored in the shards (what every database descriptor is made from)."""
     images = []
     for r in rows:
-        with open(layout.shards_dir / r["shard"], "rb") as fh:
+        tar = layout.split_shards(r["split"]) / r["shard"]
+        with open(tar, "rb") as fh:
             data = os.pread(fh.fileno(), r["size"], r["offset"])
-        where = f"shard {layout.shards_dir / r['shard']}, new image {r['id']}"
+        where = f"shard {tar}, new image {r['id']}"
         images.append(decode_rgb(verified_jpeg(data, r["size"], r["offset"], r["crc32"], where)))
     return images
 
@@ -315,12 +324,13 @@ def _discard(plan: dict, layout: Layout, index: pl.DataFrame) -> None:
     """Drop a plan the shard index has moved away from (e.g. a full re-shard): unreferenced tars go."""
     referenced = set(index["shard"].unique().to_list())
     for name in {it["shard"] for it in plan["items"]} - referenced:
-        (layout.shards_dir / name).unlink(missing_ok=True)
+        (layout.split_shards(plan["split"]) / name).unlink(missing_ok=True)
     (work_dir(layout) / PENDING).unlink(missing_ok=True)
 
 
 def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> None:
-    index = read_index(layout.shards_dir)
+    shards = layout.split_shards(plan["split"])
+    index = read_index(shards)
     if _plan_state(index, plan) == "applied":
         rows = index.filter(pl.col("id").is_in([it["id"] for it in plan["items"]])).sort("id").to_dicts()
     else:
@@ -328,10 +338,10 @@ def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> No
     _reached("shards-written")
     _add_to_releases(cfg, layout, rows, result)
     _reached("release-switched")
-    if not _index_has(read_index(layout.shards_dir), plan):
-        append_to_index(layout.shards_dir, rows)
+    if not _index_has(read_index(shards), plan):
+        append_to_index(shards, rows)
     _reached("shard-index-written")
-    append_to_catalog(layout.catalog, [it["row"] for it in plan["items"]])
+    append_to_catalog(layout.catalog(plan["split"]), [it["row"] for it in plan["items"]])
     _reached("catalog-written")
     _move_files(layout, plan)
     _reached("files-moved")
@@ -379,11 +389,11 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
         return result
     with reindex_lock(layout):
         plan = json.loads(pending_path.read_text()) if pending_path.exists() else None
-        if plan is not None and _plan_state(read_index(layout.shards_dir), plan) == "stale":
+        if plan is not None and _plan_state(_split_index(layout, plan["split"]), plan) == "stale":
             print(
                 f"reindex: pending batch {plan['batch']} no longer fits the shard index; re-planning", file=sys.stderr
             )
-            _discard(plan, layout, read_index(layout.shards_dir))
+            _discard(plan, layout, _split_index(layout, plan["split"]))
             plan = None
         if plan is None:
             _release_dirs(cfg, layout)  # fail before touching the inbox when there is no release
@@ -393,9 +403,8 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
                 if result.rejected:
                     _log(layout, result)
                 return result
-            plan = plan_batch(
-                accepted, read_index(layout.shards_dir), cfg.orchestration.reindex_split, cfg.shards.samples_per_shard
-            )
+            split = cfg.orchestration.reindex_split
+            plan = plan_batch(accepted, _split_index(layout, split), split, cfg.shards.samples_per_shard)
             write_text_atomic(pending_path, json.dumps(plan, indent=1, default=str))
         else:
             result.resumed = True

@@ -16,12 +16,15 @@ import io
 import json
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 from PIL import Image
+
+from vpr.layout import SPLITS
 
 INDEX_FILE = "index.parquet"
 SAMPLE_MEMBERS = frozenset({"jpg", "json"})  # anything else in a sample is refused, never decoded
@@ -53,12 +56,26 @@ def checksum(data: bytes) -> int:
     return zlib.crc32(data)
 
 
-def read_index(shards_dir: str | Path) -> pl.DataFrame:
-    """The shard index table (``id``, ``key``, ``shard``, ``offset``, ``size``, geo columns)."""
-    path = Path(shards_dir) / INDEX_FILE
-    if not path.exists():
-        raise ShardError(f"shard index not found: {path} (run `vpr shard` first)")
-    return pl.read_parquet(path)
+def read_index(shards_dir: str | Path, splits: Sequence[str] | None = None) -> pl.DataFrame:
+    """The shard index (``id``, ``key``, ``shard``, ``offset``, ``size``, geo columns) of a shard folder.
+
+    A folder with its own ``index.parquet`` is one shard set. Otherwise it is the root of one set per
+    split (``train/``, ``val/``, ``test/``: what the pipeline writes): the tables of ``splits`` (default:
+    every split folder present) are joined, ``shard`` naming each tar relative to the root.
+    """
+    root = Path(shards_dir)
+    if (root / INDEX_FILE).exists():
+        return pl.read_parquet(root / INDEX_FILE)
+    names = list(splits) if splits is not None else [s for s in SPLITS if (root / s / INDEX_FILE).exists()]
+    missing = [root / s / INDEX_FILE for s in names if not (root / s / INDEX_FILE).exists()]
+    if missing or not names:
+        where = missing[0] if missing else root / INDEX_FILE
+        raise ShardError(f"shard index not found: {where} (run `vpr shard` first)")
+    parts = [
+        pl.read_parquet(root / s / INDEX_FILE).with_columns((pl.lit(f"{s}/") + pl.col("shard")).alias("shard"))
+        for s in names
+    ]
+    return pl.concat(parts, how="diagonal_relaxed").sort("id")
 
 
 def verified_jpeg(data: bytes, size: int, offset: int, crc: int | None, where: str) -> bytes:
@@ -82,11 +99,12 @@ class ShardReader:
     and read with ``os.pread`` so threads and DataLoader workers never share a file position.
     """
 
-    def __init__(self, shards_dir: str | Path) -> None:
+    def __init__(self, shards_dir: str | Path, splits: Sequence[str] | None = None) -> None:
         self.shards_dir = Path(shards_dir)
-        index = read_index(self.shards_dir).sort("id")
-        if index["id"].to_list() != list(range(index.height)):
-            raise ShardError(f"{self.shards_dir / INDEX_FILE}: ids are not 0..N-1")
+        index = read_index(self.shards_dir, splits).sort("id")
+        self._ids = index["id"].to_numpy()
+        if index.height and (self._ids[1:] == self._ids[:-1]).any():
+            raise ShardError(f"shard index of {self.shards_dir}: an image id appears twice")
         self.index = index
         self._shard: list[str] = index["shard"].to_list()
         self._key: list[str] = index["key"].to_list()
@@ -113,8 +131,15 @@ class ShardReader:
             self._fds[shard] = fd
         return fd
 
-    def _where(self, i: int) -> str:
-        return f"shard {self.shards_dir / self._shard[i]}, sample {self._key[i]} (id {i})"
+    def _row(self, i: int) -> int:
+        """Where image id ``i`` sits in the index; ``KeyError`` for an id the index does not hold."""
+        row = int(np.searchsorted(self._ids, i))
+        if row >= len(self._ids) or self._ids[row] != i:
+            raise KeyError(f"image id {i} is not in the shard index of {self.shards_dir}")
+        return row
+
+    def _where(self, row: int) -> str:
+        return f"shard {self.shards_dir / self._shard[row]}, sample {self._key[row]} (id {self._ids[row]})"
 
     def plans(self) -> list[ShardPlan]:
         """Every shard of the index with the samples it holds (computed once per reader)."""
@@ -124,10 +149,9 @@ class ShardReader:
 
     def read_jpeg(self, i: int) -> bytes:
         """The stored JPEG bytes of image ``i``; ``ShardError`` if the shard is short or corrupt."""
-        if not 0 <= i < len(self):
-            raise IndexError(f"image id {i} out of range 0..{len(self) - 1}")
-        data = os.pread(self._fd(self._shard[i]), self._size[i], self._offset[i])
-        return verified_jpeg(data, self._size[i], self._offset[i], self._crc[i], self._where(i))
+        r = self._row(i)
+        data = os.pread(self._fd(self._shard[r]), self._size[r], self._offset[r])
+        return verified_jpeg(data, self._size[r], self._offset[r], self._crc[r], self._where(r))
 
     def load(self, i: int) -> Image.Image:
         """Image ``i`` decoded to RGB."""
@@ -136,7 +160,7 @@ class ShardReader:
             with Image.open(io.BytesIO(data)) as im:
                 return im.convert("RGB")
         except OSError as exc:
-            raise ShardError(f"corrupt {self._where(i)}: {exc}") from None
+            raise ShardError(f"corrupt {self._where(self._row(i))}: {exc}") from None
 
     def close(self) -> None:
         if self._pid == os.getpid():
@@ -190,7 +214,7 @@ def shard_plans(index: pl.DataFrame, shards_dir: str | Path) -> list[ShardPlan]:
 
 def split_shards(shards_dir: str | Path, split: str, role: str) -> list[ShardPlan]:
     """Shard files of one split/role in order, each with the samples the index says it holds."""
-    index = read_index(shards_dir).filter((pl.col("split") == split) & (pl.col("role") == role))
+    index = read_index(shards_dir, [split]).filter((pl.col("split") == split) & (pl.col("role") == role))
     return shard_plans(index, shards_dir)
 
 

@@ -34,6 +34,7 @@ from PIL import Image
 from vpr.atomic import fsync_dir, write_parquet_atomic
 from vpr.config import ShardConfig
 from vpr.imageio import encode_jpeg, shard_rendition, strict_pillow
+from vpr.layout import SPLITS, first_id
 from vpr.procs import exit_with_parent
 from vpr.progress import step_progress
 from vpr.shardio import INDEX_FILE, INDEX_SCHEMA, ShardError, checksum, read_index
@@ -139,7 +140,13 @@ def _load_catalog(catalog_path: Path) -> pl.DataFrame:
     for col in ("lat", "lon", "heading", "sha256"):
         if col not in catalog.columns:
             catalog = catalog.with_columns(pl.lit(None).alias(col))
-    return catalog.sort("path").with_row_index("id").with_columns(pl.col("id").cast(pl.Int64))
+    # ids numbered within each split (``vpr.layout.first_id``): adding images to one split renumbers no other
+    unknown = sorted(set(catalog["split"].unique().to_list()) - set(SPLITS))
+    if unknown:
+        raise ShardError(f"{catalog_path}: unknown split(s) {unknown} (expected {', '.join(SPLITS)})")
+    catalog = catalog.sort("path")
+    base = pl.col("split").replace_strict({s: first_id(s) for s in SPLITS}, return_dtype=pl.Int64)
+    return catalog.with_columns((base + pl.int_range(pl.len()).over("split")).cast(pl.Int64).alias("id")).sort("id")
 
 
 def plan_shards(catalog: pl.DataFrame, per_shard: int) -> list[tuple[str, list[dict]]]:

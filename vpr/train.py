@@ -233,7 +233,7 @@ def train_head(
     """Train one head; returns a summary. ``stop_after_batches`` simulates an interruption (tests)."""
     tc = cfg.train
     device = resolve_device(tc.device)
-    reader = ShardReader(layout.shards_dir)
+    reader = ShardReader(layout.shards_dir, ("train", "val"))  # what the train stages depend on
     index = reader.index
     train = load_split(index, pl.read_parquet(layout.mining("train")), "train")
     val = load_split(index, pl.read_parquet(layout.mining("val")), "val")

@@ -8,11 +8,12 @@ import shutil
 import time
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 from tests.faults.conftest import start_victim, wait_for
+from vpr.catalog import read_catalog
 from vpr.index import load_release
+from vpr.shardio import read_index
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,7 +29,7 @@ def _waiting_on(lock: Path, pid: int) -> bool:
 def test_second_reindex_waits_and_each_image_is_added_once(released, tmp_path):
     root, cfg, layout = released
     before = load_release(layout.release_dir("avg")).ids["id"].to_list()
-    index_before = pl.read_parquet(layout.shard_index).height
+    index_before = read_index(layout.shards_dir).height
     layout.inbox.mkdir()
     new = sorted((layout.data / "images/test/queries").iterdir())[:3]
     for f in new:
@@ -61,8 +62,8 @@ def test_second_reindex_waits_and_each_image_is_added_once(released, tmp_path):
 
     ids = load_release(layout.release_dir("avg")).ids["id"].to_list()
     assert len(ids) == len(set(ids)) == len(before) + len(new)
-    index = pl.read_parquet(layout.shard_index)
+    index = read_index(layout.shards_dir)
     assert index.height == index_before + len(new) and index["id"].n_unique() == index.height
-    catalog = pl.read_parquet(layout.catalog)
+    catalog = read_catalog(layout.catalog_dir)
     assert catalog["path"].n_unique() == catalog.height
     assert not any(layout.inbox.glob("*.jpg")) and not (layout.artifacts / "reindex/pending.json").exists()

@@ -10,14 +10,14 @@ from typer.testing import CliRunner
 
 from tests.micro import write_params
 from vpr.cli import app
-from vpr.shardio import ShardError, ShardReader, iter_split
+from vpr.shardio import ShardError, ShardReader, iter_split, read_index
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def _damage(layout, split: str, how: str) -> dict:
     """Damage the 4th database sample of ``split`` in place; returns its index row."""
-    index = pl.read_parquet(layout.shard_index)
+    index = read_index(layout.shards_dir)
     victim = index.filter((pl.col("split") == split) & (pl.col("role") == "database")).sort("id").row(3, named=True)
     path = layout.shards_dir / victim["shard"]
     data = bytearray(path.read_bytes())

@@ -9,12 +9,12 @@ import polars as pl
 import pytest
 from PIL import Image, ImageOps
 
-from vpr.catalog import ingest
+from tests.micro import shard_and_mine
+from vpr.catalog import ingest, read_catalog
 from vpr.geo import format_name, parse_name
 from vpr.index import build_release, load_release
 from vpr.locate import locate
-from vpr.mining import mine_all
-from vpr.shards import write_shards
+from vpr.shardio import read_index
 from vpr.splits import load_split
 
 pytestmark = pytest.mark.timeout(180)
@@ -47,13 +47,12 @@ def test_duplicates_reported_and_a_far_database_image_kept(released, capsys):
     rel = {p: f"images/train/database/{p.name}" for p in (original, twin, far)}
     first, second = sorted([rel[original], rel[twin]])
     assert "duplicates: 1 image(s)" in summary and f"{second} == {first}" in summary
-    catalog = pl.read_parquet(layout.catalog)
+    catalog = read_catalog(layout.catalog_dir)
     dup = dict(catalog.select("path", "duplicate_of").iter_rows())
     assert dup[second] == first and dup[first] is None and dup[rel[far]] is None
 
-    write_shards(layout.catalog, layout.data, layout.shards_dir, cfg.shards, workers=1)
-    mine_all(layout.catalog, layout.mining_dir, cfg.mining)
-    index = pl.read_parquet(layout.shard_index)
+    shard_and_mine(cfg, layout, workers=1)
+    index = read_index(layout.shards_dir)
     ids = dict(index.select("path", "id").iter_rows())
     assert {rel[original], rel[twin], rel[far]} <= set(ids)
     mined = pl.read_parquet(layout.mining("train"))

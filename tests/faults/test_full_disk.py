@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from tests.faults.conftest import snapshot
 from tests.micro import write_params
 from vpr.cli import app
-from vpr.shardio import ShardError, ShardReader, iter_split
+from vpr.shardio import ShardError, ShardReader, iter_split, read_index
 from vpr.shards import write_shards
 
 pytestmark = pytest.mark.timeout(120)
@@ -37,9 +37,9 @@ def _fill_disk_after(monkeypatch, calls: int) -> None:
 def _assert_intact(layout, before: dict[str, str]) -> None:
     assert snapshot(layout.shards_dir) == before  # same files, same bytes, no staging leftovers
     with ShardReader(layout.shards_dir) as reader:
-        for i in range(len(reader)):
+        for i in reader.index["id"].to_list():
             reader.load(i)
-    index = pl.read_parquet(layout.shard_index)
+    index = read_index(layout.shards_dir)
     for split in ("train", "test"):
         n = sum(1 for _ in iter_split(layout.shards_dir, split, "database"))
         assert n == index.filter((pl.col("split") == split) & (pl.col("role") == "database")).height
@@ -52,15 +52,15 @@ def test_full_disk_while_writing_tars_keeps_previous_shards(micro_project, monke
     new = write_params(root, {"shards": {"jpeg_quality": 70}}).shards  # every tar would change
     _fill_disk_after(monkeypatch, calls)
     with pytest.raises(ShardError, match="No space left on device") as err:
-        write_shards(layout.catalog, layout.data, layout.shards_dir, new, workers=1)
+        write_shards(layout.catalog("train"), layout.data, layout.split_shards("train"), new, workers=1)
     assert ".tar" in str(err.value) and "previous shards and index are unchanged" in str(err.value)
     _assert_intact(layout, before)
 
     monkeypatch.undo()  # space again: the rerun completes
-    write_shards(layout.catalog, layout.data, layout.shards_dir, new, workers=1)
+    write_shards(layout.catalog("train"), layout.data, layout.split_shards("train"), new, workers=1)
     assert snapshot(layout.shards_dir) != before
     with ShardReader(layout.shards_dir) as reader:
-        reader.load(len(reader) - 1)
+        reader.load(int(reader.index["id"][-1]))
 
 
 def test_full_disk_while_writing_the_index_keeps_previous_shards(micro_project, monkeypatch):
@@ -73,7 +73,7 @@ def test_full_disk_while_writing_the_index_keeps_previous_shards(micro_project, 
 
     monkeypatch.setattr(pl.DataFrame, "write_parquet", full)
     with pytest.raises(ShardError, match="shard index.*No space left on device"):
-        write_shards(layout.catalog, layout.data, layout.shards_dir, new, workers=1)
+        write_shards(layout.catalog("train"), layout.data, layout.split_shards("train"), new, workers=1)
     _assert_intact(layout, before)
 
 

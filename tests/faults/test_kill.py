@@ -13,6 +13,7 @@ from tests.micro import write_params
 from vpr.checkpoints import load_checkpoint
 from vpr.config import load_config
 from vpr.index import current_version, load_release
+from vpr.layout import SPLITS
 from vpr.shardio import ShardError, ShardReader, iter_split
 from vpr.shards import write_shards
 
@@ -60,24 +61,29 @@ def test_kill9_mid_epoch_then_resume_equals_uninterrupted_run(micro_project, tmp
 # --------------------------------------------------------------------------- case 2: shards
 
 
-def _assert_old_or_nothing(shards_dir, before: dict[str, str]) -> None:
-    """Readers find the complete previous shards, or no index at all; never a mix."""
-    if not (shards_dir / "index.parquet").exists():
-        with pytest.raises(ShardError, match="not found"):
-            ShardReader(shards_dir)
-        return
-    now = snapshot(shards_dir)
-    assert now["index.parquet"] == before["index.parquet"]
-    index = pl.read_parquet(shards_dir / "index.parquet")
-    for name in index["shard"].unique().to_list():
-        assert now.get(name) == before[name], f"the old index names {name}, whose bytes changed"
-    with ShardReader(shards_dir) as reader:
-        for i in range(len(reader)):
-            reader.load(i)
-    assert (
-        sum(1 for _ in iter_split(shards_dir, "test", "database"))
-        == index.filter((pl.col("split") == "test") & (pl.col("role") == "database")).height
-    )
+def _assert_whole_or_nothing(shards_dir, before: dict[str, str], after: dict[str, str]) -> None:
+    """Per split, readers find one complete set of shards (the previous or the new), or no index; never a mix."""
+    for split in SPLITS:
+        folder = shards_dir / split
+        if not (folder / "index.parquet").exists():
+            with pytest.raises(ShardError, match="not found"):
+                ShardReader(shards_dir, [split])
+            continue
+        now = {k.partition("/")[2]: v for k, v in snapshot(shards_dir).items() if k.startswith(f"{split}/")}
+        index = pl.read_parquet(folder / "index.parquet")
+        named = ["index.parquet", *index["shard"].unique().to_list()]
+        whole = [
+            {n: s[f"{split}/{n}"] for n in named if f"{split}/{n}" in s} == {n: now.get(n) for n in named}
+            for s in (before, after)
+        ]
+        assert any(whole), f"{split}: the index names tars from another write"
+        with ShardReader(shards_dir, [split]) as reader:
+            for i in reader.index["id"].to_list():
+                reader.load(i)
+        assert (
+            sum(1 for _ in iter_split(shards_dir, split, "database"))
+            == index.filter((pl.col("split") == split) & (pl.col("role") == "database")).height
+        )
 
 
 @pytest.mark.parametrize(
@@ -94,19 +100,20 @@ def test_kill9_during_shard_writing_never_exposes_a_mix(micro_project, tmp_path,
     new_cfg = write_params(root, {"shards": {"jpeg_quality": 70}})  # every tar's bytes change
     clean = tmp_path / "clean"
     shutil.copytree(root, clean)
-    write_shards(
-        clean / "artifacts/catalog/catalog.parquet",
-        clean / "data",
-        clean / "artifacts/shards",
-        new_cfg.shards,
-        workers=1,
-    )
+    for split in SPLITS:
+        write_shards(
+            clean / f"artifacts/catalog/{split}.parquet",
+            clean / "data",
+            clean / f"artifacts/shards/{split}",
+            new_cfg.shards,
+            workers=1,
+        )
 
     marker = tmp_path / "paused"
     victim = start_victim(root, marker, target, count, "shard")
     wait_for(marker, victim)
     kill9(victim)
-    _assert_old_or_nothing(layout.shards_dir, before)
+    _assert_whole_or_nothing(layout.shards_dir, before, snapshot(clean / "artifacts/shards"))
 
     rerun = vpr(root, "shard")
     assert rerun.returncode == 0, rerun.stderr

@@ -26,7 +26,7 @@ from vpr.cli import app
 from vpr.config import IngestConfig
 from vpr.geo import parse_name
 from vpr.imageio import strict_pillow
-from vpr.shardio import ShardError, iter_split
+from vpr.shardio import ShardError, iter_split, read_index
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -91,7 +91,7 @@ def test_malicious_checkpoint_is_refused_and_never_runs(released, tmp_path, monk
 def test_shard_sample_with_a_pickle_member_is_refused(micro_project, tmp_path, ext):
     root, cfg, layout = micro_project
     marker = tmp_path / "pwned"
-    index = pl.read_parquet(layout.shard_index)
+    index = read_index(layout.shards_dir)
     row = index.filter((pl.col("split") == "test") & (pl.col("role") == "database")).sort("id").row(2, named=True)
     path = layout.shards_dir / row["shard"]
     payload = pickle.dumps(_Payload(marker))
@@ -211,7 +211,7 @@ def test_ingest_hostile_names_rejected_or_safe(micro_template, tmp_path):
     assert sorted(paths) == sorted(f"images/train/database/{n}" for n in (sources[0].name, safe.name))
     for p in paths:  # plain relative paths that stay inside the tree
         assert (city / p).resolve().parent == folder.resolve()
-    for table in ("catalog.parquet", "rejected.parquet"):  # readable back, valid UTF-8 throughout
+    for table in ("train.parquet", "rejected.parquet"):  # readable back, valid UTF-8 throughout
         pl.read_parquet(tmp_path / "catalog" / table).write_json()
 
 
