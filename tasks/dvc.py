@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from prefect import task
 from prefect.logging import get_run_logger
 
 from tasks.cache import stage_specs
-
-
-class DvcError(RuntimeError):
-    """A dvc command failed (its output is in the message)."""
+from vpr.dvcrun import run_dvc
 
 
 def stages_writing(root: str | Path, paths: list[str | Path]) -> list[str]:
@@ -27,17 +21,6 @@ def stages_writing(root: str | Path, paths: list[str | Path]) -> list[str]:
         if any(w == o or o in w.parents for w in wanted for o in outs):
             found.append(name)
     return found
-
-
-def dvc(root: str | Path, *args: str, timeout: float = 600) -> str:
-    """Run the ``dvc`` command line of this interpreter's environment in ``root``; its output."""
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if proc.returncode != 0:
-        raise DvcError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    return proc.stdout
 
 
 @task(name="record-in-dvc", retries=2, retry_delay_seconds=5)
@@ -62,6 +45,6 @@ def record_in_dvc(root: str, stages: list[str], data: bool = True) -> dict:
     if data and (root_path / "data.dvc").exists():
         targets.insert(0, "data.dvc")
     if targets:
-        dvc(root_path, "commit", "--force", "--quiet", *targets)
+        run_dvc(root_path, "commit", "--force", "--quiet", *targets)
     logger.info("recorded in dvc.lock: %s", ", ".join(targets) or "nothing")
     return {"recorded": targets}

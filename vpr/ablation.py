@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from vpr.dvcrun import DvcError, run_dvc
 from vpr.layout import Layout
 
 
@@ -107,15 +106,12 @@ def queue_commands(ablation: str, head: str) -> list[list[str]]:
 
 
 def _dvc(cmd: list[str], capture: bool = False) -> str:
-    if shutil.which(cmd[0]) is None:
-        raise AblationError(f"{cmd[0]} not found on PATH")
-    proc = subprocess.run(cmd, capture_output=capture, text=True)
-    if proc.returncode != 0:
-        detail = (proc.stderr or "").strip()[-2000:] if capture else ""
-        raise AblationError(
-            f"`{' '.join(cmd)}` failed with exit status {proc.returncode}" + (f": {detail}" if detail else "")
-        )
-    return proc.stdout if capture else ""
+    """Run one ``dvc ...`` command line in the current project (``vpr.dvcrun``); the experiment's own
+    length has no bound."""
+    try:
+        return run_dvc(Path.cwd(), *cmd[1:], capture=capture, timeout=None)
+    except DvcError as exc:
+        raise AblationError(str(exc)) from exc
 
 
 def queue_ablation(ablation: str, head: str = "netvlad", *, dry_run: bool = False) -> list[list[str]]:
