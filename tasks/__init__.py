@@ -3,8 +3,11 @@
 from tasks.artifacts import publish_reindex_summary, publish_results
 from tasks.cache import StageInputs, StageSpec, outputs_present, stage_key, stage_specs
 from tasks.dvc import record_in_dvc, stages_writing
+from tasks.logs import show_vpr_logs
 from tasks.pipeline import baseline, configure, evaluate, index, ingest, mine, report, shard, train
 from tasks.reindex import reindex_batch
+
+show_vpr_logs()  # wherever tasks run (threads, Dask workers), vpr's messages go to the run's log
 
 __all__ = [
     "StageInputs",
@@ -22,6 +25,7 @@ __all__ = [
     "reindex_batch",
     "report",
     "shard",
+    "show_vpr_logs",
     "stage_key",
     "stage_specs",
     "stages_writing",

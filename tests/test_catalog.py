@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -178,23 +181,38 @@ def test_catalog_columns_and_parsed_fields(tmp_path: Path) -> None:
     assert pl.read_parquet(tmp_path / "out" / "rejected.parquet").columns == ["path", "reason"]
 
 
-def test_duplicates_reported_but_kept(root: Path, tmp_path: Path, capsys) -> None:
+def test_duplicates_reported_but_kept(root: Path, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="vpr")
     data = (root / DB / "@100.00@200.00@.jpg").read_bytes()
     copy = put(root, Q, "@100.00@200.00@.jpg", data)
     result = run(root, tmp_path)
     assert result.accepted == 2
     dup = dict(result.catalog.select("path", "duplicate_of").iter_rows())
     assert dup == {f"{DB}/@100.00@200.00@.jpg": None, copy: f"{DB}/@100.00@200.00@.jpg"}
-    assert "duplicates: 1" in capsys.readouterr().err
+    assert "duplicates: 1" in caplog.text
 
 
-def test_summary_counts_reasons(root: Path, tmp_path: Path, capsys) -> None:
+def test_summary_counts_reasons(root: Path, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="vpr")
     put(root, DB, "@1@1@.jpg", b"")
     put(root, DB, "@2@2@.jpg", b"")
     run(root, tmp_path)
-    err = capsys.readouterr().err
+    err = caplog.text  # the package logger "vpr" (the CLI shows it on stderr, Prefect in the run's log)
     assert "1 accepted, 2 rejected" in err
     assert f"2 × {REASON_EMPTY}" in err
+
+
+def test_the_cli_shows_the_package_log_on_stderr_and_quiet_hides_it(root: Path, tmp_path: Path) -> None:
+    put(root, DB, "@2@2@.jpg", b"")
+    command = [sys.executable, "-m", "vpr.cli"]
+    shown = subprocess.run(
+        [*command, "ingest", str(root), "--out", str(tmp_path / "a")], capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and f"1 × {REASON_EMPTY}" in shown.stderr and shown.stdout.count("\n") <= 1
+    quiet = subprocess.run(
+        [*command, "--quiet", "ingest", str(root), "--out", str(tmp_path / "b")], capture_output=True, text=True
+    )
+    assert quiet.returncode == 0 and REASON_EMPTY not in quiet.stderr
 
 
 def test_missing_root(tmp_path: Path) -> None:

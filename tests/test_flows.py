@@ -64,6 +64,7 @@ def _sha(path: Path) -> str:
 
 def test_train_all_completes_with_results_and_artifacts(trained):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTextSearch
 
     root, result, _ = trained
     assert set(result["steps"]) == PIPELINE_STEPS
@@ -78,7 +79,12 @@ def test_train_all_completes_with_results_and_artifacts(trained):
     assert Path(result["report"]).exists()
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
+        # the library's package logger reaches the task runs' logs (per-epoch lines of every head)
+        logs = client.read_logs(LogFilter(text=LogFilterTextSearch(query="val R@1")))
     assert {"train-all-results", "train-all-report"} <= keys
+    epoch_logs = [log for log in logs if log.name == "vpr.train"]
+    assert epoch_logs and all(log.task_run_id for log in epoch_logs)
+    assert {log.message.split()[0] for log in epoch_logs} == set(HEADS)
 
 
 def test_heads_train_one_at_a_time_by_default(trained):

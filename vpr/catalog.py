@@ -9,10 +9,10 @@ to work with (missing root, no ``images/<split>/<role>`` folders, zero usable im
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import multiprocessing
 import os
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -31,6 +31,8 @@ from vpr.imageio import decode_facts, strict_pillow
 from vpr.layout import ROLES, SPLITS
 from vpr.procs import exit_with_parent
 from vpr.progress import step_progress
+
+logger = logging.getLogger(__name__)
 
 # Reject reasons: exact strings, asserted by tests and grouped in the summary.
 REASON_EMPTY = "empty file"
@@ -248,7 +250,7 @@ def ingest(root: str | Path, out_dir: str | Path, cfg: IngestConfig) -> IngestRe
     cands = find_candidates(root)
     catalog, rejected = _tables(_inspect_all(root, cands, cfg))
     summary = _summary(catalog, rejected)
-    print(summary, file=sys.stderr)
+    logger.info(summary)
     if catalog.height == 0:
         raise IngestError(f"no usable images under {root / 'images'} ({len(cands)} file(s) found, all rejected)")
     for split in SPLITS:  # every split's file, empty when it has no images: stages can depend on each

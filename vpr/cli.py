@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +14,22 @@ from vpr.config import ConfigError, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read")
+
+
+@app.callback()
+def _show_logs(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug messages too"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="warnings and errors only"),
+) -> None:
+    """The package logger ``vpr`` on stderr (stdout carries results only)."""
+    logger = logging.getLogger("vpr")
+    if not any(getattr(h, "vpr_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.vpr_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False  # one copy, not a second through a root handler
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 def _config(params: Path):

@@ -38,9 +38,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -64,6 +64,8 @@ from vpr.inbox import QUARANTINE, ROLE, check_file, move_file, quarantine, scan_
 from vpr.layout import Layout, first_id
 from vpr.shardio import read_index, verified_jpeg
 from vpr.shards import append_to_index, sample_key, shard_name, write_new_shards
+
+logger = logging.getLogger(__name__)
 
 PENDING = "pending.json"
 HISTORY = "history.jsonl"
@@ -390,9 +392,7 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
     with reindex_lock(layout):
         plan = json.loads(pending_path.read_text()) if pending_path.exists() else None
         if plan is not None and _plan_state(_split_index(layout, plan["split"]), plan) == "stale":
-            print(
-                f"reindex: pending batch {plan['batch']} no longer fits the shard index; re-planning", file=sys.stderr
-            )
+            logger.warning("reindex: pending batch %s no longer fits the shard index; re-planning", plan["batch"])
             _discard(plan, layout, _split_index(layout, plan["split"]))
             plan = None
         if plan is None:

@@ -14,6 +14,7 @@ reproduces an uninterrupted one on CPU.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -46,6 +47,8 @@ from vpr.rng import reseed_torch_rng
 from vpr.shardio import ShardReader
 from vpr.splits import SplitData, load_split
 from vpr.triplets import TripletImages, select_triplets, triplet_loss
+
+logger = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ["epoch", "loss", "recall@1", "recall@5", "recall@10", "recall@20", "seconds", "images_per_s"]
 
@@ -336,10 +339,15 @@ def train_head(
             last_path,
         )
         _write_history(history, layout.history(head))
-        print(
-            f"{head} epoch {epoch}: loss {history[-1]['loss']:.4f} val R@1 {recalls.get(1, float('nan')):.1f} "
-            f"R@5 {recalls.get(5, float('nan')):.1f} ({seconds:.1f} s, {images / seconds:.1f} img/s)",
-            file=sys.stderr,
+        logger.info(
+            "%s epoch %d: loss %.4f val R@1 %.1f R@5 %.1f (%.1f s, %.1f img/s)",
+            head,
+            epoch,
+            history[-1]["loss"],
+            recalls.get(1, float("nan")),
+            recalls.get(5, float("nan")),
+            seconds,
+            images / seconds,
         )
     return {
         "head": head,

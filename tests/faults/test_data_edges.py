@@ -3,6 +3,7 @@ every query is kept through catalog, shards, training data and the release, and 
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import polars as pl
@@ -31,7 +32,8 @@ def _far_image(source, folder, east_offset: float):
     return target
 
 
-def test_duplicates_reported_and_a_far_database_image_kept(released, capsys):
+def test_duplicates_reported_and_a_far_database_image_kept(released, caplog):
+    caplog.set_level(logging.INFO, logger="vpr")
     root, cfg, layout = released
     db = layout.data / "images/train/database"
     original = sorted(db.iterdir())[5]
@@ -43,7 +45,7 @@ def test_duplicates_reported_and_a_far_database_image_kept(released, capsys):
     far = _far_image(sorted((layout.data / "images/train/queries").iterdir())[0], db, 50_000.0)
 
     ingest(layout.data, layout.catalog_dir, cfg.ingest)
-    summary = capsys.readouterr().err
+    summary = caplog.text
     rel = {p: f"images/train/database/{p.name}" for p in (original, twin, far)}
     first, second = sorted([rel[original], rel[twin]])
     assert "duplicates: 1 image(s)" in summary and f"{second} == {first}" in summary
