@@ -25,7 +25,7 @@ from prefect.futures import wait
 import tasks
 from flows.common import resolve
 from flows.runners import make_task_runner
-from tasks.artifacts import format_table
+from vpr.tables import text_table
 
 # The task that runs each stage group of dvc.yaml (``train@avg`` → ``tasks.train`` with head ``avg``).
 STAGE_TASKS = {
@@ -94,7 +94,7 @@ def train_all_steps(params: str, root: str, record_dvc: bool = True) -> dict:
     report_path = submitted["report"].result().get("report") if "report" in submitted else None
     rows = tasks.publish_results(cfg, root, report_path)
     recorded = tasks.record_in_dvc(root, list(submitted)) if record_dvc else {"recorded": []}
-    print("results (test split):\n" + format_table(rows))
+    print("results (test split):\n" + text_table(rows))
     return {"results": rows, "report": report_path, "steps": steps, "dvc": recorded}
 
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-dvc", action="store_true", help="do not record the outputs in DVC")
     args = parser.parse_args(argv)
     result = train_all(params=args.params, root=args.root, record_dvc=not args.no_dvc)
-    print("\nRecall@N on the test split:\n" + format_table(result["results"]))
+    print("\nRecall@N on the test split:\n" + text_table(result["results"]))
     if result.get("report"):
         print(f"\nreport: {result['report']}")
     return 0

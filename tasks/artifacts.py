@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from vpr.config import Config
 from vpr.layout import Layout
+from vpr.tables import markdown_table
 
 RESULTS_KEY = "train-all-results"
 REPORT_KEY = "train-all-report"
@@ -46,17 +47,6 @@ def results_rows(cfg: Config, root: str | Path) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """A plain-text table (for the terminal)."""
-    if not rows:
-        return "(no results)"
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
-    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(r) for r in cells)])
-
-
 @task(name="publish-results")
 def publish_results(cfg: Config, root: str, report_path: str | None = None) -> list[dict]:
     """Table artifact of Recall@N per model, and the report (markdown) when there is one."""
@@ -76,12 +66,12 @@ def publish_results(cfg: Config, root: str, report_path: str | None = None) -> l
 def reindex_markdown(summary: dict) -> str:
     lines = [f"# Re-index {summary.get('batch') or ''}".rstrip(), "", summary.get("note", ""), ""]
     if summary.get("added"):
-        lines += ["## Added", "", "| id | path | source | from inbox |", "|---|---|---|---|"]
-        lines += [f"| {a['id']} | `{a['path']}` | {a['source']} | `{a['inbox']}` |" for a in summary["added"]]
+        added = [(a["id"], f"`{a['path']}`", a["source"], f"`{a['inbox']}`") for a in summary["added"]]
+        lines += ["## Added", "", *markdown_table(["id", "path", "source", "from inbox"], added)]
         lines.append("")
     if summary.get("rejected"):
-        lines += ["## Quarantined", "", "| inbox file | reason | now at |", "|---|---|---|"]
-        lines += [f"| `{r['inbox']}` | {r['reason']} | `inbox/{r['quarantined']}` |" for r in summary["rejected"]]
+        rejected = [(f"`{r['inbox']}`", r["reason"], f"`inbox/{r['quarantined']}`") for r in summary["rejected"]]
+        lines += ["## Quarantined", "", *markdown_table(["inbox file", "reason", "now at"], rejected)]
         lines.append("")
     if summary.get("releases"):
         lines += ["## Live releases", ""] + [f"- {h}: {v}" for h, v in summary["releases"].items()]

@@ -3,7 +3,7 @@
 Every ``import`` counts, including those inside functions (a function-level import hides a cycle from
 Python, not from a reader). Layers, bottom to top:
 
-0. foundations: config, atomic, geo, rng, procs, layout, imageio, progress, profiles, dvcrun
+0. foundations: config, atomic, geo, rng, procs, layout, imageio, progress, profiles, dvcrun, tables
 1. shared parts: models, shardio, retrieval, checkpoints, descriptors, splits, triplets
 2. pipeline steps: catalog, shards, mining, train, evaluate, index, locate, inbox, reindex, report, ablation,
    synth
@@ -25,7 +25,7 @@ VPR = Path(__file__).resolve().parents[1] / "vpr"
 
 LAYERS = {
     **dict.fromkeys(
-        ["config", "atomic", "geo", "rng", "procs", "layout", "imageio", "progress", "profiles", "dvcrun"], 0
+        ["config", "atomic", "geo", "rng", "procs", "layout", "imageio", "progress", "profiles", "dvcrun", "tables"], 0
     ),
     **dict.fromkeys(["models", "shardio", "retrieval", "checkpoints", "descriptors", "splits", "triplets"], 1),
     **dict.fromkeys(

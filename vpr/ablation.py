@@ -26,6 +26,7 @@ import polars as pl
 
 from vpr.dvcrun import DvcError, run_dvc
 from vpr.layout import Layout
+from vpr.tables import cell, markdown_table
 
 
 class AblationError(RuntimeError):
@@ -184,11 +185,10 @@ def _metric_file(metrics: dict[str, dict], head: str) -> dict:
 
 
 def _fmt(v: object) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.1f}" if abs(v) >= 0.1 or v == 0 else f"{v:g}"
-    return str(v)
+    """Like ``cell``, but a small float parameter (a learning rate) keeps its significant digits."""
+    if isinstance(v, float) and 0 < abs(v) < 0.1:
+        return f"{v:g}"
+    return cell(v)
 
 
 def comparison_table(
@@ -213,21 +213,18 @@ def comparison_table(
             seen.add(r["name"])
             unique.append(r)
     header = ["experiment", *keys, *(f"R@{n}" for n in recall_at), "ms/image"]
-    lines = [
-        f"Ablations — head `{head}`" + (f", {ablation}" if ablation else ""),
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
+    cells = []
     for r in unique:
         m = _metric_file(r["metrics"], head)
-        cells = [
-            str(r["name"]),
-            *(_fmt(r["params"].get(k)) for k in keys),
-            *(_fmt(m.get(f"recall@{n}")) for n in recall_at),
-            _fmt(m.get("ms_per_image")),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells.append(
+            [
+                str(r["name"]),
+                *(_fmt(r["params"].get(k)) for k in keys),
+                *(_fmt(m.get(f"recall@{n}")) for n in recall_at),
+                _fmt(m.get("ms_per_image")),
+            ]
+        )
+    lines = [f"Ablations — head `{head}`" + (f", {ablation}" if ablation else ""), "", *markdown_table(header, cells)]
     if len(unique) <= 1:
         lines += [
             "",
@@ -275,12 +272,10 @@ def threshold_table(layout: Layout, head: str, thresholds: Sequence[float], ns: 
     ns = [n for n in ns if n <= max((len(p) for p in preds["prediction_ids"].to_list()), default=0)] or list(ns)
     table = recall_at_thresholds(preds, xy, thresholds, ns)
     header = ["test threshold (m)", *(f"R@{n}" for n in ns)]
+    cells = [[f"{t:g}", *(cell(rec[n]) for n in ns)] for t, rec in table.items()]
     lines = [
         f"Test-threshold ablation — head `{head}` (re-scored predictions, same model)",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
+        *markdown_table(header, cells),
     ]
-    for t, rec in table.items():
-        lines.append("| " + " | ".join([f"{t:g}", *(f"{rec[n]:.1f}" for n in ns)]) + " |")
     return "\n".join(lines) + "\n"

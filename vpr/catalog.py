@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from vpr.imageio import REASON_TOO_MANY_PIXELS as REASON_TOO_MANY_PIXELS
 from vpr.imageio import REASON_TRUNCATED as REASON_TRUNCATED
 from vpr.imageio import decode_facts, strict_pillow
 from vpr.layout import ROLES, SPLITS
-from vpr.procs import exit_with_parent
+from vpr.procs import worker_pool
 from vpr.progress import step_progress
 
 logger = logging.getLogger(__name__)
@@ -199,11 +198,7 @@ def _inspect_all(root: Path, cands: list[_Candidate], cfg: IngestConfig) -> list
                 rows += _inspect_chunk(str(root), chunk, cfg.max_pixels)
                 bar.advance(task, len(chunk))
         else:
-            # spawn, not fork: callers (Prefect thread runners) may hold threads and locks
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(
-                cfg.workers, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),)
-            ) as pool:
+            with worker_pool(cfg.workers) as pool:
                 futures = [pool.submit(_inspect_chunk, str(root), c, cfg.max_pixels) for c in chunks]
                 for fut in as_completed(futures):
                     done = fut.result()

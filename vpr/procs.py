@@ -1,10 +1,13 @@
-"""Worker-process hygiene for the process pools of ingest and sharding."""
+"""The one worker-pool helper (ingest, sharding, the synthetic city) and its worker-process hygiene."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 
 
 def exit_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:
@@ -22,3 +25,37 @@ def exit_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:
             time.sleep(interval_s)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _start_worker(parent_pid: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    exit_with_parent(parent_pid)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def fork_is_safe() -> bool:
+    """Whether forking this process is safe: no other Python threads (a forked child can inherit a
+    lock that some thread held, and deadlock on it) and a platform that can fork."""
+    return threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+
+
+def worker_pool(
+    workers: int,
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple = (),
+    start_method: str = "spawn",
+) -> ProcessPoolExecutor | None:
+    """A process pool of ``workers`` whose workers end with this process; None for one worker (run inline).
+
+    ``spawn`` by default: callers (Prefect's thread runner, a progress bar, polars' and torch's own
+    thread pools) may hold locks that a forked child would inherit. ``fork`` only where the caller
+    checked ``fork_is_safe()`` and wants workers to inherit large state instead of receiving a copy.
+    """
+    if workers <= 1:
+        return None
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context(start_method),
+        initializer=_start_worker,
+        initargs=(os.getpid(), initializer, initargs),
+    )

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from vpr.atomic import atomic_path, write_bytes_atomic, write_text_atomic  # noqa: E402
 from vpr.config import Config  # noqa: E402
 from vpr.layout import Layout  # noqa: E402
+from vpr.tables import cell, markdown_table  # noqa: E402
 
 BASELINE = "avg-untrained"
 STUDY_R1 = {"avg": 60.1, "gem": 71.6, "netvlad": 79.1, "crn": 81.7}  # seed report, Pitts30k-test
@@ -52,36 +53,41 @@ def _load_metrics(cfg: Config, layout: Layout) -> dict[str, dict]:
     return found
 
 
-def _fmt(v, digits: int = 1) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
+def _fmt(v: object, digits: int = 1) -> str:
+    return cell(None if v is None else float(v), digits)  # type: ignore[arg-type]
 
 
 def _table(metrics: dict[str, dict]) -> list[str]:
     base = metrics.get(BASELINE, {}).get("recall@1")
     ranked = sorted(metrics.items(), key=lambda kv: (-kv[1].get("recall@1", -1.0), kv[0]))
-    lines = [
-        "| rank | head | descriptor | R@1 | R@5 | R@10 | R@20 | ms/image | R@1 vs untrained avg | study R@1 |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    header = [
+        "rank",
+        "head",
+        "descriptor",
+        "R@1",
+        "R@5",
+        "R@10",
+        "R@20",
+        "ms/image",
+        "R@1 vs untrained avg",
+        "study R@1",
     ]
+    rows = []
     for rank, (name, m) in enumerate(ranked, start=1):
         gain = "—" if base is None or name == BASELINE else f"{m['recall@1'] - base:+.1f}"
         label = f"`{name}` (no VPR training)" if name == BASELINE else f"`{name}`"
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    str(rank),
-                    label,
-                    str(m.get("descriptor_dim", "—")),
-                    *(_fmt(m.get(f"recall@{n}")) for n in _NS),
-                    _fmt(m.get("ms_per_image"), 2),
-                    gain,
-                    _fmt(STUDY_R1.get(name)),
-                ]
-            )
-            + " |"
+        rows.append(
+            [
+                rank,
+                label,
+                m.get("descriptor_dim", "—"),
+                *(_fmt(m.get(f"recall@{n}")) for n in _NS),
+                _fmt(m.get("ms_per_image"), 2),
+                gain,
+                _fmt(STUDY_R1.get(name)),
+            ]
         )
-    return lines
+    return markdown_table(header, rows, right=[0, *range(2, len(header))])
 
 
 def _findings(metrics: dict[str, dict]) -> list[str]:
@@ -129,16 +135,19 @@ def _approx_lines(metrics: dict[str, dict]) -> list[str]:
         "",
         "Recall loss against exact search on the same descriptors (points; positive = worse).",
         "",
-        "| head | index | PCA dim | R@1 | loss@1 | loss@5 | top-1 agreement % | speed-up |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for k, a in rows:
-        lines.append(
-            f"| `{k}` | {a['index']} | {a.get('pca_dim') or '—'} | {_fmt(a.get('recall@1'))} | "
-            f"{_fmt(a.get('recall_loss@1'))} | {_fmt(a.get('recall_loss@5'))} | "
-            f"{_fmt(a.get('top1_agreement'))} | {_fmt(a.get('speedup'), 2)} |"
-        )
-    return lines
+    header = ["head", "index", "PCA dim", "R@1", "loss@1", "loss@5", "top-1 agreement %", "speed-up"]
+    cells = [
+        [
+            f"`{k}`",
+            a["index"],
+            a.get("pca_dim") or "—",
+            *(_fmt(a.get(key)) for key in ("recall@1", "recall_loss@1", "recall_loss@5", "top1_agreement")),
+            _fmt(a.get("speedup"), 2),
+        ]
+        for k, a in rows
+    ]
+    return lines + markdown_table(header, cells, right=range(2, len(header)))
 
 
 # --------------------------------------------------------------------------- figures

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import os
 import re
 import tarfile
@@ -35,7 +34,7 @@ from vpr.atomic import fsync_dir, write_parquet_atomic
 from vpr.config import ShardConfig
 from vpr.imageio import encode_jpeg, shard_rendition, strict_pillow
 from vpr.layout import SPLITS, first_id
-from vpr.procs import exit_with_parent
+from vpr.procs import worker_pool
 from vpr.progress import step_progress
 from vpr.shardio import INDEX_FILE, INDEX_SCHEMA, ShardError, checksum, read_index
 
@@ -188,16 +187,7 @@ def _pack(
     Nothing a reader looks at is touched: the tars are written as ``*.tar.tmp`` (see ``_commit``).
     """
     index_rows: list[dict] = []
-    pool = (
-        ProcessPoolExecutor(
-            workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=exit_with_parent,
-            initargs=(os.getpid(),),
-        )
-        if workers > 1
-        else None
-    )  # spawn: callers (Prefect thread runners) may hold locks
+    pool = worker_pool(workers)
     try:
         with step_progress("shard") as bar:
             task = bar.add_task("shard", total=sum(len(rows) for _, rows in plan))

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-import multiprocessing as mp
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from PIL import Image
 from vpr.atomic import write_bytes_atomic
 from vpr.config import SynthConfig
 from vpr.layout import ROLES, SPLITS
+from vpr.procs import fork_is_safe, worker_pool
 from vpr.synth.captures import Capture, camera_utm, plan_captures
 from vpr.synth.distractors import draw_distractors
 from vpr.synth.helpers import keyed_rng
@@ -74,14 +73,6 @@ def _render_and_write(cap: Capture) -> str:
     return cap.name
 
 
-def _fork_context() -> mp.context.BaseContext | None:
-    """Fork only from a single-threaded process: forking beside other threads can deadlock, and
-    spawn would re-import the caller's ``__main__`` (breaks scripts without a main guard)."""
-    if threading.active_count() > 1 or "fork" not in mp.get_all_start_methods():
-        return None
-    return mp.get_context("fork")
-
-
 def _workers(n_jobs: int, requested: int | None) -> int:
     if requested is not None:
         return max(1, requested)
@@ -95,14 +86,15 @@ def _workers(n_jobs: int, requested: int | None) -> int:
 
 
 def _render_all(jobs: list[Capture], state: dict, workers: int) -> None:
-    context = _fork_context() if workers > 1 else None
-    if context is None:
+    # fork, or one process: spawn would re-import the caller's ``__main__`` (scripts without a main guard)
+    pool = worker_pool(workers, _init_worker, (state,), start_method="fork") if fork_is_safe() else None
+    if pool is None:
         _init_worker(state)
         for cap in jobs:
             _render_and_write(cap)
         return
-    with context.Pool(workers, initializer=_init_worker, initargs=(state,)) as pool:
-        for _ in pool.imap_unordered(_render_and_write, jobs, chunksize=8):
+    with pool:
+        for _ in pool.map(_render_and_write, jobs, chunksize=8):
             pass
 
 
