@@ -4,7 +4,7 @@ Every ``import`` counts, including those inside functions (a function-level impo
 Python, not from a reader). Layers, bottom to top:
 
 0. foundations: config, atomic, geo, rng, procs, layout, imageio, progress, profiles, dvcrun, tables
-1. shared parts: models, shardio, retrieval, checkpoints, descriptors, splits, triplets
+1. shared parts: models, shardio, retrieval, checkpoints, descriptors, splits, triplets, history
 2. pipeline steps: catalog, shards, mining, train, evaluate, index, locate, inbox, reindex, report, ablation,
    synth
 3. the command line: cli
@@ -27,7 +27,9 @@ LAYERS = {
     **dict.fromkeys(
         ["config", "atomic", "geo", "rng", "procs", "layout", "imageio", "progress", "profiles", "dvcrun", "tables"], 0
     ),
-    **dict.fromkeys(["models", "shardio", "retrieval", "checkpoints", "descriptors", "splits", "triplets"], 1),
+    **dict.fromkeys(
+        ["models", "shardio", "retrieval", "checkpoints", "descriptors", "splits", "triplets", "history"], 1
+    ),
     **dict.fromkeys(
         [
             "catalog",

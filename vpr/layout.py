@@ -74,9 +74,9 @@ class Layout:
         """Every epoch's state (model, optimiser, history) for ``--resume``."""
         return self.models_dir / head / "last.pt"
 
-    def history(self, head: str) -> Path:
-        """Per-epoch CSV (loss, val recall, speed) that ``dvc plots`` draws."""
-        return self.artifacts / "history" / f"{head}.csv"
+    def live_dir(self, head: str) -> Path:
+        """dvclive folder of the training history (``metrics.json``, per-epoch ``plots/metrics/*.tsv``)."""
+        return self.artifacts / "live" / head
 
     # evaluation
     def metrics_file(self, head: str) -> Path:

@@ -18,7 +18,6 @@ import logging
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -27,7 +26,6 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils.data import DataLoader
 
-from vpr.atomic import write_bytes_atomic
 from vpr.checkpoints import CheckpointError as CheckpointError  # raised here for unreadable checkpoints
 from vpr.checkpoints import load_checkpoint, save_checkpoint
 from vpr.config import Config
@@ -40,6 +38,7 @@ from vpr.descriptors import (
     resolve_device,
     use_bf16,
 )
+from vpr.history import write_history
 from vpr.layout import Layout
 from vpr.models import VPRModel, build_model
 from vpr.retrieval import exact_search, recall_at_n
@@ -49,8 +48,6 @@ from vpr.splits import SplitData, load_split
 from vpr.triplets import TripletImages, select_triplets, triplet_loss
 
 logger = logging.getLogger(__name__)
-
-HISTORY_COLUMNS = ["epoch", "loss", "recall@1", "recall@5", "recall@10", "recall@20", "seconds", "images_per_s"]
 
 
 class TrunkCache:
@@ -188,13 +185,6 @@ def init_netvlad(
     head = model.head
     head.init_from_descriptors(descriptors, seed=seed)
     model.train()
-
-
-def _write_history(history: list[dict], path: Path) -> None:
-    table = pl.DataFrame(history, schema={c: pl.Float64 for c in HISTORY_COLUMNS}).with_columns(
-        pl.col("epoch").cast(pl.Int64)
-    )
-    write_bytes_atomic(path, table.write_csv().encode())
 
 
 def build_training_model(
@@ -338,7 +328,7 @@ def train_head(
             },
             last_path,
         )
-        _write_history(history, layout.history(head))
+        write_history(history, layout.live_dir(head))
         logger.info(
             "%s epoch %d: loss %.4f val R@1 %.1f R@5 %.1f (%.1f s, %.1f img/s)",
             head,

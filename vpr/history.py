@@ -1,0 +1,50 @@
+"""Training history through dvclive: per-epoch values that ``dvc plots`` draws and ``dvc exp show`` lists.
+
+The folder (``artifacts/live/<head>``) holds dvclive's own layout: ``metrics.json`` (the last epoch)
+and ``plots/metrics/{train,val}/<name>.tsv`` (one row per epoch, ``step`` = epoch). The full history
+lives in the resumable checkpoint; every epoch it is replayed into a fresh dvclive folder beside the
+target and each file is moved into place with one rename, so a reader never sees a half-written file
+and a resumed run writes exactly what an uninterrupted one would (no timestamps are logged).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# history key → dvclive metric name (train/…, val/…)
+METRICS = {
+    "loss": "train/loss",
+    "seconds": "train/seconds",
+    "images_per_s": "train/images_per_s",
+    "recall@1": "val/recall@1",
+    "recall@5": "val/recall@5",
+    "recall@10": "val/recall@10",
+    "recall@20": "val/recall@20",
+}
+
+
+def write_history(history: list[dict], live_dir: str | Path) -> Path:
+    """Write every epoch of ``history`` (dicts with ``epoch`` and the ``METRICS`` keys) as a dvclive folder."""
+    from dvclive import Live  # imports DVC: only when a history is written
+
+    live_dir = Path(live_dir)
+    live_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=live_dir.parent, prefix=f".{live_dir.name}."))
+    try:
+        with Live(str(staging), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+            for row in history:
+                live.step = int(row["epoch"])
+                for key, name in METRICS.items():
+                    live.log_metric(name, float(row[key]))
+        written = {p.relative_to(staging) for p in staging.rglob("*") if p.is_file()}
+        for rel in sorted(written):
+            (live_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / rel, live_dir / rel)
+        for old in [p for p in live_dir.rglob("*") if p.is_file() and p.relative_to(live_dir) not in written]:
+            old.unlink()  # a metric that is no longer logged: after the new files are in place
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return live_dir
