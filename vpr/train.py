@@ -18,6 +18,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import polars as pl
@@ -127,16 +128,16 @@ def descriptors(
     reader: ShardReader,
     ids: np.ndarray,
     transform,
-    cfg: Config,
     device: torch.device,
     cache: TrunkCache | None,
+    *,
+    batch_size: int,
+    workers: int,
 ) -> np.ndarray:
     """Inference-mode descriptors, from the trunk cache when there is one."""
     if cache is not None:
-        return cache.descriptors(ids, cfg.evaluate.batch_size)
-    return extract(
-        model, reader, ids, transform, device=device, batch_size=cfg.evaluate.batch_size, workers=cfg.train.workers
-    )
+        return cache.descriptors(ids, batch_size)
+    return extract(model, reader, ids, transform, device=device, batch_size=batch_size, workers=workers)
 
 
 def validate(
@@ -144,15 +145,18 @@ def validate(
     reader: ShardReader,
     val: SplitData,
     transform,
-    cfg: Config,
     device: torch.device,
     cache: TrunkCache | None = None,
+    *,
+    recall_at: Sequence[int],
+    batch_size: int,
+    workers: int,
 ) -> dict[int, float]:
     """Recall@N on the validation split (soft positives, exact search)."""
-    db = descriptors(model, reader, val.db_ids, transform, cfg, device, cache)
-    q = descriptors(model, reader, val.q_ids, transform, cfg, device, cache)
-    _, ranked = exact_search(db, q, max(cfg.evaluate.recall_at))
-    return recall_at_n(ranked, val.soft, cfg.evaluate.recall_at)
+    db = descriptors(model, reader, val.db_ids, transform, device, cache, batch_size=batch_size, workers=workers)
+    q = descriptors(model, reader, val.q_ids, transform, device, cache, batch_size=batch_size, workers=workers)
+    _, ranked = exact_search(db, q, max(recall_at))
+    return recall_at_n(ranked, val.soft, recall_at)
 
 
 def init_netvlad(
@@ -291,7 +295,17 @@ def train_head(
                     if stop_after_batches is not None and batches_done >= stop_after_batches:
                         return {"head": head, "interrupted": True, "epoch": epoch}
         seconds = time.perf_counter() - t0
-        recalls = validate(model, reader, val, eval_tf, cfg, device, cache)
+        recalls = validate(
+            model,
+            reader,
+            val,
+            eval_tf,
+            device,
+            cache,
+            recall_at=cfg.evaluate.recall_at,
+            batch_size=cfg.evaluate.batch_size,
+            workers=tc.workers,
+        )
         history.append(
             {
                 "epoch": epoch,
@@ -413,8 +427,9 @@ def _mine_chunk(
         candidates = np.empty(0, dtype=np.int64)
     positives = np.concatenate([train.hard[i] for i in chunk])
     pool_idx = np.unique(np.concatenate([positives, candidates]))
-    pool_desc = descriptors(model, reader, train.db_ids[pool_idx], transform, cfg, device, cache)
-    q_desc = descriptors(model, reader, train.q_ids[chunk], transform, cfg, device, cache)
+    kw = {"batch_size": cfg.evaluate.batch_size, "workers": cfg.train.workers}
+    pool_desc = descriptors(model, reader, train.db_ids[pool_idx], transform, device, cache, **kw)
+    q_desc = descriptors(model, reader, train.q_ids[chunk], transform, device, cache, **kw)
     return select_triplets(
         q_desc,
         pool_desc,
