@@ -8,12 +8,18 @@ from pathlib import Path
 import torch
 
 from vpr.atomic import atomic_path
-from vpr.config import ModelConfig
+from vpr.config import HEADS, ModelConfig
 from vpr.models import VPRModel, build_model
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be trusted or read (foreign objects, damaged archive)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error's message, or its type when the message is empty (a zero-byte file)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else f"{type(exc).__name__} (the file is empty or cut short)"
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -28,10 +34,10 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than tensors and plain "
             f"data (loaded with weights_only=True; nothing in it was run): "
-            f"{str(exc).splitlines()[0]}"
+            f"{_first_line(exc)}"
         ) from None
     except (RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a vpr checkpoint (a {type(state).__name__}, not a dict)")
     return state
@@ -53,9 +59,22 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path} (train the head first: `vpr train --head ...`)")
     ckpt = load_checkpoint(path)
-    model_cfg = ModelConfig(**{**ckpt["model_config"], "weights": "none"})
+    missing = [k for k in ("head", "model_config", "model") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a trained-model checkpoint: no {', '.join(missing)}")
+    if ckpt["head"] not in HEADS:
+        raise CheckpointError(f"{path}: unknown head {ckpt['head']!r} (expected one of {', '.join(HEADS)})")
+    try:  # the same bounds as params.yaml: a forged size fails here, before anything is allocated
+        model_cfg = ModelConfig(**{**dict(ckpt["model_config"]), "weights": "none"})
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid model_config: {_first_line(exc)}") from None
     model = build_model(ckpt["head"], model_cfg)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: weights do not fit the {ckpt['head']} model: {_first_line(exc)}") from None
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise CheckpointError(f"{path}: weights hold NaN or infinite values (a diverged training?)")
     return _prepare(model, torch.device(device)), ckpt
 
 

@@ -216,7 +216,7 @@ def locate(
 
     head = head or cfg.index.head
     release_dir = release or Layout.from_config(cfg).release_dir(head)
-    k = top_k or cfg.locate.top_k
+    k = cfg.locate.top_k if top_k is None else top_k  # 0 is an error, not the default
     if k <= 0:
         _fail("--top-k must be positive")
     try:

@@ -6,7 +6,8 @@ that names the key (``train.lr``), before any work starts.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import yaml
@@ -17,7 +18,8 @@ Head = Literal["avg", "gem", "netvlad", "crn"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # unknown keys are errors, and no setting may be infinite or NaN (an .inf learning rate is a typo)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class PathsConfig(_Strict):
@@ -28,6 +30,17 @@ class PathsConfig(_Strict):
     metrics: str = "metrics"
     reports: str = "reports"
     inbox: str = "inbox"
+
+    @model_validator(mode="after")
+    def _apart(self) -> PathsConfig:
+        """No folder inside another: re-indexing moves files out of the inbox and into data, and a
+        stage's outputs must never lie in the data tree (or the inbox) they are computed from."""
+        folders = {k: PurePosixPath(os.path.normpath(v)) for k, v in self.model_dump().items()}
+        for a, pa in folders.items():
+            for b, pb in folders.items():
+                if a < b and (pa == pb or pa in pb.parents or pb in pa.parents):
+                    raise ValueError(f"paths.{a} ({pa}) and paths.{b} ({pb}) overlap: each must be a folder of its own")
+        return self
 
 
 class SplitSize(_Strict):
@@ -78,7 +91,7 @@ class MiningConfig(_Strict):
 class ModelConfig(_Strict):
     weights: str = "imagenet"  # "imagenet", "none", or a path to a local .pth state dict
     freeze_early_layers: bool = True
-    netvlad_clusters: int = Field(64, gt=1)
+    netvlad_clusters: int = Field(64, gt=1, le=4096)  # a bound, so a forged checkpoint cannot ask for GBs
     gem_p: float = Field(3.0, gt=0)
     gem_dim: int = Field(256, gt=0)
     kmeans_descriptors: int = Field(50_000, gt=0)
@@ -96,7 +109,7 @@ class AugmentConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    heads: list[Head] = list(HEADS)
+    heads: list[Head] = Field(default_factory=lambda: list(HEADS), min_length=1)
     lr: float = Field(1e-4, gt=0)
     epochs: int = Field(3, ge=1)
     queries_per_epoch: int = Field(200, gt=0)
@@ -142,7 +155,9 @@ class IndexConfig(_Strict):
 
     head: Head = "netvlad"  # which trained head ``vpr index`` / ``vpr locate`` use by default
     kind: Literal["exact", "ivfpq", "hnsw"] = "exact"
-    splits: list[Literal["train", "val", "test"]] | None = None  # database images of these splits; None: all
+    splits: list[Literal["train", "val", "test"]] | None = Field(
+        None, min_length=1
+    )  # database images of these splits; None: all
     nlist: int = Field(64, gt=0)  # IVF cells (clamped to the database size when it is small)
     nprobe: int = Field(8, gt=0)
     pq_m: int = Field(32, gt=0)  # PQ sub-quantisers (the largest divisor of the dimension ≤ pq_m is used)
@@ -251,4 +266,6 @@ def load_config(path: str | Path = "params.yaml") -> Config:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
+    if raw is None:  # empty, comment-only or `~`: almost surely not what was meant, never "all defaults"
+        raise ConfigError(f"{path} holds no settings (empty, comments only, or null); write `{{}}` for all defaults")
     return parse_config(raw)

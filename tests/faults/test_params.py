@@ -18,6 +18,13 @@ BAD = {
     "negative-threshold": ({"mining": {"train_positive_m": -5.0}}, "mining.train_positive_m"),
     "unknown-head": ({"index": {"head": "vit"}}, "index.head"),
     "unknown-head-in-list": ({"train": {"heads": ["gem", "vit"]}}, "train.heads.1"),
+    "no-heads": ({"train": {"heads": []}}, "train.heads"),
+    "no-index-splits": ({"index": {"splits": []}}, "index.splits"),
+    "infinite-lr": ({"train": {"lr": float("inf")}}, "train.lr: Input should be a finite number"),
+    "nan-margin": ({"train": {"margin": float("nan")}}, "train.margin"),
+    # re-indexing would quarantine the data tree as "already indexed"
+    "inbox-is-the-data": ({"paths": {"inbox": "data"}}, "paths.data (data) and paths.inbox (data) overlap"),
+    "artifacts-inside-data": ({"paths": {"artifacts": "data/artifacts"}}, "overlap"),
 }
 
 COMMANDS = [
@@ -75,3 +82,21 @@ def test_a_real_process_exits_2_naming_the_key_and_writes_nothing(micro_project)
     assert proc.returncode == 2
     assert "train.epochs" in proc.stderr and "Traceback" not in proc.stderr
     assert snapshot(root) == before and not layout.models_dir.exists()
+
+
+@pytest.mark.parametrize("text", ["", "# nothing but a comment\n", "~\n"])
+def test_an_empty_params_file_is_an_error_not_all_defaults(micro_project, monkeypatch, text):
+    root, _, layout = micro_project
+    (root / "params.yaml").write_text(text)
+    before = snapshot(root)
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(app, ["mine"])  # it once rewrote the mining tables with default thresholds
+    assert result.exit_code == 2 and "holds no settings" in result.output, result.output
+    assert snapshot(root) == before
+
+
+def test_locate_top_k_zero_is_an_error_not_the_default(micro_project, monkeypatch):
+    root, _, _ = micro_project
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(app, ["locate", "--top-k", "0", "data/images/test/queries"])
+    assert result.exit_code == 1 and "--top-k must be positive" in result.output, result.output

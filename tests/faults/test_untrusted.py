@@ -87,6 +87,48 @@ def test_malicious_checkpoint_is_refused_and_never_runs(released, tmp_path, monk
 # --------------------------------------------------------------------------- shard samples
 
 
+def _forged(state: dict, **changes) -> dict:
+    out = {**state, **changes}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _damaged_checkpoints(good: Path) -> dict[str, tuple[bytes | dict, str]]:
+    state = torch.load(good, weights_only=True)
+    weights = dict(state["model"])
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    nan = {**weights, name: torch.full_like(weights[name], float("nan"))}
+    data = good.read_bytes()
+    return {
+        "zero bytes": (b"", "empty or cut short"),
+        "truncated": (data[: len(data) // 2], "cannot read checkpoint"),
+        "no model_config": (_forged(state, model_config=None), "no model_config"),
+        "unknown head": (_forged(state, head="vit"), "unknown head 'vit'"),
+        "extra weight": (_forged(state, model={**weights, "stray.weight": torch.zeros(1)}), "do not fit"),
+        "missing weight": (_forged(state, model={k: v for k, v in weights.items() if k != name}), "do not fit"),
+        "huge clusters": (
+            _forged(state, model_config={**state["model_config"], "netvlad_clusters": 4_000_000}),
+            "model_config",
+        ),
+        "NaN weights": (_forged(state, model=nan), "NaN"),
+    }
+
+
+def test_damaged_or_forged_model_checkpoints_give_a_clear_error_naming_the_file(released, tmp_path):
+    from vpr.checkpoints import load_model
+
+    _, _, layout = released
+    for case, (content, message) in _damaged_checkpoints(layout.checkpoint("avg")).items():
+        path = tmp_path / case.replace(" ", "-") / "model.pt"
+        path.parent.mkdir()
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)
+        with pytest.raises(CheckpointError) as err:
+            load_model(path)
+        assert str(path) in str(err.value) and message in str(err.value), (case, str(err.value))
+
+
 @pytest.mark.parametrize("ext", ["pyd", "pickle"])
 def test_shard_sample_with_a_pickle_member_is_refused(micro_project, tmp_path, ext):
     root, cfg, layout = micro_project
