@@ -19,12 +19,17 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps
 
 # Reject reasons of decoding: exact strings, asserted by tests and grouped in ingest's summary.
 REASON_NOT_IMAGE = "not an image"
 REASON_TRUNCATED = "truncated image"
 REASON_TOO_MANY_PIXELS = "too many pixels"
+REASON_PIXEL_FORMAT = "unsupported pixel format"  # 32-bit integer or float samples: no agreed 8-bit range
+
+# 16-bit grey: scaled to 8 bits (Pillow's own convert("RGB") clips at 255 and turns them white)
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 # EXIF orientations that rotate by 90°/270°: stored width and height are swapped on display.
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -85,6 +90,8 @@ def decode_facts(data: bytes, max_pixels: int) -> dict | str:
             im.load()
         except Exception:  # noqa: BLE001 - OSError "image file is truncated", SyntaxError, zlib...
             return REASON_TRUNCATED
+        if pixel_format_problem(im):
+            return REASON_PIXEL_FORMAT
         width, height = displayed_size(im)
         return {"width": width, "height": height, "format": im.format}
 
@@ -97,10 +104,34 @@ def draft(im: Image.Image, width: int, height: int) -> None:
     im.draft("RGB", size)
 
 
+def _sixteen_bit(im: Image.Image) -> bool:
+    # a 16-bit grey PNG opens as I;16 or, in some Pillow versions, as 32-bit "I" holding 0..65535
+    return im.mode in _SIXTEEN_BIT_MODES or (im.mode == "I" and im.format == "PNG")
+
+
+def pixel_format_problem(im: Image.Image) -> str | None:
+    """None when ``to_rgb8`` renders the image faithfully; ``REASON_PIXEL_FORMAT`` when no 8-bit
+    rendering can be trusted (32-bit integer or float samples: their range is not in the file)."""
+    if im.mode in ("I", "F") and not _sixteen_bit(im):
+        return REASON_PIXEL_FORMAT
+    return None
+
+
+def to_rgb8(im: Image.Image, sixteen_bit: bool | None = None) -> Image.Image:
+    """RGB with 8 bits per sample; 16-bit grey scaled by 1/257 (65535 → 255), never clipped to white."""
+    if sixteen_bit if sixteen_bit is not None else _sixteen_bit(im):
+        grey = np.asarray(im, dtype=np.float64).clip(0, 65535) / 257.0
+        return Image.fromarray(np.rint(grey).astype(np.uint8), "L").convert("RGB")
+    if pixel_format_problem(im):
+        raise ValueError(f"{REASON_PIXEL_FORMAT}: mode {im.mode}")
+    return im.convert("RGB")
+
+
 def shard_rendition(im: Image.Image, width: int, height: int) -> Image.Image:
     """An opened image → upright RGB of exactly ``width``×``height`` (the shards' rendition)."""
     draft(im, width, height)
-    upright = ImageOps.exif_transpose(im).convert("RGB")
+    sixteen = _sixteen_bit(im)  # before exif_transpose, whose copy has no format
+    upright = to_rgb8(ImageOps.exif_transpose(im), sixteen)
     return upright.resize((width, height), Image.Resampling.BILINEAR)
 
 

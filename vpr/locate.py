@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 from PIL import Image, UnidentifiedImageError
 
-from vpr.imageio import decode_rgb, encode_jpeg, shard_rendition, strict_pillow
+from vpr.imageio import decode_rgb, encode_jpeg, pixel_format_problem, shard_rendition, strict_pillow
 from vpr.index import Release, load_release
 
 _EPS = 1e-6
@@ -64,6 +64,12 @@ def prepare_image(path: str | Path, height: int, width: int, quality: int, max_p
                     f"image is {w}×{h} = {w * h} pixels, over the limit of {max_pixels} "
                     "(locate.max_pixels); refused before decoding"
                 )
+            try:
+                im.load()
+            except Exception as exc:  # noqa: BLE001 - truncated data, broken codecs, zlib errors...
+                raise LocateInputError(f"truncated or corrupt image: {exc}") from None
+            if pixel_format_problem(im):
+                raise LocateInputError(f"{pixel_format_problem(im)} ({im.mode}: 32-bit integer or float samples)")
             try:
                 upright = shard_rendition(im, width, height)
             except Exception as exc:  # noqa: BLE001 - truncated data, broken codecs, zlib errors...

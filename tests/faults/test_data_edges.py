@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 
+import numpy as np
 import polars as pl
 import pytest
 from PIL import Image, ImageOps
@@ -90,3 +91,49 @@ def test_reindex_reports_a_duplicate_and_keeps_a_far_image(released):
     assert "same bytes as an image already indexed" in result.note
     release_ids = set(load_release(layout.release_dir("avg")).ids["id"].to_list())
     assert {a["id"] for a in result.added} <= release_ids
+
+
+# --------------------------------------------------------------------------- high bit depth
+
+
+def _deep_images(folder, like) -> dict[str, object]:
+    """A 16-bit grey PNG, an int32 TIFF and a float TIFF, each under a datasets_vg ``.jpg`` name."""
+    geo = parse_name(like.name)
+    ramp = np.linspace(0.0, 1.0, 64 * 48).reshape(48, 64)
+    arrays = {
+        "png16": (np.rint(ramp * 65535).astype(np.uint16), "PNG"),
+        "int32": (np.rint(ramp * 2**31 - 1).astype(np.int32), "TIFF"),
+        "float": (ramp.astype(np.float32), "TIFF"),
+    }
+    paths = {}
+    for i, (note, (array, fmt)) in enumerate(arrays.items()):
+        name = format_name(
+            geo.utm_east + 1.0 + i, geo.utm_north, utm_zone=geo.utm_zone, utm_letter=geo.utm_letter, note=note
+        )
+        Image.fromarray(array).save(folder / name, fmt)
+        paths[note] = folder / name
+    return paths
+
+
+def test_high_bit_depth_images_are_scaled_or_rejected_never_blank(released, tmp_path):
+    from vpr.imageio import REASON_PIXEL_FORMAT
+    from vpr.shardio import ShardReader
+    from vpr.shards import write_shards
+
+    root, cfg, layout = released
+    db = layout.data / "images/test/database"
+    deep = _deep_images(db, sorted(db.iterdir())[0])
+
+    result = ingest(layout.data, layout.catalog_dir, cfg.ingest)
+    rejected = dict(result.rejected_table.select("path", "reason").iter_rows())
+    for note in ("int32", "float"):  # no range in the file to scale by: refused, with the reason
+        assert rejected[f"images/test/database/{deep[note].name}"] == REASON_PIXEL_FORMAT
+    write_shards(layout.catalog("test"), layout.data, tmp_path / "shards" / "test", cfg.shards)
+    reader = ShardReader(tmp_path / "shards", ("test",))
+    row = reader.index.filter(pl.col("path") == f"images/test/database/{deep['png16'].name}")
+    pixels = np.asarray(reader.load(int(row["id"][0])).convert("L"), dtype=np.float64)
+    assert 0.3 * 255 < pixels.mean() < 0.7 * 255 and pixels.std() > 40  # the ramp, not a white sheet
+
+    answers = locate([deep["float"], deep["int32"], deep["png16"]], layout.release_dir("avg"), top_k=3)
+    assert [a["ok"] for a in answers] == [False, False, True]
+    assert all(REASON_PIXEL_FORMAT in a["error"] for a in answers[:2])
