@@ -216,3 +216,10 @@ def test_a_crash_at_any_step_resumes_to_the_same_result(released, tmp_path, monk
     assert result.resumed
     assert _state(layout) == expected
     assert not (rx.work_dir(layout) / rx.PENDING).exists()
+
+
+def test_the_first_run_creates_the_inbox_and_says_where_it_is(project):
+    _, cfg, layout = project
+    assert not layout.inbox.exists()
+    result = rx.run_reindex(cfg, layout)
+    assert layout.inbox.is_dir() and result.added == [] and str(layout.inbox) in result.note

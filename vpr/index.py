@@ -324,7 +324,9 @@ def load_release(release_dir: str | Path, device: torch.device | str = "cpu") ->
             raise ReleaseError(f"no release in {release_dir} (build one with `vpr index --head ...`)")
         try:
             return _load_version(version, device)
-        except FileNotFoundError:
+        except (FileNotFoundError, RuntimeError):  # faiss.read_index says RuntimeError for a vanished file
+            # pruned while it was being opened: a writer switched to a newer version, so open that one;
+            # if the version is still the live one, the error is real
             if attempt == 2 or current_version(release_dir) == version:
                 raise
     raise AssertionError("unreachable")

@@ -386,8 +386,9 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
         )
     result = ReindexResult()
     pending_path = work_dir(layout) / PENDING
+    layout.inbox.mkdir(parents=True, exist_ok=True)  # where new imagery goes: there from the first run on
     if not pending_path.exists() and not scan_inbox(layout.inbox):
-        result.note = "inbox empty: nothing to do"
+        result.note = f"inbox empty: nothing to do (drop images into {layout.inbox})"
         return result
     with reindex_lock(layout):
         plan = json.loads(pending_path.read_text()) if pending_path.exists() else None
