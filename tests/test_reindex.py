@@ -78,7 +78,10 @@ def test_check_file_reads_names_and_exif_like_ingest(project, tmp_path):
     (layout.inbox / "empty.jpg").write_bytes(b"")
     (layout.inbox / "notes.txt").write_text("hello")
     (layout.inbox / "no-gps.jpg").write_bytes(jpeg_bytes())
-    check = {p.name: rx.check_file(layout.inbox, p.name, "test", cfg.ingest.max_pixels) for p in layout.inbox.iterdir()}
+    check = {
+        p.name: rx.check_file(layout.inbox, p.name, "test", cfg.ingest.max_pixels, cfg.ingest.max_file_bytes)
+        for p in layout.inbox.iterdir()
+    }
     named = check[files["named"].name]
     assert named["reason"] is None and named["source"] == "name"
     assert named["path"] == f"images/test/database/{files['named'].name}"

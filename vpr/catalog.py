@@ -24,9 +24,11 @@ from vpr.atomic import write_parquet_atomic
 from vpr.config import IngestConfig
 from vpr.geo import NameError_, parse_name
 from vpr.imageio import REASON_NOT_IMAGE as REASON_NOT_IMAGE  # decoding's reasons are ingest's reasons too
+from vpr.imageio import REASON_NOT_REGULAR as REASON_NOT_REGULAR
+from vpr.imageio import REASON_TOO_LARGE as REASON_TOO_LARGE
 from vpr.imageio import REASON_TOO_MANY_PIXELS as REASON_TOO_MANY_PIXELS
 from vpr.imageio import REASON_TRUNCATED as REASON_TRUNCATED
-from vpr.imageio import decode_facts, strict_pillow
+from vpr.imageio import UnreadableFile, decode_facts, read_image_file, strict_pillow
 from vpr.layout import ROLES, SPLITS
 from vpr.procs import worker_pool
 from vpr.progress import step_progress
@@ -109,7 +111,11 @@ def bad_name_reason(why: str) -> str:
 
 
 def find_candidates(root: Path) -> list[_Candidate]:
-    """Every file directly under ``ROOT/images/<split>/<role>/``, sorted by relative path."""
+    """Every entry directly under ``ROOT/images/<split>/<role>/``, sorted by relative path.
+
+    Not only regular files: a FIFO, a device link, a dangling link or a stray folder is a candidate too,
+    so that it is rejected with its reason instead of vanishing from the count.
+    """
     if not root.exists():
         raise IngestError(f"dataset root does not exist: {root}")
     if not root.is_dir():
@@ -125,7 +131,6 @@ def find_candidates(root: Path) -> list[_Candidate]:
         _Candidate(f.relative_to(root).as_posix(), split, role)
         for split, role, folder in role_dirs
         for f in folder.iterdir()
-        if f.is_file()
     ]
     return sorted(found, key=lambda c: c.path)
 
@@ -151,7 +156,7 @@ def name_fields(path: str) -> dict | str:
     }
 
 
-def inspect_file(root: Path, cand: _Candidate, max_pixels: int) -> dict:
+def inspect_file(root: Path, cand: _Candidate, max_pixels: int, max_bytes: int) -> dict:
     """One catalog row (``reason`` is None) or one rejected row (``reason`` set) for a file.
 
     A name that is not valid UTF-8 (or holds a path separator or control character) is rejected as a
@@ -159,7 +164,9 @@ def inspect_file(root: Path, cand: _Candidate, max_pixels: int) -> dict:
     """
     base = {"path": printable_path(cand.path), "split": cand.split, "role": cand.role}
     try:
-        data = (root / cand.path).read_bytes()
+        data = read_image_file(root / cand.path, max_bytes)
+    except UnreadableFile as exc:
+        return {**base, "reason": exc.reason}
     except OSError:
         return {**base, "reason": REASON_UNREADABLE}
     if not data:
@@ -173,10 +180,10 @@ def inspect_file(root: Path, cand: _Candidate, max_pixels: int) -> dict:
     return {**base, **name, **facts, "sha256": hashlib.sha256(data).hexdigest(), "reason": None}
 
 
-def _inspect_chunk(root: str, chunk: Sequence[_Candidate], max_pixels: int) -> list[dict]:
+def _inspect_chunk(root: str, chunk: Sequence[_Candidate], max_pixels: int, max_bytes: int) -> list[dict]:
     """Worker entry point: inspect a chunk of files under strict Pillow settings."""
     with strict_pillow(max_pixels):
-        return [inspect_file(Path(root), c, max_pixels) for c in chunk]
+        return [inspect_file(Path(root), c, max_pixels, max_bytes) for c in chunk]
 
 
 # --------------------------------------------------------------------------- parallel driver
@@ -195,11 +202,13 @@ def _inspect_all(root: Path, cands: list[_Candidate], cfg: IngestConfig) -> list
         task = bar.add_task("ingest", total=len(cands))
         if cfg.workers == 1:
             for chunk in chunks:
-                rows += _inspect_chunk(str(root), chunk, cfg.max_pixels)
+                rows += _inspect_chunk(str(root), chunk, cfg.max_pixels, cfg.max_file_bytes)
                 bar.advance(task, len(chunk))
         else:
             with worker_pool(cfg.workers) as pool:
-                futures = [pool.submit(_inspect_chunk, str(root), c, cfg.max_pixels) for c in chunks]
+                futures = [
+                    pool.submit(_inspect_chunk, str(root), c, cfg.max_pixels, cfg.max_file_bytes) for c in chunks
+                ]
                 for fut in as_completed(futures):
                     done = fut.result()
                     rows += done

@@ -225,6 +225,7 @@ def locate(
             release_dir,
             k,
             max_pixels=cfg.locate.max_pixels,
+            max_bytes=cfg.locate.max_file_bytes,
             device=cfg.train.device,
             batch_size=cfg.evaluate.batch_size,
         )

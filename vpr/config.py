@@ -65,6 +65,11 @@ class SynthConfig(_Strict):
 class IngestConfig(_Strict):
     workers: int = Field(2, ge=1)
     max_pixels: int = Field(100_000_000, gt=0)
+    max_file_mb: float = Field(64.0, gt=0)  # larger files are refused from their size, never read
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 2**20)
 
 
 class ShardConfig(_Strict):
@@ -169,6 +174,11 @@ class IndexConfig(_Strict):
 class LocateConfig(_Strict):
     top_k: int = Field(5, gt=0)
     max_pixels: int = Field(100_000_000, gt=0)  # larger images are refused from their header, never decoded
+    max_file_mb: float = Field(64.0, gt=0)  # larger files are refused from their size, never read
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 2**20)
 
 
 class OrchestrationConfig(_Strict):

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
+import stat
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps
@@ -26,6 +29,8 @@ from PIL import ExifTags, Image, ImageFile, ImageOps
 REASON_NOT_IMAGE = "not an image"
 REASON_TRUNCATED = "truncated image"
 REASON_TOO_MANY_PIXELS = "too many pixels"
+REASON_NOT_REGULAR = "not a regular file"  # FIFO, device, socket, directory: never opened for reading
+REASON_TOO_LARGE = "file too large"
 REASON_PIXEL_FORMAT = "unsupported pixel format"  # 32-bit integer or float samples: no agreed 8-bit range
 
 # 16-bit grey: scaled to 8 bits (Pillow's own convert("RGB") clips at 255 and turns them white)
@@ -53,6 +58,38 @@ def strict_pillow(max_pixels: int | None) -> Iterator[None]:
                 yield
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
+
+
+class UnreadableFile(OSError):
+    """A path that must not be read: ``reason`` is one of the REASON_* strings above."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}{': ' + detail if detail else ''}")
+        self.reason = reason
+
+
+def read_image_file(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; ``UnreadableFile`` otherwise.
+
+    Opened non-blocking (a FIFO never blocks the open), checked with ``fstat`` on the open descriptor
+    (a device, a FIFO or a directory is refused; a link is judged by what it points to), and read
+    with a bound, so a sparse or growing file never fills memory.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableFile(REASON_NOT_REGULAR)
+        if st.st_size > max_bytes:
+            raise UnreadableFile(REASON_TOO_LARGE, f"{st.st_size} bytes, over the limit of {max_bytes}")
+        os.set_blocking(fd, True)
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(max_bytes + 1)
+        if len(data) > max_bytes:  # grew while being read
+            raise UnreadableFile(REASON_TOO_LARGE, f"over the limit of {max_bytes} bytes")
+        return data
+    finally:
+        os.close(fd)
 
 
 def orientation(im: Image.Image) -> int | None:

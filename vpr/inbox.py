@@ -20,7 +20,7 @@ from pathlib import Path
 from vpr.atomic import write_text_atomic
 from vpr.catalog import REASON_BAD_NAME, REASON_EMPTY, REASON_UNREADABLE, name_fields, printable_path
 from vpr.geo import format_name, latlon_to_utm
-from vpr.imageio import decode_facts, exif_gps, strict_pillow
+from vpr.imageio import UnreadableFile, decode_facts, exif_gps, read_image_file, strict_pillow
 
 QUARANTINE = "quarantine"
 ROLE = "database"  # new imagery is always database imagery (what locate searches)
@@ -75,14 +75,16 @@ def name_from_exif(original: str, pos: dict) -> str:
 # --------------------------------------------------------------------------- validation
 
 
-def check_file(inbox: Path, rel: str, split: str, max_pixels: int) -> dict:
+def check_file(inbox: Path, rel: str, split: str, max_pixels: int, max_bytes: int) -> dict:
     """A catalog row (``reason`` None) for the file's place in the data tree, or a reject ``reason``.
 
     The same checks as ingest's ``inspect_file``; only the name may come from EXIF GPS instead.
     """
     base = {"inbox": rel, "split": split, "role": ROLE}
     try:
-        data = (inbox / rel).read_bytes()
+        data = read_image_file(inbox / rel, max_bytes)
+    except UnreadableFile as exc:
+        return {**base, "reason": exc.reason}
     except OSError:
         return {**base, "reason": REASON_UNREADABLE}
     if not data:

@@ -25,7 +25,15 @@ import numpy as np
 import polars as pl
 from PIL import Image, UnidentifiedImageError
 
-from vpr.imageio import decode_rgb, encode_jpeg, pixel_format_problem, shard_rendition, strict_pillow
+from vpr.imageio import (
+    UnreadableFile,
+    decode_rgb,
+    encode_jpeg,
+    pixel_format_problem,
+    read_image_file,
+    shard_rendition,
+    strict_pillow,
+)
 from vpr.index import Release, load_release
 
 _EPS = 1e-6
@@ -35,7 +43,9 @@ class LocateInputError(ValueError):
     """One input image cannot be used (the message says why)."""
 
 
-def prepare_image(path: str | Path, height: int, width: int, quality: int, max_pixels: int) -> Image.Image:
+def prepare_image(
+    path: str | Path, height: int, width: int, quality: int, max_pixels: int, max_bytes: int = 64 * 2**20
+) -> Image.Image:
     """File → RGB image at the shard size, via the same steps as ``vpr.shards.encode_image``.
 
     Raises ``LocateInputError`` for an unreadable file, a non-image, a truncated image, or one whose
@@ -43,7 +53,9 @@ def prepare_image(path: str | Path, height: int, width: int, quality: int, max_p
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_image_file(path, max_bytes)
+    except UnreadableFile as exc:
+        raise LocateInputError(str(exc)) from None
     except OSError as exc:
         raise LocateInputError(f"cannot read file: {exc.strerror or exc}") from None
     if not data:
@@ -147,6 +159,7 @@ def locate(
     top_k: int = 5,
     *,
     max_pixels: int = 100_000_000,
+    max_bytes: int = 64 * 2**20,
     device: str = "cpu",
     batch_size: int = 32,
     release: Release | None = None,
@@ -170,7 +183,9 @@ def locate(
     ready: list[tuple[int, Image.Image]] = []
     for path in images:
         try:
-            prepared = prepare_image(path, img["height"], img["width"], img.get("jpeg_quality", 90), max_pixels)
+            prepared = prepare_image(
+                path, img["height"], img["width"], img.get("jpeg_quality", 90), max_pixels, max_bytes
+            )
         except LocateInputError as exc:
             results.append({"image": str(path), "ok": False, "error": str(exc)})
             continue

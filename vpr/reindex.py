@@ -215,7 +215,7 @@ def _validate_inbox(cfg: Config, layout: Layout, result: ReindexResult) -> list[
     zones = {z for z in catalog["utm_zone"].unique().to_list() if z is not None}
     accepted, seen = [], set()
     for rel in scan_inbox(inbox):
-        row = check_file(inbox, rel, split, cfg.ingest.max_pixels)
+        row = check_file(inbox, rel, split, cfg.ingest.max_pixels, cfg.ingest.max_file_bytes)
         reason = row["reason"]
         if reason is None:
             if row["path"] in known or (layout.data / row["path"]).exists():

@@ -210,8 +210,8 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(released, tmp_p
     assert [a["ok"] for a in answers] == [False, False, True]
     assert all("pixels" in a["error"] and "refused before decoding" in a["error"] for a in answers[:2])
 
-    assert check_file(folder, over.name, "test", limit)["reason"] == "too many pixels"
-    assert check_file(folder, huge.name, "test", limit)["reason"] == "too many pixels"
+    assert check_file(folder, over.name, "test", limit, 2**26)["reason"] == "too many pixels"
+    assert check_file(folder, huge.name, "test", limit, 2**26)["reason"] == "too many pixels"
     assert decoded and all(w * h <= limit for w, h in decoded)  # only the good image was ever decoded
 
 
