@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 HEADS = ("avg", "gem", "netvlad", "crn")
 Head = Literal["avg", "gem", "netvlad", "crn"]
@@ -44,27 +44,27 @@ class PathsConfig(_Strict):
 
 
 class SplitSize(_Strict):
-    database: int = Field(gt=0)
-    queries: int = Field(gt=0)
+    database: StrictInt = Field(gt=0)
+    queries: StrictInt = Field(gt=0)
 
 
 class SynthConfig(_Strict):
     """The synthetic city: a deterministic datasets_vg tree."""
 
-    seed: int = 0
-    height: int = Field(120, ge=32)
-    width: int = Field(160, ge=32)
+    seed: StrictInt = Field(0, ge=0, le=2**32 - 1)  # every RNG of the stack takes a 32-bit seed
+    height: StrictInt = Field(120, ge=32, le=8192)
+    width: StrictInt = Field(160, ge=32, le=8192)
     train: SplitSize = SplitSize(database=4000, queries=3000)
     val: SplitSize = SplitSize(database=600, queries=300)
     test: SplitSize = SplitSize(database=400, queries=200)
     place_spacing_m: float = Field(5.0, gt=0)
-    facade_styles: int = Field(6, gt=0)
+    facade_styles: StrictInt = Field(6, gt=0)
     distractors: bool = True
 
 
 class IngestConfig(_Strict):
-    workers: int = Field(2, ge=1)
-    max_pixels: int = Field(100_000_000, gt=0)
+    workers: StrictInt = Field(2, ge=1)
+    max_pixels: StrictInt = Field(100_000_000, gt=0)
     max_file_mb: float = Field(64.0, gt=0)  # larger files are refused from their size, never read
 
     @property
@@ -73,10 +73,10 @@ class IngestConfig(_Strict):
 
 
 class ShardConfig(_Strict):
-    height: int = Field(120, ge=16)
-    width: int = Field(160, ge=16)
-    jpeg_quality: int = Field(90, ge=10, le=100)
-    samples_per_shard: int = Field(1000, gt=0)
+    height: StrictInt = Field(120, ge=16, le=8192)
+    width: StrictInt = Field(160, ge=16, le=8192)
+    jpeg_quality: StrictInt = Field(90, ge=10, le=100)
+    samples_per_shard: StrictInt = Field(1000, gt=0)
 
 
 class MiningConfig(_Strict):
@@ -96,10 +96,10 @@ class MiningConfig(_Strict):
 class ModelConfig(_Strict):
     weights: str = "imagenet"  # "imagenet", "none", or a path to a local .pth state dict
     freeze_early_layers: bool = True
-    netvlad_clusters: int = Field(64, gt=1, le=4096)  # a bound, so a forged checkpoint cannot ask for GBs
+    netvlad_clusters: StrictInt = Field(64, gt=1, le=4096)  # a bound, so a forged checkpoint cannot ask for GBs
     gem_p: float = Field(3.0, gt=0)
-    gem_dim: int = Field(256, gt=0)
-    kmeans_descriptors: int = Field(50_000, gt=0)
+    gem_dim: StrictInt = Field(256, gt=0)
+    kmeans_descriptors: StrictInt = Field(50_000, gt=0)
 
 
 class AugmentConfig(_Strict):
@@ -116,21 +116,21 @@ class AugmentConfig(_Strict):
 class TrainConfig(_Strict):
     heads: list[Head] = Field(default_factory=lambda: list(HEADS), min_length=1)
     lr: float = Field(1e-4, gt=0)
-    epochs: int = Field(3, ge=1)
-    queries_per_epoch: int = Field(200, gt=0)
-    batch_queries: int = Field(4, gt=0)
-    negatives: int = Field(10, gt=0)
+    epochs: StrictInt = Field(3, ge=1)
+    queries_per_epoch: StrictInt = Field(200, gt=0)
+    batch_queries: StrictInt = Field(4, gt=0)
+    negatives: StrictInt = Field(10, gt=0)
     margin: float = Field(0.1, gt=0)
     mining: Literal["full", "partial", "random"] = "partial"
-    negative_sample: int = Field(500, gt=0)
-    refresh_every: int = Field(100, gt=0)
-    patience: int = Field(3, ge=1)
+    negative_sample: StrictInt = Field(500, gt=0)
+    refresh_every: StrictInt = Field(100, gt=0)
+    patience: StrictInt = Field(3, ge=1)
     # which validation Recall@N picks the kept checkpoint (model.pt): N must be one of evaluate.recall_at
-    select_by: int = Field(5, gt=0)
+    select_by: StrictInt = Field(5, gt=0)
     image_scale: float = Field(1.0, gt=0)
     augment: AugmentConfig = AugmentConfig()
-    seed: int = 0
-    workers: int = Field(0, ge=0)
+    seed: StrictInt = Field(0, ge=0, le=2**32 - 1)  # every RNG of the stack takes a 32-bit seed
+    workers: StrictInt = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     # Frozen early layers are a fixed function of the image: encode them once per run and train
@@ -143,9 +143,9 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     recall_at: list[int] = [1, 5, 10, 20]
-    batch_size: int = Field(32, gt=0)
+    batch_size: StrictInt = Field(32, gt=0)
     index: Literal["exact", "ivfpq", "hnsw"] = "exact"
-    pca_dim: int | None = None
+    pca_dim: StrictInt | None = Field(None, gt=0)
 
     @field_validator("recall_at")
     @classmethod
@@ -163,17 +163,17 @@ class IndexConfig(_Strict):
     splits: list[Literal["train", "val", "test"]] | None = Field(
         None, min_length=1
     )  # database images of these splits; None: all
-    nlist: int = Field(64, gt=0)  # IVF cells (clamped to the database size when it is small)
-    nprobe: int = Field(8, gt=0)
-    pq_m: int = Field(32, gt=0)  # PQ sub-quantisers (the largest divisor of the dimension ≤ pq_m is used)
-    pq_bits: int = Field(8, ge=1, le=16)
-    hnsw_m: int = Field(32, gt=1)
-    ef_search: int = Field(64, gt=0)
+    nlist: StrictInt = Field(64, gt=0)  # IVF cells (clamped to the database size when it is small)
+    nprobe: StrictInt = Field(8, gt=0)
+    pq_m: StrictInt = Field(32, gt=0)  # PQ sub-quantisers (the largest divisor of the dimension ≤ pq_m is used)
+    pq_bits: StrictInt = Field(8, ge=1, le=16)
+    hnsw_m: StrictInt = Field(32, gt=1)
+    ef_search: StrictInt = Field(64, gt=0)
 
 
 class LocateConfig(_Strict):
-    top_k: int = Field(5, gt=0)
-    max_pixels: int = Field(100_000_000, gt=0)  # larger images are refused from their header, never decoded
+    top_k: StrictInt = Field(5, gt=0)
+    max_pixels: StrictInt = Field(100_000_000, gt=0)  # larger images are refused from their header, never decoded
     max_file_mb: float = Field(64.0, gt=0)  # larger files are refused from their size, never read
 
     @property
@@ -183,13 +183,13 @@ class LocateConfig(_Strict):
 
 class OrchestrationConfig(_Strict):
     task_runner: Literal["threads", "dask"] = "threads"
-    max_workers: int = Field(2, ge=1)
+    max_workers: StrictInt = Field(2, ge=1)
     # heads trained at once; one training already fills a machine's cores or its GPU, so on one device
     # two at once only contend (measured: README, CPU demo)
-    train_lanes: int = Field(1, ge=1)
+    train_lanes: StrictInt = Field(1, ge=1)
     dask_address: str | None = None
     reindex_cron: str = "*/15 * * * *"
-    task_retries: int = Field(2, ge=0)
+    task_retries: StrictInt = Field(2, ge=0)
     reindex_split: Literal["train", "val", "test"] = "test"  # new inbox imagery joins this split's database
 
 

@@ -22,6 +22,10 @@ BAD = {
     "no-index-splits": ({"index": {"splits": []}}, "index.splits"),
     "infinite-lr": ({"train": {"lr": float("inf")}}, "train.lr: Input should be a finite number"),
     "nan-margin": ({"train": {"margin": float("nan")}}, "train.margin"),
+    "bool-as-int": ({"train": {"epochs": True}}, "train.epochs: Input should be a valid integer"),
+    "string-as-int": ({"train": {"epochs": "3"}}, "train.epochs: Input should be a valid integer"),
+    "huge-seed": ({"train": {"seed": 2**80}}, "train.seed"),
+    "huge-resolution": ({"shards": {"height": 100_000}}, "shards.height"),
     # re-indexing would quarantine the data tree as "already indexed"
     "inbox-is-the-data": ({"paths": {"inbox": "data"}}, "paths.data (data) and paths.inbox (data) overlap"),
     "artifacts-inside-data": ({"paths": {"artifacts": "data/artifacts"}}, "overlap"),
