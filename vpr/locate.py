@@ -76,12 +76,9 @@ def prepare_image(
                     f"image is {w}×{h} = {w * h} pixels, over the limit of {max_pixels} "
                     "(locate.max_pixels); refused before decoding"
                 )
-            try:
-                im.load()
-            except Exception as exc:  # noqa: BLE001 - truncated data, broken codecs, zlib errors...
-                raise LocateInputError(f"truncated or corrupt image: {exc}") from None
-            if pixel_format_problem(im):
-                raise LocateInputError(f"{pixel_format_problem(im)} ({im.mode}: 32-bit integer or float samples)")
+            problem = pixel_format_problem(im)  # from the header's mode: before decoding, and before
+            if problem:  # shard_rendition sets the JPEG draft (a loaded image decodes at full size)
+                raise LocateInputError(f"{problem} ({im.mode}: 32-bit integer or float samples)")
             try:
                 upright = shard_rendition(im, width, height)
             except Exception as exc:  # noqa: BLE001 - truncated data, broken codecs, zlib errors...
