@@ -156,6 +156,17 @@ def name_fields(path: str) -> dict | str:
     }
 
 
+def read_candidate(path: Path, max_bytes: int) -> bytes | str:
+    """A candidate's bytes, or the reason it cannot be used as they are (ingest and re-index alike)."""
+    try:
+        data = read_image_file(path, max_bytes)
+    except UnreadableFile as exc:
+        return exc.reason
+    except OSError:
+        return REASON_UNREADABLE
+    return data if data else REASON_EMPTY
+
+
 def inspect_file(root: Path, cand: _Candidate, max_pixels: int, max_bytes: int) -> dict:
     """One catalog row (``reason`` is None) or one rejected row (``reason`` set) for a file.
 
@@ -163,14 +174,9 @@ def inspect_file(root: Path, cand: _Candidate, max_pixels: int, max_bytes: int) 
     bad name and listed under its printable spelling; accepted paths are always plain relative paths.
     """
     base = {"path": printable_path(cand.path), "split": cand.split, "role": cand.role}
-    try:
-        data = read_image_file(root / cand.path, max_bytes)
-    except UnreadableFile as exc:
-        return {**base, "reason": exc.reason}
-    except OSError:
-        return {**base, "reason": REASON_UNREADABLE}
-    if not data:
-        return {**base, "reason": REASON_EMPTY}
+    data = read_candidate(root / cand.path, max_bytes)
+    if isinstance(data, str):
+        return {**base, "reason": data}
     name = name_fields(cand.path)
     if isinstance(name, str):
         return {**base, "reason": name}

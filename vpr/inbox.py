@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vpr.atomic import write_text_atomic
-from vpr.catalog import REASON_BAD_NAME, REASON_EMPTY, REASON_UNREADABLE, name_fields, printable_path
+from vpr.catalog import REASON_BAD_NAME, name_fields, printable_path, read_candidate
 from vpr.geo import format_name, latlon_to_utm
-from vpr.imageio import UnreadableFile, decode_facts, exif_gps, read_image_file, strict_pillow
+from vpr.imageio import decode_facts, exif_gps, strict_pillow
 
 QUARANTINE = "quarantine"
 ROLE = "database"  # new imagery is always database imagery (what locate searches)
@@ -81,14 +81,9 @@ def check_file(inbox: Path, rel: str, split: str, max_pixels: int, max_bytes: in
     The same checks as ingest's ``inspect_file``; only the name may come from EXIF GPS instead.
     """
     base = {"inbox": rel, "split": split, "role": ROLE}
-    try:
-        data = read_image_file(inbox / rel, max_bytes)
-    except UnreadableFile as exc:
-        return {**base, "reason": exc.reason}
-    except OSError:
-        return {**base, "reason": REASON_UNREADABLE}
-    if not data:
-        return {**base, "reason": REASON_EMPTY}
+    data = read_candidate(inbox / rel, max_bytes)
+    if isinstance(data, str):
+        return {**base, "reason": data}
     name, source = Path(rel).name, "name"
     fields = name_fields(name)
     with strict_pillow(max_pixels):
