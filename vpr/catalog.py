@@ -4,6 +4,10 @@ Every image is opened and fully decoded exactly once here, so later steps (shard
 meet an unreadable file. Files that cannot be used are not fatal: they are listed with a reason in
 ``rejected.parquet`` and counted in a summary on stderr. The run fails only when there is nothing
 to work with (missing root, no ``images/<split>/<role>`` folders, zero usable images).
+
+Everything under ``ROOT/images`` is either cataloged or rejected: entries outside the split/role folders
+are listed as stray; a symbolic link (of a file or a folder) that resolves outside ``ROOT`` is refused,
+one that stays inside is followed. The shard step applies the same rule when it reads the files again.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ logger = logging.getLogger(__name__)
 REASON_EMPTY = "empty file"
 REASON_UNREADABLE = "unreadable file"  # the file vanished or cannot be read (permissions, I/O error)
 REASON_BAD_NAME = "bad name"  # full reason: "bad name: <why>" (see ``bad_name_reason``)
+REASON_STRAY = "not in an images/<split>/<role> folder"  # full: "...: splits ..., roles ..."
 
 REJECTED_FILE = "rejected.parquet"
 
@@ -135,6 +140,28 @@ def find_candidates(root: Path) -> list[_Candidate]:
     return sorted(found, key=lambda c: c.path)
 
 
+def stray_entries(root: Path) -> list[dict]:
+    """Rejected rows for what sits under ``ROOT/images`` outside every ``<split>/<role>`` folder.
+
+    One row per stray entry (a folder counts once, its contents are not walked), so that everything
+    under ``images/`` is either cataloged or rejected. Entries beside ``images/`` are not the dataset's.
+    """
+    images = root / "images"
+    if not images.is_dir():
+        return []
+    why = f"{REASON_STRAY}: splits {', '.join(SPLITS)}, roles {', '.join(ROLES)}"
+    rows = []
+    for entry in images.iterdir():
+        if entry.name not in SPLITS or not entry.is_dir():
+            rows.append(entry)
+            continue
+        rows += [sub for sub in entry.iterdir() if sub.name not in ROLES or not sub.is_dir()]
+    return sorted(
+        ({"path": printable_path(p.relative_to(root).as_posix()), "reason": why} for p in rows),
+        key=lambda r: r["path"],
+    )
+
+
 # --------------------------------------------------------------------------- per-image check
 
 
@@ -156,10 +183,13 @@ def name_fields(path: str) -> dict | str:
     }
 
 
-def read_candidate(path: Path, max_bytes: int) -> bytes | str:
-    """A candidate's bytes, or the reason it cannot be used as they are (ingest and re-index alike)."""
+def read_candidate(path: Path, max_bytes: int, root: Path) -> bytes | str:
+    """A candidate's bytes, or the reason it cannot be used as they are (ingest and re-index alike).
+
+    ``root`` is the tree the file must stay inside: a link that leads out of it is refused.
+    """
     try:
-        data = read_image_file(path, max_bytes)
+        data = read_image_file(path, max_bytes, root=root)
     except UnreadableFile as exc:
         return exc.reason
     except OSError:
@@ -174,7 +204,7 @@ def inspect_file(root: Path, cand: _Candidate, max_pixels: int, max_bytes: int) 
     bad name and listed under its printable spelling; accepted paths are always plain relative paths.
     """
     base = {"path": printable_path(cand.path), "split": cand.split, "role": cand.role}
-    data = read_candidate(root / cand.path, max_bytes)
+    data = read_candidate(root / cand.path, max_bytes, root)
     if isinstance(data, str):
         return {**base, "reason": data}
     name = name_fields(cand.path)
@@ -258,7 +288,8 @@ def ingest(root: str | Path, out_dir: str | Path, cfg: IngestConfig) -> IngestRe
     """Decode every image under ``ROOT/images/<split>/<role>`` once; write catalog + rejected list."""
     root, out_dir = Path(root), Path(out_dir)
     cands = find_candidates(root)
-    catalog, rejected = _tables(_inspect_all(root, cands, cfg))
+    rows = _inspect_all(root, cands, cfg) + [{**r, "split": None, "role": None} for r in stray_entries(root)]
+    catalog, rejected = _tables(sorted(rows, key=lambda r: r["path"]))
     summary = _summary(catalog, rejected)
     logger.info(summary)
     if catalog.height == 0:

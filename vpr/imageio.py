@@ -32,6 +32,8 @@ REASON_TOO_MANY_PIXELS = "too many pixels"
 REASON_NOT_REGULAR = "not a regular file"  # FIFO, device, socket, directory: never opened for reading
 REASON_TOO_LARGE = "file too large"
 REASON_PIXEL_FORMAT = "unsupported pixel format"  # 32-bit integer or float samples: no agreed 8-bit range
+REASON_OUTSIDE_ROOT = "link outside the root"  # a symbolic link (of the file or a folder) leading out of the tree
+REASON_LINK = "symbolic link"  # where files are moved (the inbox), a link would move, not its bytes
 
 # 16-bit grey: scaled to 8 bits (Pillow's own convert("RGB") clips at 255 and turns them white)
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
@@ -68,14 +70,33 @@ class UnreadableFile(OSError):
         self.reason = reason
 
 
-def read_image_file(path: str | Path, max_bytes: int) -> bytes:
+def contained(path: str | Path, root: str | Path) -> Path:
+    """``path`` with every link resolved, provided it stays inside ``root``; ``UnreadableFile`` otherwise.
+
+    The rule for links in a data tree: one that resolves inside the root is followed (a dataset may link
+    queries to database files), one that leads outside is refused, so no outside bytes enter the shards.
+    """
+    real, top = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    if real != top and top not in real.parents:
+        raise UnreadableFile(REASON_OUTSIDE_ROOT, f"resolves to {real}")
+    return real
+
+
+def read_image_file(path: str | Path, max_bytes: int, root: str | Path | None = None) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``; ``UnreadableFile`` otherwise.
 
     Opened non-blocking (a FIFO never blocks the open), checked with ``fstat`` on the open descriptor
     (a device, a FIFO or a directory is refused; a link is judged by what it points to), and read
-    with a bound, so a sparse or growing file never fills memory.
+    with a bound, so a sparse or growing file never fills memory. With ``root``, a path that resolves
+    outside it is refused (``contained``) and the resolved path is opened without following links.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if root is not None:
+        if not os.path.lexists(path):
+            raise FileNotFoundError(path)
+        path = contained(path, root)
+        flags |= getattr(os, "O_NOFOLLOW", 0)  # a link swapped in after the check is not followed
+    fd = os.open(path, flags)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -20,7 +20,7 @@ from pathlib import Path
 from vpr.atomic import write_text_atomic
 from vpr.catalog import REASON_BAD_NAME, name_fields, printable_path, read_candidate
 from vpr.geo import format_name, latlon_to_utm
-from vpr.imageio import decode_facts, exif_gps, strict_pillow
+from vpr.imageio import REASON_LINK, decode_facts, exif_gps, strict_pillow
 
 QUARANTINE = "quarantine"
 ROLE = "database"  # new imagery is always database imagery (what locate searches)
@@ -34,16 +34,20 @@ def utc_now() -> str:
 
 
 def scan_inbox(inbox: Path) -> list[str]:
-    """Files under the inbox (relative posix paths, sorted), skipping hidden ones and the quarantine."""
+    """Entries under the inbox (relative posix paths, sorted), skipping hidden ones and the quarantine.
+
+    Folders are walked; a link to a folder is not followed but listed, so it is quarantined with its
+    reason like any other entry that is not a regular file.
+    """
     if not inbox.is_dir():
         return []
     found = []
     for dirpath, dirnames, filenames in os.walk(inbox):
         rel_dir = Path(dirpath).relative_to(inbox)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and not (rel_dir == Path(".") and d == QUARANTINE)
-        )
-        found += [(rel_dir / f).as_posix() for f in filenames if not f.startswith(".")]
+        visible = [d for d in dirnames if not d.startswith(".") and not (rel_dir == Path(".") and d == QUARANTINE)]
+        linked = {d for d in visible if os.path.islink(os.path.join(dirpath, d))}
+        dirnames[:] = sorted(set(visible) - linked)
+        found += [(rel_dir / f).as_posix() for f in [*filenames, *linked] if not f.startswith(".")]
     return sorted(found)
 
 
@@ -81,7 +85,9 @@ def check_file(inbox: Path, rel: str, split: str, max_pixels: int, max_bytes: in
     The same checks as ingest's ``inspect_file``; only the name may come from EXIF GPS instead.
     """
     base = {"inbox": rel, "split": split, "role": ROLE}
-    data = read_candidate(inbox / rel, max_bytes)
+    if os.path.islink(inbox / rel):  # accepted files are moved: the link would move, not its bytes
+        return {**base, "reason": f"{REASON_LINK} (inbox files are moved into the data tree: copy the file in)"}
+    data = read_candidate(inbox / rel, max_bytes, inbox)
     if isinstance(data, str):
         return {**base, "reason": data}
     name, source = Path(rel).name, "name"

@@ -5,7 +5,8 @@ Pure logic (no Prefect): the scheduled ``reindex`` flow and ``vpr reindex`` both
 What a run does, for files directly or indirectly under ``inbox/`` (hidden files and ``inbox/quarantine``
 are skipped — copy a file in under a hidden name, then rename it, so a half-copied file is never read):
 
-1. **Validate** (``vpr.inbox``) each file exactly like ingest (``vpr.catalog``: readable, not empty, an image, fully
+1. **Validate** (``vpr.inbox``) each file (symbolic links are quarantined: files are moved, a link
+   would move, not its bytes) exactly like ingest (``vpr.catalog``: readable, not empty, an image, fully
    decodable, at most ``ingest.max_pixels``). Its position comes from a datasets_vg file name or, for an
    ordinary photo, from EXIF GPS (lat/lon → UTM), in which case the file gets the datasets_vg name built
    from that position (``@E@N@zone@letter@lat@lon@@@heading@@@@timestamp@note@.jpg``, note = original
@@ -29,7 +30,10 @@ are skipped — copy a file in under a hidden name, then rename it, so a half-co
 Atomicity: a crash before step 4 leaves the previous release, shard index and catalog untouched
 (new tar files are unreferenced); a crash anywhere leaves ``pending.json``, and the next run resumes
 that exact plan (same ids, same shard names, each step skipped if already done) before looking at
-new files. Idempotence: an empty inbox with no pending plan writes nothing. Concurrent runs are
+new files. A file of the pending batch removed before that resume is dropped from the batch (the rest
+is re-planned) while no release holds the batch yet; once one does, the batch finishes from its
+shards and the lost file stays served from its shard copy, uncataloged, until the next rebuild.
+Idempotence: an empty inbox with no pending plan writes nothing. Concurrent runs are
 serialised by an exclusive file lock (the flow adds a Prefect concurrency limit on top).
 """
 
@@ -63,7 +67,7 @@ from vpr.imageio import decode_rgb
 from vpr.inbox import QUARANTINE, ROLE, check_file, move_file, quarantine, scan_inbox, utc_now
 from vpr.layout import Layout, first_id
 from vpr.shardio import read_index, verified_jpeg
-from vpr.shards import append_to_index, sample_key, shard_name, write_new_shards
+from vpr.shards import append_to_index, rows_in_tar, sample_key, shard_name, write_new_shards
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +77,7 @@ HISTORY = "history.jsonl"
 REASON_ALREADY_INDEXED = "already indexed"
 REASON_DUPLICATE_NAME = "duplicate name in batch"
 REASON_OTHER_ZONE = "other UTM zone"
+REASON_VANISHED = "vanished"  # a file of an interrupted batch was removed before the batch was published
 
 _KEY_NUMBER = re.compile(r"_(\d+)$")
 _SHARD_NUMBER = re.compile(r"-(\d{6})\.tar$")
@@ -259,20 +264,75 @@ def _plan_state(index: pl.DataFrame, plan: dict) -> str:
 
 
 def _write_batch_shards(plan: dict, layout: Layout, cfg: Config) -> list[dict]:
-    """Encode the batch into its new tar files; the shard-index rows (with byte ranges) they give."""
-    samples = [(it["shard"], it["id"], it["key"], it["row"], _source(layout, it)) for it in plan["items"]]
-    return write_new_shards(layout.split_shards(plan["split"]), samples, cfg.shards)
+    """Encode the batch into its new tar files; the shard-index rows (with byte ranges) they give.
+
+    A tar already written by an interrupted run is read back instead of re-encoded, so a batch whose
+    shards are durable finishes even if a source file has gone since.
+    """
+    shards = layout.split_shards(plan["split"])
+    by_shard: dict[str, list[dict]] = {}
+    for it in plan["items"]:
+        by_shard.setdefault(it["shard"], []).append(it)
+    rows, samples = [], []
+    for name, items in sorted(by_shard.items()):
+        written = rows_in_tar(shards / name, items)
+        if written is not None:
+            rows += written
+            continue
+        samples += [(it["shard"], it["id"], it["key"], it["row"], *_source(layout, it)) for it in items]
+    rows += write_new_shards(shards, samples, cfg.shards)
+    return sorted(rows, key=lambda r: r["id"])
 
 
-def _source(layout: Layout, item: dict) -> Path:
-    """Where the batch file is now: still in the inbox, or already moved into the data tree."""
+def _source(layout: Layout, item: dict) -> tuple[Path, Path]:
+    """Where the batch file is now (and the tree it must stay in): still in the inbox, or already moved."""
     src = layout.inbox / item["inbox"]
     if src.exists():
-        return src
+        return src, layout.inbox
     dst = layout.data / item["row"]["path"]
     if dst.exists():
-        return dst
+        return dst, layout.data
     raise ReindexError(f"inbox/{item['inbox']} of pending batch vanished before it reached {dst}")
+
+
+def _vanished(layout: Layout, item: dict) -> bool:
+    return not (layout.inbox / item["inbox"]).exists() and not (layout.data / item["row"]["path"]).exists()
+
+
+def _published(cfg: Config, layout: Layout, plan: dict) -> bool:
+    """Whether a live release already holds any of the batch's ids (then it can only be finished)."""
+    from vpr.index import IDS_FILE, current_version
+
+    ids = [it["id"] for it in plan["items"]]
+    for release_dir in _release_dirs(cfg, layout):
+        version = current_version(release_dir)
+        if version is not None and pl.read_parquet(version / IDS_FILE, columns=["id"])["id"].is_in(ids).any():
+            return True
+    return False
+
+
+def _roll_back_vanished(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> dict | None:
+    """A pending batch that is not yet published and lost source files: drop them and re-plan the rest.
+
+    Nothing of the batch is visible yet (its tars are unreferenced, no release holds its ids), so the
+    lost files are recorded as rejected, the rest gets a fresh plan, and re-indexing carries on.
+    Returns the plan to apply (None when nothing is left), or ``plan`` itself when nothing vanished.
+    """
+    gone = [it for it in plan["items"] if _vanished(layout, it)]
+    if not gone or _published(cfg, layout, plan):
+        return plan
+    for it in gone:
+        reason = f"{REASON_VANISHED}: inbox/{printable_path(it['inbox'])} was removed before it was indexed"
+        result.rejected.append({"inbox": printable_path(it["inbox"]), "reason": reason, "quarantined": None})
+    logger.warning("reindex: %d file(s) of pending batch %s vanished; re-planning the rest", len(gone), plan["batch"])
+    index = _split_index(layout, plan["split"])
+    _discard(plan, layout, index)
+    left = [{**it["row"], "inbox": it["inbox"], "source": it["source"]} for it in plan["items"] if it not in gone]
+    if not left:
+        return None
+    fresh = plan_batch(left, index, plan["split"], cfg.shards.samples_per_shard)
+    write_text_atomic(work_dir(layout) / PENDING, json.dumps(fresh, indent=1, default=str))
+    return fresh
 
 
 def _read_images(layout: Layout, rows: list[dict]) -> list[Image.Image]:
@@ -318,8 +378,7 @@ def _move_files(layout: Layout, plan: dict) -> None:
         elif src.exists():  # moved before a crash, the inbox copy remained (cross-device move)
             if hashlib.sha256(src.read_bytes()).hexdigest() == it["row"]["sha256"]:
                 src.unlink()
-        elif not dst.exists():
-            raise ReindexError(f"inbox/{it['inbox']} vanished before it reached {dst}")
+        # neither: vanished after the batch was published; it is served from its shard copy (``_apply``)
 
 
 def _discard(plan: dict, layout: Layout, index: pl.DataFrame) -> None:
@@ -343,7 +402,17 @@ def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> No
     if not _index_has(read_index(shards), plan):
         append_to_index(shards, rows)
     _reached("shard-index-written")
-    append_to_catalog(layout.catalog(plan["split"]), [it["row"] for it in plan["items"]])
+    lost = [it for it in plan["items"] if _vanished(layout, it)]
+    if lost:  # published already: served from the shard copy, but no file for the catalog to name
+        logger.warning(
+            "reindex: %d file(s) of batch %s vanished after it was published (e.g. inbox/%s): they stay in "
+            "the release and shards until the next rebuild, and are not cataloged",
+            len(lost),
+            plan["batch"],
+            printable_path(lost[0]["inbox"]),
+        )
+    kept = [it for it in plan["items"] if it not in lost]
+    append_to_catalog(layout.catalog(plan["split"]), [it["row"] for it in kept])
     _reached("catalog-written")
     _move_files(layout, plan)
     _reached("files-moved")
@@ -409,6 +478,11 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
             write_text_atomic(pending_path, json.dumps(plan, indent=1, default=str))
         else:
             result.resumed = True
+            plan = _roll_back_vanished(plan, cfg, layout, result)
+            if plan is None:  # _discard removed the plan
+                result.note = "pending batch rolled back: all of its files vanished"
+                _log(layout, result)
+                return result
         result.batch = plan["batch"]
         _apply(plan, cfg, layout, result)
         pending_path.unlink()

@@ -17,6 +17,7 @@ index (readers refuse with "run `vpr shard`"), never an old index over new tars.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -32,7 +33,7 @@ from PIL import Image
 
 from vpr.atomic import fsync_dir, write_parquet_atomic
 from vpr.config import ShardConfig
-from vpr.imageio import encode_jpeg, shard_rendition, strict_pillow
+from vpr.imageio import encode_jpeg, read_image_file, shard_rendition, strict_pillow
 from vpr.layout import SPLITS, first_id
 from vpr.procs import worker_pool
 from vpr.progress import step_progress
@@ -56,17 +57,37 @@ def shard_name(split: str, role: str, n: int) -> str:
 # --------------------------------------------------------------------------- encoding (workers)
 
 
-def encode_image(path: str, height: int, width: int, quality: int) -> bytes:
-    """Source file → upright RGB JPEG of exactly ``width``×``height`` (deterministic bytes)."""
+def source_limit(row: dict[str, Any]) -> int:
+    """A bound for reading a cataloged source file: 8 bytes per pixel (16-bit RGBA, uncompressed) + 1 MiB."""
+    if row.get("width") and row.get("height"):
+        return int(row["width"]) * int(row["height"]) * 8 + 2**20
+    return 2**28
+
+
+def read_source(path: Path, root: Path, row: dict[str, Any]) -> bytes:
+    """The bytes of a cataloged image, as ingest saw them: a regular file inside ``root``, of bounded size,
+    with the catalog's sha256 (a file replaced after ingest, or swapped for a link, is an error)."""
     try:
-        with strict_pillow(None), Image.open(path) as im:  # ingest already enforced max_pixels
+        data = read_image_file(path, source_limit(row), root=root)
+    except OSError as exc:
+        raise ShardError(f"cannot read source image {path}: {exc.strerror or exc}") from None
+    if row.get("sha256") and hashlib.sha256(data).hexdigest() != row["sha256"]:
+        raise ShardError(f"source image {path} changed since it was cataloged (sha256 differs): run `vpr ingest`")
+    return data
+
+
+def encode_image(path: Path, root: Path, row: dict[str, Any], height: int, width: int, quality: int) -> bytes:
+    """Source file → upright RGB JPEG of exactly ``width``×``height`` (deterministic bytes)."""
+    data = read_source(path, root, row)
+    try:
+        with strict_pillow(None), Image.open(io.BytesIO(data)) as im:  # ingest already enforced max_pixels
             rendition = shard_rendition(im, width, height)
     except OSError as exc:
         raise ShardError(f"cannot read source image {path}: {exc}") from None
     return encode_jpeg(rendition, quality)
 
 
-def _encode_job(job: tuple[str, int, int, int]) -> bytes:
+def _encode_job(job: tuple) -> bytes:
     return encode_image(*job)
 
 
@@ -166,7 +187,11 @@ def plan_shards(catalog: pl.DataFrame, per_shard: int) -> list[tuple[str, list[d
 
 
 def _encode_rows(rows: list[dict], data_root: Path, cfg: ShardConfig, pool: ProcessPoolExecutor | None) -> list[bytes]:
-    jobs = [(str(data_root / r["path"]), cfg.height, cfg.width, cfg.jpeg_quality) for r in rows]
+    keep = ("width", "height", "sha256")
+    jobs = [
+        (data_root / r["path"], data_root, {k: r.get(k) for k in keep}, cfg.height, cfg.width, cfg.jpeg_quality)
+        for r in rows
+    ]
     if pool is None:
         return [_encode_job(j) for j in jobs]
     return list(pool.map(_encode_job, jobs, chunksize=max(1, len(jobs) // 32)))
@@ -278,27 +303,57 @@ def write_shards(
 
 
 def write_new_shards(
-    shards_dir: str | Path, samples: Sequence[tuple[str, int, str, dict, Path]], cfg: ShardConfig
+    shards_dir: str | Path, samples: Sequence[tuple[str, int, str, dict, Path, Path]], cfg: ShardConfig
 ) -> list[dict]:
-    """Write ``(shard name, id, key, catalog row, source file)`` samples into new tar files (each atomic).
+    """Write ``(shard name, id, key, catalog row, source file, its root)`` samples into new tar files (each atomic).
 
     Existing tars are never rewritten and nothing references the new ones until ``append_to_index``;
     returns the index rows (byte ranges, checksums) for it.
     """
     shards_dir = Path(shards_dir)
-    by_shard: dict[str, list[tuple[int, str, dict, Path]]] = {}
-    for name, sample_id, key, row, src in samples:
-        by_shard.setdefault(name, []).append((sample_id, key, row, src))
+    by_shard: dict[str, list[tuple[int, str, dict, Path, Path]]] = {}
+    for name, sample_id, key, row, src, root in samples:
+        by_shard.setdefault(name, []).append((sample_id, key, row, src, root))
     rows = []
     for name, items in sorted(by_shard.items()):
-        jpgs = [encode_image(str(src), cfg.height, cfg.width, cfg.jpeg_quality) for _, _, _, src in items]
-        tar_samples = [(key, jpg, sample_metadata(row, i, key)) for (i, key, row, _), jpg in zip(items, jpgs)]
+        jpgs = [encode_image(src, root, row, cfg.height, cfg.width, cfg.jpeg_quality) for _, _, row, src, root in items]
+        tar_samples = [(key, jpg, sample_metadata(row, i, key)) for (i, key, row, *_), jpg in zip(items, jpgs)]
         ranges = write_tar(shards_dir / name, tar_samples)
-        for (i, key, row, _), jpg, (offset, size) in zip(items, jpgs, ranges):
+        for (i, key, row, *_), jpg, (offset, size) in zip(items, jpgs, ranges):
             entry = {k: row.get(k) for k in INDEX_SCHEMA}
             entry.update(id=i, key=key, shard=name, offset=offset, size=size, crc32=checksum(jpg))
             rows.append(entry)
     return rows
+
+
+def rows_in_tar(path: Path, items: Sequence[dict]) -> list[dict] | None:
+    """Index rows for plan ``items`` (``id``, ``key``, ``row``) read back from a tar an earlier run wrote.
+
+    None when the tar is missing or does not hold exactly those samples with their metadata, so the
+    caller writes it afresh. Lets an interrupted re-index finish from what is already durable.
+    """
+    if not path.is_file():
+        return None
+    want = {it["key"]: it for it in items}
+    found: dict[str, dict] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            members = tar.getmembers()
+            if {m.name for m in members} != {f"{k}.{ext}" for k in want for ext in ("jpg", "json")}:
+                return None
+            for m in members:
+                key, ext = m.name.rsplit(".", 1)
+                data = tar.extractfile(m).read()  # type: ignore[union-attr]
+                it = want[key]
+                if ext == "json" and data != sample_metadata(it["row"], it["id"], key):
+                    return None
+                if ext == "jpg":
+                    entry = {k: it["row"].get(k) for k in INDEX_SCHEMA}
+                    entry.update(id=it["id"], key=key, shard=path.name, offset=m.offset_data, size=m.size)
+                    found[key] = {**entry, "crc32": checksum(data)}
+    except (OSError, tarfile.TarError):
+        return None
+    return [found[k] for k in want]
 
 
 def append_to_index(shards_dir: str | Path, rows: list[dict]) -> Path:

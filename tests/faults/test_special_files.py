@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from vpr.catalog import ingest
-from vpr.imageio import REASON_NOT_REGULAR, REASON_TOO_LARGE
+from vpr.imageio import REASON_LINK, REASON_NOT_REGULAR, REASON_OUTSIDE_ROOT, REASON_TOO_LARGE
 from vpr.locate import locate
 
 pytestmark = pytest.mark.timeout(120)  # a FIFO read would block forever: the timeout is the failure
@@ -42,7 +42,7 @@ def test_ingest_rejects_each_special_entry_with_a_reason(released, tmp_path):
     got = {k: reasons.get(f"images/test/database/{p.name}") for k, p in names.items()}
     assert got == {
         "fifo": REASON_NOT_REGULAR,
-        "zero": REASON_NOT_REGULAR,
+        "zero": REASON_OUTSIDE_ROOT,  # a link to /dev/zero leads out of the data root
         "sparse": REASON_TOO_LARGE,
         "folder": REASON_NOT_REGULAR,
         "dangling": "unreadable file",
@@ -61,7 +61,7 @@ def test_reindex_quarantines_a_fifo_and_adds_the_image_beside_it(released):
     assert [a["inbox"] for a in result.added] == [queries[0].name]
     reasons = {r["inbox"]: r["reason"] for r in result.rejected}
     assert reasons[names["fifo"].name] == REASON_NOT_REGULAR and reasons[names["sparse"].name] == REASON_TOO_LARGE
-    assert reasons[names["zero"].name] == REASON_NOT_REGULAR
+    assert reasons[names["zero"].name].startswith(REASON_LINK)  # links are never moved into the data tree
 
 
 def test_locate_answers_special_files_with_an_error_and_the_rest_normally(released):
