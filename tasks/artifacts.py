@@ -66,11 +66,17 @@ def publish_results(cfg: Config, root: str, report_path: str | None = None) -> l
 def reindex_markdown(summary: dict) -> str:
     lines = [f"# Re-index {summary.get('batch') or ''}".rstrip(), "", summary.get("note", ""), ""]
     if summary.get("added"):
-        added = [(a["id"], f"`{a['path']}`", a["source"], f"`{a['inbox']}`") for a in summary["added"]]
-        lines += ["## Added", "", *markdown_table(["id", "path", "source", "from inbox"], added)]
+        added = [
+            (a["id"], f"`{a['path']}`", a["source"], f"`{a['inbox']}`", "; ".join(a.get("warnings") or ()))
+            for a in summary["added"]
+        ]
+        lines += ["## Added", "", *markdown_table(["id", "path", "source", "from inbox", "warnings"], added)]
         lines.append("")
     if summary.get("rejected"):
-        rejected = [(f"`{r['inbox']}`", r["reason"], f"`inbox/{r['quarantined']}`") for r in summary["rejected"]]
+        rejected = [
+            (f"`{r['inbox']}`", r["reason"], f"`inbox/{r['quarantined']}`" if r["quarantined"] else "(gone)")
+            for r in summary["rejected"]
+        ]
         lines += ["## Quarantined", "", *markdown_table(["inbox file", "reason", "now at"], rejected)]
         lines.append("")
     if summary.get("releases"):

@@ -35,3 +35,30 @@ def micro_project(micro_template, tmp_path):
     shutil.copytree(micro_template, root)
     cfg = load_config(root / "params.yaml")
     return root, cfg, Layout.from_config(cfg, root)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect server and database for the whole session (Prefect's own test harness)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=None):  # PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+        yield
+
+
+@pytest.fixture(scope="session")
+def trained(prefect_harness, tmp_path_factory):
+    """A micro project (git + DVC) on which train-all ran once: (root, first result, seconds).
+
+    Tests that change it work on a ``tests.flowkit.clone_project`` copy.
+    """
+    import time
+
+    from flows.train_all import train_all
+    from tests.flowkit import make_dvc_project
+
+    root = tmp_path_factory.mktemp("flows") / "project"
+    make_dvc_project(root)
+    t0 = time.perf_counter()
+    result = train_all(root=str(root))
+    return root, result, time.perf_counter() - t0

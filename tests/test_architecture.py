@@ -5,7 +5,7 @@ Python, not from a reader). Layers, bottom to top:
 
 0. foundations: config, atomic, geo, rng, procs, layout, imageio, progress, profiles, dvcrun, tables
 1. shared parts: models, shardio, retrieval, checkpoints, descriptors, splits, triplets, history
-2. pipeline steps: catalog, shards, mining, train, evaluate, index, locate, inbox, reindex, report, ablation,
+2. pipeline steps: catalog, shards, mining, train, evaluate, index, locate, inbox, batch, reindex, report, ablation,
    synth
 3. the command line: cli
 
@@ -40,6 +40,7 @@ LAYERS = {
             "index",
             "locate",
             "inbox",
+            "batch",
             "reindex",
             "report",
             "ablation",

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from vpr.catalog import (
+    REASON_BAD_POSITION,
     REASON_EMPTY,
     REASON_NOT_IMAGE,
     REASON_TOO_MANY_PIXELS,
@@ -89,7 +90,7 @@ def test_bad_inputs_get_exact_reasons(root: Path, tmp_path: Path) -> None:
     assert got[paths["empty"]] == REASON_EMPTY
     assert got[paths["text"]] == REASON_NOT_IMAGE
     assert got[paths["trunc"]] == REASON_TRUNCATED
-    assert got[paths["nan"]] == bad_name_reason("UTM east/north are not finite")
+    assert got[paths["nan"]] == f"{REASON_BAD_POSITION}: UTM east/north are not finite"
     assert got[paths["abc"]] == bad_name_reason("UTM east/north are not numbers")
     for key in ("plain", "one_field"):
         assert got[paths[key]].startswith("bad name: ")

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,26 +32,6 @@ PIPELINE_STEPS = {
     "index",
     "report",
 }
-
-
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=None):  # PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-        yield
-
-
-@pytest.fixture(scope="module")
-def trained(prefect_harness, tmp_path_factory):
-    """A micro project (git + DVC) on which train-all ran once: (root, first result, seconds)."""
-    from flows.train_all import train_all
-
-    root = tmp_path_factory.mktemp("flows") / "project"
-    make_dvc_project(root)
-    t0 = time.perf_counter()
-    result = train_all(root=str(root))
-    return root, result, time.perf_counter() - t0
 
 
 def _sha(path: Path) -> str:

@@ -26,7 +26,7 @@ import polars as pl
 
 from vpr.atomic import write_parquet_atomic
 from vpr.config import IngestConfig
-from vpr.geo import NameError_, parse_name
+from vpr.geo import NameError_, PositionError, parse_name
 from vpr.imageio import REASON_NOT_IMAGE as REASON_NOT_IMAGE  # decoding's reasons are ingest's reasons too
 from vpr.imageio import REASON_NOT_REGULAR as REASON_NOT_REGULAR
 from vpr.imageio import REASON_TOO_LARGE as REASON_TOO_LARGE
@@ -43,9 +43,12 @@ logger = logging.getLogger(__name__)
 REASON_EMPTY = "empty file"
 REASON_UNREADABLE = "unreadable file"  # the file vanished or cannot be read (permissions, I/O error)
 REASON_BAD_NAME = "bad name"  # full reason: "bad name: <why>" (see ``bad_name_reason``)
+REASON_BAD_POSITION = "bad position"  # full: "bad position: <why>" (not finite, out of range)
+REASON_OTHER_ZONE = "other UTM zone"  # full: "other UTM zone: zone Z is not the catalog's (...)"
 REASON_STRAY = "not in an images/<split>/<role> folder"  # full: "...: splits ..., roles ..."
 
 REJECTED_FILE = "rejected.parquet"
+WARNINGS_FILE = "warnings.parquet"  # kept images with an optional name field left empty
 
 
 def catalog_file(out_dir: str | Path, split: str) -> Path:
@@ -74,6 +77,7 @@ CATALOG_SCHEMA: dict[str, pl.DataType] = {
 # What a validated image contributes; ``duplicate_of`` is derived over the whole catalog (``mark_duplicates``).
 ROW_SCHEMA: dict[str, pl.DataType] = {k: v for k, v in CATALOG_SCHEMA.items() if k != "duplicate_of"}
 REJECTED_SCHEMA: dict[str, pl.DataType] = {"path": pl.String, "reason": pl.String}
+WARNINGS_SCHEMA: dict[str, pl.DataType] = {"path": pl.String, "field": pl.String, "warning": pl.String}
 
 
 class IngestError(Exception):
@@ -88,6 +92,7 @@ class IngestResult:
     rejected: int
     catalog: pl.DataFrame
     rejected_table: pl.DataFrame
+    warnings_table: pl.DataFrame
 
 
 @dataclass(frozen=True)
@@ -166,9 +171,11 @@ def stray_entries(root: Path) -> list[dict]:
 
 
 def name_fields(path: str) -> dict | str:
-    """Geo fields from the base file name, or the ``bad name: ...`` reject reason."""
+    """Geo fields from the base file name (``warnings``: optional fields left empty), or the reject reason."""
     try:
         geo = parse_name(path)
+    except PositionError as exc:
+        return f"{REASON_BAD_POSITION}: {exc}"
     except NameError_ as exc:
         return bad_name_reason(str(exc))
     return {
@@ -180,7 +187,22 @@ def name_fields(path: str) -> dict | str:
         "lon": geo.lon,
         "heading": geo.heading,
         "timestamp": geo.timestamp,
+        "warnings": [f"{field}: {why}" for field, why in geo.warnings],
     }
+
+
+def catalog_zone(zones: Sequence[int | None]) -> int | None:
+    """The UTM zone a catalog is in: the most common one given (the smallest on a tie), None without any."""
+    counts = Counter(z for z in zones if z is not None)
+    return min(counts, key=lambda z: (-counts[z], z)) if counts else None
+
+
+def other_zone_reason(zone: int | None, catalog: int | None) -> str | None:
+    """The reject reason for an image outside the catalog's zone (distances by raw easting across
+    zones are meaningless); None when it fits or either zone is unknown."""
+    if zone is None or catalog is None or zone == catalog:
+        return None
+    return f"{REASON_OTHER_ZONE}: zone {zone} is not the catalog's ({catalog})"
 
 
 def read_candidate(path: Path, max_bytes: int, root: Path) -> bytes | str:
@@ -261,19 +283,38 @@ def mark_duplicates(catalog: pl.DataFrame) -> pl.DataFrame:
     return catalog.with_columns(pl.when(pl.col("path") != first).then(first).otherwise(None).alias("duplicate_of"))
 
 
-def _tables(rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _one_zone(rows: list[dict]) -> list[dict]:
+    """Reject accepted rows whose UTM zone is not the catalog's (``catalog_zone`` of all accepted rows)."""
+    zone = catalog_zone([r["utm_zone"] for r in rows if r["reason"] is None])
+    out = []
+    for r in rows:
+        why = other_zone_reason(r.get("utm_zone"), zone) if r["reason"] is None else None
+        out.append(r if why is None else {"path": r["path"], "split": r["split"], "role": r["role"], "reason": why})
+    return out
+
+
+def _tables(rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     good = [{k: r.get(k) for k in ROW_SCHEMA} for r in rows if r["reason"] is None]
     bad = [{"path": r["path"], "reason": r["reason"]} for r in rows if r["reason"] is not None]
+    warned = [
+        {"path": r["path"], "field": w.split(": ", 1)[0], "warning": w.split(": ", 1)[-1]}
+        for r in rows
+        if r["reason"] is None
+        for w in r.get("warnings") or ()
+    ]
     schema = ROW_SCHEMA
     catalog = mark_duplicates(pl.DataFrame(good, schema=schema).sort("path"))
     rejected = pl.DataFrame(bad, schema=REJECTED_SCHEMA).sort("path")
-    return catalog.select(list(CATALOG_SCHEMA)), rejected
+    warnings = pl.DataFrame(warned, schema=WARNINGS_SCHEMA).sort("path", "field")
+    return catalog.select(list(CATALOG_SCHEMA)), rejected, warnings
 
 
-def _summary(catalog: pl.DataFrame, rejected: pl.DataFrame) -> str:
+def _summary(catalog: pl.DataFrame, rejected: pl.DataFrame, warnings: pl.DataFrame) -> str:
     lines = [f"ingest: {catalog.height} accepted, {rejected.height} rejected"]
     for reason, count in sorted(Counter(rejected["reason"].to_list()).items()):
         lines.append(f"  rejected {count:>6} × {reason}")
+    for field, count in sorted(Counter(warnings["field"].to_list()).items()):
+        lines.append(f"  warning  {count:>6} × {field} did not parse (left empty, image kept; see {WARNINGS_FILE})")
     dups = catalog.filter(pl.col("duplicate_of").is_not_null())
     if dups.height:
         example = dups.row(0, named=True)
@@ -289,15 +330,16 @@ def ingest(root: str | Path, out_dir: str | Path, cfg: IngestConfig) -> IngestRe
     root, out_dir = Path(root), Path(out_dir)
     cands = find_candidates(root)
     rows = _inspect_all(root, cands, cfg) + [{**r, "split": None, "role": None} for r in stray_entries(root)]
-    catalog, rejected = _tables(sorted(rows, key=lambda r: r["path"]))
-    summary = _summary(catalog, rejected)
+    catalog, rejected, warnings = _tables(_one_zone(sorted(rows, key=lambda r: r["path"])))
+    summary = _summary(catalog, rejected, warnings)
     logger.info(summary)
     if catalog.height == 0:
         raise IngestError(f"no usable images under {root / 'images'} ({len(cands)} file(s) found, all rejected)")
     for split in SPLITS:  # every split's file, empty when it has no images: stages can depend on each
         write_parquet_atomic(catalog.filter(pl.col("split") == split), catalog_file(out_dir, split))
     write_parquet_atomic(rejected, out_dir / REJECTED_FILE)
-    return IngestResult(catalog.height, rejected.height, catalog, rejected)
+    write_parquet_atomic(warnings, out_dir / WARNINGS_FILE)
+    return IngestResult(catalog.height, rejected.height, catalog, rejected, warnings)
 
 
 def read_catalog(out_dir: str | Path, splits: Sequence[str] = SPLITS) -> pl.DataFrame:

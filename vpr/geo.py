@@ -4,6 +4,11 @@ The datasets_vg convention stores the capture position in the file NAME:
 ``@UTM_east@UTM_north@zone@letter@lat@lon@pano_id@tile@heading@pitch@roll@height@timestamp@note@.jpg``.
 Only the first two fields are required; any other may be empty. Parent folders may contain ``@``,
 so parsing always looks at the base name alone.
+
+What a name must get right is its position: UTM east/north finite and inside UTM's range, and lat/lon,
+when given, inside ±90°/±180° (``PositionError`` otherwise). An optional field that does not parse
+(zone, letter, lat, lon, heading) is left empty with a warning, as tools that read only the
+coordinates would: the image is still usable.
 """
 
 from __future__ import annotations
@@ -26,6 +31,16 @@ class NameError_(ValueError):
     """A file name that does not follow the datasets_vg convention."""
 
 
+class PositionError(NameError_):
+    """A name whose coordinates parse but cannot be a place on Earth (or in one UTM zone)."""
+
+
+# UTM's range: eastings within a zone stay well inside 0..1,000 km, northings 0..10,000 km (south: false northing)
+EAST_RANGE = (0.0, 1_000_000.0)
+NORTH_RANGE = (0.0, 10_000_000.0)
+UTM_LETTERS = frozenset("CDEFGHJKLMNPQRSTUVWX")
+
+
 @dataclass(frozen=True)
 class GeoName:
     """Position and capture metadata parsed from a datasets_vg file name."""
@@ -40,13 +55,54 @@ class GeoName:
     heading: float | None = None
     timestamp: str | None = None
     note: str | None = None
+    warnings: tuple[tuple[str, str], ...] = ()  # (field, why) for each optional field left empty
 
 
 def _optional_float(text: str) -> float | None:
+    """An optional number field: None when empty; ``ValueError`` when it is not a finite number."""
     if text == "":
         return None
-    value = float(text)
-    return value if math.isfinite(value) else None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not finite")
+    return value
+
+
+def _optional_zone(text: str) -> int | None:
+    if text == "":
+        return None
+    try:
+        zone = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a zone number") from None
+    if not 1 <= zone <= 60:
+        raise ValueError(f"zone {zone} outside 1..60")
+    return zone
+
+
+def _optional_letter(text: str) -> str | None:
+    if text == "":
+        return None
+    if text.upper() not in UTM_LETTERS:
+        raise ValueError(f"{text!r} is not a UTM latitude band (C..X)")
+    return text.upper()
+
+
+def check_position(east: float, north: float, lat: float | None = None, lon: float | None = None) -> None:
+    """``PositionError`` unless the coordinates can be a place: finite, in UTM's range, lat/lon in range."""
+    if not (math.isfinite(east) and math.isfinite(north)):
+        raise PositionError("UTM east/north are not finite")
+    if not (EAST_RANGE[0] <= east <= EAST_RANGE[1] and NORTH_RANGE[0] <= north <= NORTH_RANGE[1]):
+        raise PositionError(
+            f"UTM east/north {east:g}/{north:g} outside {EAST_RANGE[1]:,.0f} m / {NORTH_RANGE[1]:,.0f} m"
+        )
+    if lat is not None and not -90.0 <= lat <= 90.0:
+        raise PositionError(f"latitude {lat:g} outside ±90")
+    if lon is not None and not -180.0 <= lon <= 180.0:
+        raise PositionError(f"longitude {lon:g} outside ±180")
 
 
 def _check_characters(name: str) -> None:
@@ -80,25 +136,33 @@ def parse_name(path: str | PurePath) -> GeoName:
         east, north = float(fields[0]), float(fields[1])
     except ValueError:
         raise NameError_("UTM east/north are not numbers") from None
-    if not (math.isfinite(east) and math.isfinite(north)):
-        raise NameError_("UTM east/north are not finite")
-    try:
-        zone = int(fields[2]) if fields[2] else None
-        lat, lon = _optional_float(fields[4]), _optional_float(fields[5])
-        heading = _optional_float(fields[8])
-    except ValueError as exc:
-        raise NameError_(f"malformed optional field: {exc}") from None
+    warnings: list[tuple[str, str]] = []
+
+    def optional(field: str, parse, text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            warnings.append((field, str(exc)))
+            return None
+
+    zone = optional("utm_zone", _optional_zone, fields[2])
+    letter = optional("utm_letter", _optional_letter, fields[3])
+    lat = optional("lat", _optional_float, fields[4])
+    lon = optional("lon", _optional_float, fields[5])
+    heading = optional("heading", _optional_float, fields[8])
+    check_position(east, north, lat, lon)
     return GeoName(
         utm_east=east,
         utm_north=north,
         utm_zone=zone,
-        utm_letter=fields[3] or None,
+        utm_letter=letter,
         lat=lat,
         lon=lon,
         pano_id=fields[6] or None,
         heading=heading,
         timestamp=fields[12] or None,
         note=fields[13] or None,
+        warnings=tuple(warnings),
     )
 
 

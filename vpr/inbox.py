@@ -96,6 +96,8 @@ def check_file(inbox: Path, rel: str, split: str, max_pixels: int, max_bytes: in
         facts = decode_facts(data, max_pixels)
     if isinstance(facts, str):
         return {**base, "reason": facts}
+    if isinstance(fields, str) and not fields.startswith(REASON_BAD_NAME):  # a datasets_vg name, impossible place
+        return {**base, "reason": fields}
     if isinstance(fields, str):  # not a datasets_vg name: an ordinary photo needs EXIF GPS
         pos = exif_gps(data)
         if pos is None:

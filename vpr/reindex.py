@@ -43,8 +43,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,22 +50,24 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from PIL import Image
 
 from vpr.atomic import write_text_atomic
+from vpr.batch import ReindexError as ReindexError  # the error of every re-index step
+from vpr.batch import index_has, plan_batch, plan_state, read_batch_images, vanished, write_batch_shards
+from vpr.catalog import REASON_OTHER_ZONE as REASON_OTHER_ZONE  # the catalog's reason, re-checked per batch
 from vpr.catalog import (
-    ROW_SCHEMA,
     IngestError,
     append_to_catalog,
+    catalog_zone,
+    other_zone_reason,
     printable_path,
     read_catalog,
 )
 from vpr.config import Config
-from vpr.imageio import decode_rgb
-from vpr.inbox import QUARANTINE, ROLE, check_file, move_file, quarantine, scan_inbox, utc_now
-from vpr.layout import Layout, first_id
-from vpr.shardio import read_index, verified_jpeg
-from vpr.shards import append_to_index, rows_in_tar, sample_key, shard_name, write_new_shards
+from vpr.inbox import QUARANTINE, check_file, move_file, quarantine, scan_inbox, utc_now
+from vpr.layout import Layout
+from vpr.shardio import read_index
+from vpr.shards import append_to_index
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +76,7 @@ HISTORY = "history.jsonl"
 
 REASON_ALREADY_INDEXED = "already indexed"
 REASON_DUPLICATE_NAME = "duplicate name in batch"
-REASON_OTHER_ZONE = "other UTM zone"
 REASON_VANISHED = "vanished"  # a file of an interrupted batch was removed before the batch was published
-
-_KEY_NUMBER = re.compile(r"_(\d+)$")
-_SHARD_NUMBER = re.compile(r"-(\d{6})\.tar$")
-
-
-class ReindexError(Exception):
-    """The re-index cannot proceed (no release to extend, inconsistent state)."""
 
 
 @dataclass
@@ -178,46 +170,12 @@ def _release_dirs(cfg: Config, layout: Layout) -> list[Path]:
     return live
 
 
-def _next_number(values: list[str], pattern: re.Pattern) -> int:
-    numbers = [int(m.group(1)) for v in values if (m := pattern.search(v))]
-    return max(numbers) + 1 if numbers else 0
-
-
-def plan_batch(accepted: list[dict], index: pl.DataFrame, split: str, per_shard: int) -> dict:
-    """Ids, sample keys and new shard files for accepted rows (sorted by data path)."""
-    accepted = sorted(accepted, key=lambda r: r["path"])
-    same = index.filter((pl.col("split") == split) & (pl.col("role") == ROLE))
-    next_id = int(index["id"].max()) + 1 if index.height else first_id(split)  # index: this split's
-    next_key = _next_number(same["key"].to_list(), _KEY_NUMBER)
-    next_shard = _next_number(same["shard"].unique().to_list(), _SHARD_NUMBER)
-    items = []
-    for i, row in enumerate(accepted):
-        items.append(
-            {
-                "id": next_id + i,
-                "key": sample_key(split, ROLE, next_key + i),
-                "shard": shard_name(split, ROLE, next_shard + i // per_shard),
-                "inbox": row["inbox"],
-                "source": row["source"],
-                "row": {k: row.get(k) for k in ROW_SCHEMA},
-            }
-        )
-    digest = hashlib.sha256(json.dumps([(it["row"]["path"], it["row"]["sha256"]) for it in items]).encode())
-    return {
-        "batch": digest.hexdigest()[:16],
-        "created": utc_now(),
-        "split": split,
-        "base_count": index.height,
-        "items": items,
-    }
-
-
 def _validate_inbox(cfg: Config, layout: Layout, result: ReindexResult) -> list[dict]:
     """Check every inbox file; quarantine the bad ones; return the accepted rows."""
     inbox, split = layout.inbox, cfg.orchestration.reindex_split
     catalog = _catalog(layout)
     known = set(catalog["path"].to_list())
-    zones = {z for z in catalog["utm_zone"].unique().to_list() if z is not None}
+    zone = catalog_zone(catalog["utm_zone"].to_list())
     accepted, seen = [], set()
     for rel in scan_inbox(inbox):
         row = check_file(inbox, rel, split, cfg.ingest.max_pixels, cfg.ingest.max_file_bytes)
@@ -227,9 +185,8 @@ def _validate_inbox(cfg: Config, layout: Layout, result: ReindexResult) -> list[
                 reason = f"{REASON_ALREADY_INDEXED}: {row['path']} is in the data tree"
             elif row["path"] in seen:
                 reason = f"{REASON_DUPLICATE_NAME}: another inbox file becomes {row['path']}"
-            elif row["utm_zone"] is not None and zones and row["utm_zone"] not in zones:
-                have = ", ".join(str(z) for z in sorted(zones))
-                reason = f"{REASON_OTHER_ZONE}: zone {row['utm_zone']} is not the catalog's ({have})"
+            else:
+                reason = other_zone_reason(row["utm_zone"], zone)
         if reason is not None:
             target = quarantine(inbox, rel, reason)
             result.rejected.append(
@@ -248,57 +205,6 @@ def _validate_inbox(cfg: Config, layout: Layout, result: ReindexResult) -> list[
 # --------------------------------------------------------------------------- applying a plan
 
 
-def _index_has(index: pl.DataFrame, plan: dict) -> bool:
-    ids = [it["id"] for it in plan["items"]]
-    have = index.filter(pl.col("id").is_in(ids)).select("id", "path").sort("id")
-    return have.rows() == [(it["id"], it["row"]["path"]) for it in plan["items"]]
-
-
-def _plan_state(index: pl.DataFrame, plan: dict) -> str:
-    """``applied`` (shard index holds the batch), ``pending`` (untouched since planning) or ``stale``."""
-    if _index_has(index, plan):
-        return "applied"
-    if index.height == plan["base_count"]:
-        return "pending"
-    return "stale"
-
-
-def _write_batch_shards(plan: dict, layout: Layout, cfg: Config) -> list[dict]:
-    """Encode the batch into its new tar files; the shard-index rows (with byte ranges) they give.
-
-    A tar already written by an interrupted run is read back instead of re-encoded, so a batch whose
-    shards are durable finishes even if a source file has gone since.
-    """
-    shards = layout.split_shards(plan["split"])
-    by_shard: dict[str, list[dict]] = {}
-    for it in plan["items"]:
-        by_shard.setdefault(it["shard"], []).append(it)
-    rows, samples = [], []
-    for name, items in sorted(by_shard.items()):
-        written = rows_in_tar(shards / name, items)
-        if written is not None:
-            rows += written
-            continue
-        samples += [(it["shard"], it["id"], it["key"], it["row"], *_source(layout, it)) for it in items]
-    rows += write_new_shards(shards, samples, cfg.shards)
-    return sorted(rows, key=lambda r: r["id"])
-
-
-def _source(layout: Layout, item: dict) -> tuple[Path, Path]:
-    """Where the batch file is now (and the tree it must stay in): still in the inbox, or already moved."""
-    src = layout.inbox / item["inbox"]
-    if src.exists():
-        return src, layout.inbox
-    dst = layout.data / item["row"]["path"]
-    if dst.exists():
-        return dst, layout.data
-    raise ReindexError(f"inbox/{item['inbox']} of pending batch vanished before it reached {dst}")
-
-
-def _vanished(layout: Layout, item: dict) -> bool:
-    return not (layout.inbox / item["inbox"]).exists() and not (layout.data / item["row"]["path"]).exists()
-
-
 def _published(cfg: Config, layout: Layout, plan: dict) -> bool:
     """Whether a live release already holds any of the batch's ids (then it can only be finished)."""
     from vpr.index import IDS_FILE, current_version
@@ -311,14 +217,14 @@ def _published(cfg: Config, layout: Layout, plan: dict) -> bool:
     return False
 
 
-def _roll_back_vanished(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> dict | None:
+def _roll_backvanished(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> dict | None:
     """A pending batch that is not yet published and lost source files: drop them and re-plan the rest.
 
     Nothing of the batch is visible yet (its tars are unreferenced, no release holds its ids), so the
     lost files are recorded as rejected, the rest gets a fresh plan, and re-indexing carries on.
     Returns the plan to apply (None when nothing is left), or ``plan`` itself when nothing vanished.
     """
-    gone = [it for it in plan["items"] if _vanished(layout, it)]
+    gone = [it for it in plan["items"] if vanished(layout, it)]
     if not gone or _published(cfg, layout, plan):
         return plan
     for it in gone:
@@ -335,22 +241,10 @@ def _roll_back_vanished(plan: dict, cfg: Config, layout: Layout, result: Reindex
     return fresh
 
 
-def _read_images(layout: Layout, rows: list[dict]) -> list[Image.Image]:
-    """The batch images exactly as stored in the shards (what every database descriptor is made from)."""
-    images = []
-    for r in rows:
-        tar = layout.split_shards(r["split"]) / r["shard"]
-        with open(tar, "rb") as fh:
-            data = os.pread(fh.fileno(), r["size"], r["offset"])
-        where = f"shard {tar}, new image {r['id']}"
-        images.append(decode_rgb(verified_jpeg(data, r["size"], r["offset"], r["crc32"], where)))
-    return images
-
-
 def _add_to_releases(cfg: Config, layout: Layout, rows: list[dict], result: ReindexResult) -> None:
     from vpr.index import add_to_release, load_release
 
-    images = _read_images(layout, rows)
+    images = read_batch_images(layout, rows)
     ids = np.array([r["id"] for r in rows], dtype=np.int64)
     meta = pl.DataFrame(rows).select("id", "path", "split", "role", "utm_east", "utm_north", "lat", "lon")
     for release_dir in _release_dirs(cfg, layout):
@@ -392,17 +286,17 @@ def _discard(plan: dict, layout: Layout, index: pl.DataFrame) -> None:
 def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> None:
     shards = layout.split_shards(plan["split"])
     index = read_index(shards)
-    if _plan_state(index, plan) == "applied":
+    if plan_state(index, plan) == "applied":
         rows = index.filter(pl.col("id").is_in([it["id"] for it in plan["items"]])).sort("id").to_dicts()
     else:
-        rows = _write_batch_shards(plan, layout, cfg)
+        rows = write_batch_shards(plan, layout, cfg)
     _reached("shards-written")
     _add_to_releases(cfg, layout, rows, result)
     _reached("release-switched")
-    if not _index_has(read_index(shards), plan):
+    if not index_has(read_index(shards), plan):
         append_to_index(shards, rows)
     _reached("shard-index-written")
-    lost = [it for it in plan["items"] if _vanished(layout, it)]
+    lost = [it for it in plan["items"] if vanished(layout, it)]
     if lost:  # published already: served from the shard copy, but no file for the catalog to name
         logger.warning(
             "reindex: %d file(s) of batch %s vanished after it was published (e.g. inbox/%s): they stay in "
@@ -429,6 +323,7 @@ def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> No
             "utm_east": it["row"]["utm_east"],
             "utm_north": it["row"]["utm_north"],
             "duplicate_of": duplicate_of.get(it["row"]["path"]),
+            "warnings": it.get("warnings", []),  # optional name fields left empty
         }
         for it in plan["items"]
     ]
@@ -461,7 +356,7 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
         return result
     with reindex_lock(layout):
         plan = json.loads(pending_path.read_text()) if pending_path.exists() else None
-        if plan is not None and _plan_state(_split_index(layout, plan["split"]), plan) == "stale":
+        if plan is not None and plan_state(_split_index(layout, plan["split"]), plan) == "stale":
             logger.warning("reindex: pending batch %s no longer fits the shard index; re-planning", plan["batch"])
             _discard(plan, layout, _split_index(layout, plan["split"]))
             plan = None
@@ -478,7 +373,7 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
             write_text_atomic(pending_path, json.dumps(plan, indent=1, default=str))
         else:
             result.resumed = True
-            plan = _roll_back_vanished(plan, cfg, layout, result)
+            plan = _roll_backvanished(plan, cfg, layout, result)
             if plan is None:  # _discard removed the plan
                 result.note = "pending batch rolled back: all of its files vanished"
                 _log(layout, result)

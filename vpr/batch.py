@@ -1,0 +1,129 @@
+"""One re-index batch: its plan (ids, keys, new shard files), its state against the shard index, and
+writing its shards, from the inbox files or, after an interruption, from the tars already written.
+
+``vpr.reindex`` drives a batch through its steps; this module holds what a step needs about the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import polars as pl
+from PIL import Image
+
+from vpr.catalog import ROW_SCHEMA
+from vpr.config import Config
+from vpr.imageio import decode_rgb
+from vpr.inbox import ROLE, utc_now
+from vpr.layout import Layout, first_id
+from vpr.shardio import verified_jpeg
+from vpr.shards import rows_in_tar, sample_key, shard_name, write_new_shards
+
+_KEY_NUMBER = re.compile(r"_(\d+)$")
+_SHARD_NUMBER = re.compile(r"-(\d{6})\.tar$")
+
+
+class ReindexError(Exception):
+    """The re-index cannot proceed (no release to extend, inconsistent state)."""
+
+
+def _next_number(values: list[str], pattern: re.Pattern) -> int:
+    numbers = [int(m.group(1)) for v in values if (m := pattern.search(v))]
+    return max(numbers) + 1 if numbers else 0
+
+
+def plan_batch(accepted: list[dict], index: pl.DataFrame, split: str, per_shard: int) -> dict:
+    """Ids, sample keys and new shard files for accepted rows (sorted by data path)."""
+    accepted = sorted(accepted, key=lambda r: r["path"])
+    same = index.filter((pl.col("split") == split) & (pl.col("role") == ROLE))
+    next_id = int(index["id"].max()) + 1 if index.height else first_id(split)  # index: this split's
+    next_key = _next_number(same["key"].to_list(), _KEY_NUMBER)
+    next_shard = _next_number(same["shard"].unique().to_list(), _SHARD_NUMBER)
+    items = []
+    for i, row in enumerate(accepted):
+        items.append(
+            {
+                "id": next_id + i,
+                "key": sample_key(split, ROLE, next_key + i),
+                "shard": shard_name(split, ROLE, next_shard + i // per_shard),
+                "inbox": row["inbox"],
+                "source": row["source"],
+                "row": {k: row.get(k) for k in ROW_SCHEMA},
+                "warnings": row.get("warnings") or [],
+            }
+        )
+    digest = hashlib.sha256(json.dumps([(it["row"]["path"], it["row"]["sha256"]) for it in items]).encode())
+    return {
+        "batch": digest.hexdigest()[:16],
+        "created": utc_now(),
+        "split": split,
+        "base_count": index.height,
+        "items": items,
+    }
+
+
+def index_has(index: pl.DataFrame, plan: dict) -> bool:
+    ids = [it["id"] for it in plan["items"]]
+    have = index.filter(pl.col("id").is_in(ids)).select("id", "path").sort("id")
+    return have.rows() == [(it["id"], it["row"]["path"]) for it in plan["items"]]
+
+
+def plan_state(index: pl.DataFrame, plan: dict) -> str:
+    """``applied`` (shard index holds the batch), ``pending`` (untouched since planning) or ``stale``."""
+    if index_has(index, plan):
+        return "applied"
+    if index.height == plan["base_count"]:
+        return "pending"
+    return "stale"
+
+
+def write_batch_shards(plan: dict, layout: Layout, cfg: Config) -> list[dict]:
+    """Encode the batch into its new tar files; the shard-index rows (with byte ranges) they give.
+
+    A tar already written by an interrupted run is read back instead of re-encoded, so a batch whose
+    shards are durable finishes even if a source file has gone since.
+    """
+    shards = layout.split_shards(plan["split"])
+    by_shard: dict[str, list[dict]] = {}
+    for it in plan["items"]:
+        by_shard.setdefault(it["shard"], []).append(it)
+    rows, samples = [], []
+    for name, items in sorted(by_shard.items()):
+        written = rows_in_tar(shards / name, items)
+        if written is not None:
+            rows += written
+            continue
+        samples += [(it["shard"], it["id"], it["key"], it["row"], *_source(layout, it)) for it in items]
+    rows += write_new_shards(shards, samples, cfg.shards)
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def _source(layout: Layout, item: dict) -> tuple[Path, Path]:
+    """Where the batch file is now (and the tree it must stay in): still in the inbox, or already moved."""
+    src = layout.inbox / item["inbox"]
+    if src.exists():
+        return src, layout.inbox
+    dst = layout.data / item["row"]["path"]
+    if dst.exists():
+        return dst, layout.data
+    raise ReindexError(f"inbox/{item['inbox']} of pending batch vanished before it reached {dst}")
+
+
+def vanished(layout: Layout, item: dict) -> bool:
+    return not (layout.inbox / item["inbox"]).exists() and not (layout.data / item["row"]["path"]).exists()
+
+
+def read_batch_images(layout: Layout, rows: list[dict]) -> list[Image.Image]:
+    """The batch images exactly as stored in the shards (what every database descriptor is made from)."""
+    images = []
+    for r in rows:
+        tar = layout.split_shards(r["split"]) / r["shard"]
+        with open(tar, "rb") as fh:
+            data = os.pread(fh.fileno(), r["size"], r["offset"])
+        where = f"shard {tar}, new image {r['id']}"
+        images.append(decode_rgb(verified_jpeg(data, r["size"], r["offset"], r["crc32"], where)))
+    return images
