@@ -10,6 +10,9 @@ the same files;
 the flow ends with ``dvc commit --force`` of those stages, so ``dvc status`` is clean afterwards and
 ``dvc repro`` has nothing to do.
 
+The whole run holds the project's data lock (``vpr.datalock``): a re-index started meanwhile leaves the
+inbox for its next run, so the DVC record never covers a catalog the steps did not read.
+
 Run it: ``python -m flows.train_all`` (prints the results table), or through the served deployment:
 ``prefect deployment run train-all/train-all --watch``.
 """
@@ -25,6 +28,8 @@ from prefect.futures import wait
 import tasks
 from flows.common import resolve
 from flows.runners import make_task_runner
+from vpr.datalock import data_lock
+from vpr.layout import Layout
 from vpr.tables import text_table
 
 # The task that runs each stage group of dvc.yaml (``train@avg`` → ``tasks.train`` with head ``avg``).
@@ -107,7 +112,9 @@ def train_all(params: str = "params.yaml", root: str = ".", record_dvc: bool = T
     """
     cfg, root_path, params_path = resolve(params, root)
     steps = train_all_steps.with_options(task_runner=make_task_runner(cfg.orchestration))
-    return steps(str(params_path), str(root_path), record_dvc)
+    # held from the first step to the DVC record: a re-index never changes the catalog in between
+    with data_lock(Layout.from_config(cfg, root_path).artifacts, "train-all"):
+        return steps(str(params_path), str(root_path), record_dvc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 Every ``import`` counts, including those inside functions (a function-level import hides a cycle from
 Python, not from a reader). Layers, bottom to top:
 
-0. foundations: config, atomic, geo, rng, procs, layout, imageio, progress, profiles, dvcrun, tables
+0. foundations: config, atomic, geo, rng, procs, layout, imageio, progress, profiles, dvcrun, tables, datalock
 1. shared parts: models, shardio, retrieval, checkpoints, descriptors, splits, triplets, history
 2. pipeline steps: catalog, shards, mining, train, evaluate, index, locate, inbox, batch, reindex, report, ablation,
    synth
@@ -25,7 +25,21 @@ VPR = Path(__file__).resolve().parents[1] / "vpr"
 
 LAYERS = {
     **dict.fromkeys(
-        ["config", "atomic", "geo", "rng", "procs", "layout", "imageio", "progress", "profiles", "dvcrun", "tables"], 0
+        [
+            "config",
+            "atomic",
+            "geo",
+            "rng",
+            "procs",
+            "layout",
+            "imageio",
+            "progress",
+            "profiles",
+            "dvcrun",
+            "tables",
+            "datalock",
+        ],
+        0,
     ),
     **dict.fromkeys(
         ["models", "shardio", "retrieval", "checkpoints", "descriptors", "splits", "triplets", "history"], 1

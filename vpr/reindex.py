@@ -64,6 +64,7 @@ from vpr.catalog import (
     read_catalog,
 )
 from vpr.config import Config
+from vpr.datalock import DataBusy, data_lock
 from vpr.inbox import QUARANTINE, check_file, move_file, quarantine, scan_inbox, utc_now
 from vpr.layout import Layout
 from vpr.shardio import read_index
@@ -217,7 +218,7 @@ def _published(cfg: Config, layout: Layout, plan: dict) -> bool:
     return False
 
 
-def _roll_backvanished(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> dict | None:
+def _roll_back_vanished(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> dict | None:
     """A pending batch that is not yet published and lost source files: drop them and re-plan the rest.
 
     Nothing of the batch is visible yet (its tars are unreferenced, no release holds its ids), so the
@@ -354,39 +355,49 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
     if not pending_path.exists() and not scan_inbox(layout.inbox):
         result.note = f"inbox empty: nothing to do (drop images into {layout.inbox})"
         return result
-    with reindex_lock(layout):
-        plan = json.loads(pending_path.read_text()) if pending_path.exists() else None
-        if plan is not None and plan_state(_split_index(layout, plan["split"]), plan) == "stale":
-            logger.warning("reindex: pending batch %s no longer fits the shard index; re-planning", plan["batch"])
-            _discard(plan, layout, _split_index(layout, plan["split"]))
-            plan = None
-        if plan is None:
-            _release_dirs(cfg, layout)  # fail before touching the inbox when there is no release
-            accepted = _validate_inbox(cfg, layout, result)
-            if not accepted:
-                result.note = "no usable new images" if result.rejected else "inbox empty: nothing to do"
-                if result.rejected:
-                    _log(layout, result)
-                return result
-            split = cfg.orchestration.reindex_split
-            plan = plan_batch(accepted, _split_index(layout, split), split, cfg.shards.samples_per_shard)
-            write_text_atomic(pending_path, json.dumps(plan, indent=1, default=str))
-        else:
-            result.resumed = True
-            plan = _roll_backvanished(plan, cfg, layout, result)
-            if plan is None:  # _discard removed the plan
-                result.note = "pending batch rolled back: all of its files vanished"
-                _log(layout, result)
-                return result
-        result.batch = plan["batch"]
-        _apply(plan, cfg, layout, result)
-        pending_path.unlink()
-        result.note = f"added {len(result.added)} image(s)" + (" (resumed batch)" if result.resumed else "")
-        dups = [a for a in result.added if a["duplicate_of"]]
-        if dups:
-            result.note += (
-                f"; {len(dups)} with the same bytes as an image already indexed (kept; e.g. "
-                f"{dups[0]['path']} == {dups[0]['duplicate_of']})"
-            )
-        _log(layout, result)
+    try:
+        with data_lock(layout.artifacts, "re-index", wait=False), reindex_lock(layout):
+            return _run_locked(cfg, layout, result, pending_path)
+    except DataBusy as exc:  # a pipeline run is computing from the catalog: the inbox waits for the next run
+        result.note = f"not now: {exc}; the inbox is left for the next run"
+        logger.warning("reindex: %s", result.note)
         return result
+
+
+def _run_locked(cfg: Config, layout: Layout, result: ReindexResult, pending_path: Path) -> ReindexResult:
+    """``run_reindex`` with both locks held."""
+    plan = json.loads(pending_path.read_text()) if pending_path.exists() else None
+    if plan is not None and plan_state(_split_index(layout, plan["split"]), plan) == "stale":
+        logger.warning("reindex: pending batch %s no longer fits the shard index; re-planning", plan["batch"])
+        _discard(plan, layout, _split_index(layout, plan["split"]))
+        plan = None
+    if plan is None:
+        _release_dirs(cfg, layout)  # fail before touching the inbox when there is no release
+        accepted = _validate_inbox(cfg, layout, result)
+        if not accepted:
+            result.note = "no usable new images" if result.rejected else "inbox empty: nothing to do"
+            if result.rejected:
+                _log(layout, result)
+            return result
+        split = cfg.orchestration.reindex_split
+        plan = plan_batch(accepted, _split_index(layout, split), split, cfg.shards.samples_per_shard)
+        write_text_atomic(pending_path, json.dumps(plan, indent=1, default=str))
+    else:
+        result.resumed = True
+        plan = _roll_back_vanished(plan, cfg, layout, result)
+        if plan is None:  # _discard removed the plan
+            result.note = "pending batch rolled back: all of its files vanished"
+            _log(layout, result)
+            return result
+    result.batch = plan["batch"]
+    _apply(plan, cfg, layout, result)
+    pending_path.unlink()
+    result.note = f"added {len(result.added)} image(s)" + (" (resumed batch)" if result.resumed else "")
+    dups = [a for a in result.added if a["duplicate_of"]]
+    if dups:
+        result.note += (
+            f"; {len(dups)} with the same bytes as an image already indexed (kept; e.g. "
+            f"{dups[0]['path']} == {dups[0]['duplicate_of']})"
+        )
+    _log(layout, result)
+    return result
