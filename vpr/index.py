@@ -170,6 +170,7 @@ def _commit_version(release_dir: Path, build: Callable[[Path, int], None]) -> Pa
     """
     release_dir.mkdir(parents=True, exist_ok=True)
     previous = current_version(release_dir)
+    _prune(release_dir, _live_pair(release_dir, previous))  # what a killed writer left: before building more
     existing = _versions(release_dir)
     number = (int(existing[-1][1:]) + 1) if existing else 1
     name = f"v{number:06d}"
@@ -188,6 +189,14 @@ def _commit_version(release_dir: Path, build: Callable[[Path, int], None]) -> Pa
     write_text_atomic(release_dir / CURRENT, name + "\n")
     _prune(release_dir, {name} | ({previous.name} if previous is not None else set()))
     return release_dir / name
+
+
+def _live_pair(release_dir: Path, live: Path | None) -> set[str]:
+    """The live version and the one before it (kept for readers still opening it); empty without one."""
+    if live is None:
+        return set()
+    older = [v for v in _versions(release_dir) if v < live.name]
+    return {live.name, *older[-1:]}
 
 
 def _prune(release_dir: Path, keep: set[str]) -> None:

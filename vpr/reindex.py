@@ -16,7 +16,8 @@ are skipped — copy a file in under a hidden name, then rename it, so a half-co
    that differs from the catalog's (distances across zones are meaningless).
 2. **Plan** the batch: new image ids continue after the shard index's last id (existing ids never
    change), new sample keys continue per split/role, and new shard files continue the numbering
-   (``test-database-000004.tar``...). The plan is written to ``artifacts/reindex/pending.json``
+   (``test-database-000004.tar``...); a tail shard with room is carried into the first new tar
+   (``vpr.batch.plan_batch``) and deleted at the next batch. The plan is written to ``artifacts/reindex/pending.json``
    before anything else.
 3. **Write new shards** (existing tar files are never rewritten). Nothing references them yet.
 4. **Extract and add** descriptors with each live release's own model to its FAISS index under the new
@@ -53,7 +54,15 @@ import polars as pl
 
 from vpr.atomic import write_text_atomic
 from vpr.batch import ReindexError as ReindexError  # the error of every re-index step
-from vpr.batch import index_has, plan_batch, plan_state, read_batch_images, vanished, write_batch_shards
+from vpr.batch import (
+    index_has,
+    plan_batch,
+    plan_state,
+    read_batch_images,
+    remove_unreferenced_tars,
+    vanished,
+    write_batch_shards,
+)
 from vpr.catalog import REASON_OTHER_ZONE as REASON_OTHER_ZONE  # the catalog's reason, re-checked per batch
 from vpr.catalog import (
     IngestError,
@@ -292,7 +301,8 @@ def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> No
     else:
         rows = write_batch_shards(plan, layout, cfg)
     _reached("shards-written")
-    _add_to_releases(cfg, layout, rows, result)
+    new_ids = {it["id"] for it in plan["items"]}
+    _add_to_releases(cfg, layout, [r for r in rows if r["id"] in new_ids], result)
     _reached("release-switched")
     if not index_has(read_index(shards), plan):
         append_to_index(shards, rows)
@@ -356,7 +366,7 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
         result.note = f"inbox empty: nothing to do (drop images into {layout.inbox})"
         return result
     try:
-        with data_lock(layout.artifacts, "re-index", wait=False), reindex_lock(layout):
+        with reindex_lock(layout), data_lock(layout.artifacts, "re-index", wait=False):
             return _run_locked(cfg, layout, result, pending_path)
     except DataBusy as exc:  # a pipeline run is computing from the catalog: the inbox waits for the next run
         result.note = f"not now: {exc}; the inbox is left for the next run"
@@ -373,13 +383,14 @@ def _run_locked(cfg: Config, layout: Layout, result: ReindexResult, pending_path
         plan = None
     if plan is None:
         _release_dirs(cfg, layout)  # fail before touching the inbox when there is no release
+        split = cfg.orchestration.reindex_split
+        remove_unreferenced_tars(layout.split_shards(split), _split_index(layout, split))  # carried tails
         accepted = _validate_inbox(cfg, layout, result)
         if not accepted:
             result.note = "no usable new images" if result.rejected else "inbox empty: nothing to do"
             if result.rejected:
                 _log(layout, result)
             return result
-        split = cfg.orchestration.reindex_split
         plan = plan_batch(accepted, _split_index(layout, split), split, cfg.shards.samples_per_shard)
         write_text_atomic(pending_path, json.dumps(plan, indent=1, default=str))
     else:

@@ -303,31 +303,49 @@ def write_shards(
 
 
 def write_new_shards(
-    shards_dir: str | Path, samples: Sequence[tuple[str, int, str, dict, Path, Path]], cfg: ShardConfig
+    shards_dir: str | Path,
+    samples: Sequence[tuple[str, int, str, dict, Path, Path]],
+    cfg: ShardConfig,
+    *,
+    carried: dict[str, list[tuple[dict, str, bytes, bytes]]] | None = None,
 ) -> list[dict]:
     """Write ``(shard name, id, key, catalog row, source file, its root)`` samples into new tar files (each atomic).
 
-    Existing tars are never rewritten and nothing references the new ones until ``append_to_index``;
-    returns the index rows (byte ranges, checksums) for it.
+    ``carried`` puts already-stored samples (index row, key, JPEG, JSON) first into a new tar, copied
+    verbatim (a tail shard moving into a fuller one). Existing tars are never rewritten and nothing
+    references the new ones until ``append_to_index``; returns the index rows (byte ranges, checksums)
+    of every sample written, carried ones at their new place.
     """
     shards_dir = Path(shards_dir)
+    carried = carried or {}
     by_shard: dict[str, list[tuple[int, str, dict, Path, Path]]] = {}
     for name, sample_id, key, row, src, root in samples:
         by_shard.setdefault(name, []).append((sample_id, key, row, src, root))
     rows = []
     for name, items in sorted(by_shard.items()):
         jpgs = [encode_image(src, root, row, cfg.height, cfg.width, cfg.jpeg_quality) for _, _, row, src, root in items]
-        tar_samples = [(key, jpg, sample_metadata(row, i, key)) for (i, key, row, *_), jpg in zip(items, jpgs)]
+        old = carried.get(name, [])
+        tar_samples = [(key, jpg, meta) for _, key, jpg, meta in old]
+        tar_samples += [(key, jpg, sample_metadata(row, i, key)) for (i, key, row, *_), jpg in zip(items, jpgs)]
         ranges = write_tar(shards_dir / name, tar_samples)
-        for (i, key, row, *_), jpg, (offset, size) in zip(items, jpgs, ranges):
+        placed = [(row, row["id"], key, jpg) for row, key, jpg, _ in old]
+        placed += [(row, i, key, jpg) for (i, key, row, *_), jpg in zip(items, jpgs)]
+        for (row, i, key, jpg), (offset, size) in zip(placed, ranges):
             entry = {k: row.get(k) for k in INDEX_SCHEMA}
             entry.update(id=i, key=key, shard=name, offset=offset, size=size, crc32=checksum(jpg))
             rows.append(entry)
     return rows
 
 
+def read_tar_members(path: Path) -> dict[str, bytes]:
+    """Every member of one of our (small, trusted) shard tars by name."""
+    with tarfile.open(path, mode="r:") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+
+
 def rows_in_tar(path: Path, items: Sequence[dict]) -> list[dict] | None:
-    """Index rows for plan ``items`` (``id``, ``key``, ``row``) read back from a tar an earlier run wrote.
+    """Index rows for plan ``items`` (``id``, ``key``, ``row``, for carried ones also the stored ``meta``
+    JSON) read back from a tar an earlier run wrote.
 
     None when the tar is missing or does not hold exactly those samples with their metadata, so the
     caller writes it afresh. Lets an interrupted re-index finish from what is already durable.
@@ -345,7 +363,8 @@ def rows_in_tar(path: Path, items: Sequence[dict]) -> list[dict] | None:
                 key, ext = m.name.rsplit(".", 1)
                 data = tar.extractfile(m).read()  # type: ignore[union-attr]
                 it = want[key]
-                if ext == "json" and data != sample_metadata(it["row"], it["id"], key):
+                meta = it.get("meta") or sample_metadata(it["row"], it["id"], key)  # carried: stored verbatim
+                if ext == "json" and data != meta:
                     return None
                 if ext == "jpg":
                     entry = {k: it["row"].get(k) for k in INDEX_SCHEMA}
@@ -357,11 +376,14 @@ def rows_in_tar(path: Path, items: Sequence[dict]) -> list[dict] | None:
 
 
 def append_to_index(shards_dir: str | Path, rows: list[dict]) -> Path:
-    """Add rows (from ``write_new_shards``) to the shard index in one atomic replace; the new tars go live."""
+    """Add rows (from ``write_new_shards``) to the shard index in one atomic replace; the new tars go live.
+
+    A row whose id is already indexed replaces it (a sample carried into a new tar)."""
     shards_dir = Path(shards_dir)
     index = read_index(shards_dir)
     if "crc32" not in index.columns:  # an index from before checksums: its rows stay unchecked
         index = index.with_columns(pl.lit(None, pl.Int64).alias("crc32"))
     new = pl.DataFrame(rows, schema=INDEX_SCHEMA)
-    merged = pl.concat([index.cast(INDEX_SCHEMA), new]).sort("id")  # type: ignore[arg-type]
+    kept = index.filter(~pl.col("id").is_in(new["id"].implode()))  # rows of moved samples are replaced
+    merged = pl.concat([kept.cast(INDEX_SCHEMA), new]).sort("id")  # type: ignore[arg-type]
     return write_parquet_atomic(merged, shards_dir / INDEX_FILE)

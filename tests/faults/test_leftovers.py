@@ -1,0 +1,71 @@
+"""What killed writers leave is cleaned at the next start (issue 17, case 13): a temporary of a dead
+process beside its target, half-built release versions, and the many small tars of small re-index
+batches (they are merged into the tail shard)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import polars as pl
+
+from tests.faults.conftest import REPO, env, kill9, start_victim, wait_for
+from vpr.atomic import write_text_atomic
+from vpr.index import current_version
+
+KILLED_WRITER = """
+import os, signal, sys
+from vpr.atomic import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_text("half")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_next_write_removes_a_dead_writers_temporary_and_keeps_a_live_ones(tmp_path):
+    target = tmp_path / "CURRENT"
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target)], cwd=REPO, env=env())
+    assert proc.returncode == -9
+    (dead,) = [p for p in tmp_path.iterdir() if p.name.startswith(".CURRENT.")]
+    live = tmp_path / f".CURRENT.{os.getpid()}.abcd1234.tmp"  # a writer still at work (this process)
+    live.write_text("busy")
+    write_text_atomic(target, "v000001\n")
+    assert not dead.exists() and live.exists() and target.read_text() == "v000001\n"
+
+
+def test_a_killed_index_builds_leftovers_are_gone_before_the_next_build_writes(released, tmp_path):
+    root, _, layout = released
+    release_dir = layout.release_dir("avg")
+    live = current_version(release_dir)
+    victim = start_victim(root, tmp_path / "first", "faiss:write_index", 1, "index")
+    wait_for(tmp_path / "first", victim)
+    kill9(victim)
+    assert any(p.name.startswith(".tmp-") for p in release_dir.iterdir())  # the dead build's folder
+
+    second = start_victim(root, tmp_path / "second", "faiss:write_index", 1, "index")
+    wait_for(tmp_path / "second", second)  # the next build is at work: the dead one's folder is gone
+    building = [p for p in release_dir.iterdir() if p.name.startswith(".tmp-")]
+    kill9(second)
+    assert len(building) == 1 and current_version(release_dir) == live
+
+
+def test_small_reindex_batches_fill_the_tail_shard_instead_of_adding_tars(released):
+    from vpr.reindex import run_reindex
+
+    _, cfg, layout = released
+    shards = layout.split_shards("test")
+    queries = sorted((layout.data / "images/test/queries").iterdir())[:6]
+    tars_before = sorted(p.name for p in shards.glob("*.tar"))
+    layout.inbox.mkdir(exist_ok=True)
+    for q in queries:  # six batches of one image each
+        shutil.copy(q, layout.inbox / q.name)
+        assert len(run_reindex(cfg, layout).added) == 1
+    index = pl.read_parquet(shards / "index.parquet")
+    per_shard = cfg.shards.samples_per_shard
+    database = index.filter(pl.col("role") == "database")
+    expected = -(-database.height // per_shard) + index.filter(pl.col("role") != "database")["shard"].n_unique()
+    tars = sorted(p.name for p in shards.glob("*.tar"))
+    assert len(set(index["shard"])) == expected, (tars_before, tars)  # as many as a fresh `vpr shard` would
+    assert len(tars) <= expected + 1  # plus at most the tail a reader may still hold, removed next batch
