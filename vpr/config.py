@@ -192,6 +192,23 @@ class OrchestrationConfig(_Strict):
     task_retries: StrictInt = Field(2, ge=0)
     reindex_split: Literal["train", "val", "test"] = "test"  # new inbox imagery joins this split's database
 
+    @field_validator("reindex_cron")
+    @classmethod
+    def _cron_parses(cls, value: str) -> str:
+        """A schedule that cannot fire is an error when params are read, not when the deployment is served."""
+        from datetime import datetime
+
+        from cronsim import CronSim, CronSimError
+
+        fields = value.split()
+        if len(fields) != 5:
+            raise ValueError(f"cron {value!r} needs 5 fields (minute hour day month weekday), has {len(fields)}")
+        try:
+            next(CronSim(value, datetime(2000, 1, 1)))
+        except (CronSimError, StopIteration) as exc:
+            raise ValueError(f"cron {value!r} does not parse: {exc or 'never fires'}") from None
+        return value
+
 
 class Config(_Strict):
     paths: PathsConfig = PathsConfig()

@@ -29,6 +29,8 @@ BAD = {
     # re-indexing would quarantine the data tree as "already indexed"
     "inbox-is-the-data": ({"paths": {"inbox": "data"}}, "paths.data (data) and paths.inbox (data) overlap"),
     "artifacts-inside-data": ({"paths": {"artifacts": "data/artifacts"}}, "overlap"),
+    "cron-out-of-range": ({"orchestration": {"reindex_cron": "61 * * * *"}}, "orchestration.reindex_cron"),
+    "cron-too-few-fields": ({"orchestration": {"reindex_cron": "*/15 *"}}, "needs 5 fields"),
 }
 
 COMMANDS = [
