@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED := 1
 PREFECT_HOME ?= $(abspath .prefect)
 PREFECT_PORT ?= 4200
 
-.PHONY: setup run test data repro bench clean server serve
+.PHONY: setup run test data repro bench clean server serve up
 
 setup: $(STAMP)
 
@@ -48,6 +48,13 @@ server: $(STAMP)
 	PREFECT_HOME=$(PREFECT_HOME) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 serve: $(STAMP)
+	PREFECT_HOME=$(PREFECT_HOME) PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.serve
+
+# server in the background, serve in the foreground once the API answers; Ctrl-C (or a failure) stops both
+up: $(STAMP)
+	@PREFECT_HOME=$(PREFECT_HOME) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & server=$$!; \
+	trap 'kill $$server 2>/dev/null; wait $$server 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/python -m flows.wait_for_api http://127.0.0.1:$(PREFECT_PORT)/api --timeout 120 && \
 	PREFECT_HOME=$(PREFECT_HOME) PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.serve
 
 test: $(STAMP)

@@ -3,7 +3,8 @@
     python -m flows.serve [--params params.yaml] [--root .]
 
 Needs a Prefect API: start one with ``prefect server start`` (SQLite, Prefect's default) and point
-``PREFECT_API_URL`` at it (``make server`` / ``make serve``). Then, from another shell:
+``PREFECT_API_URL`` at it (``make up`` does both in one shell; or ``make server`` and ``make serve``
+in two). Then, from another shell:
 ``prefect deployment run train-all/train-all --watch``; runs, logs and artifacts are in the UI
 (http://127.0.0.1:4200). The serving process executes the runs itself (no work pool needed); for
 work pools see ``prefect.yaml`` and ``docs/orchestration.md``.
@@ -38,7 +39,9 @@ def build_deployments(params: str = "params.yaml", root: str = ".") -> list:
             parameters=parameters,
             tags=["vpr"],
             cron=cfg.orchestration.reindex_cron,
-            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+            # ENQUEUE, not CANCEL_NEW: a manual run seconds before a scheduled one waits its turn instead of
+            # being cancelled unseen (an extra run over an empty inbox is a no-op)
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
             description="add new inbox imagery to the shards, catalog and live FAISS release",
         ),
     ]

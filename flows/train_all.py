@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from prefect import flow
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, as_completed
 
 import tasks
 from flows.common import resolve
@@ -65,12 +66,39 @@ def task_graph(specs: dict[str, tasks.StageSpec], lanes: int) -> dict[str, list[
     return {name: list(dict.fromkeys([*spec.upstream, *extra.get(name, [])])) for name, spec in specs.items()}
 
 
+def run_when_ready(
+    stages: list[str], graph: dict[str, list[str]], submit: Callable[[str, list[PrefectFuture]], PrefectFuture]
+) -> dict:
+    """Submit each stage once all of its upstream stages completed; wait for all; the futures by stage.
+
+    Submitting everything at once with ``wait_for`` would park each waiting task on a worker of the
+    task runner, so with ``max_workers`` 2 an evaluation could not start until every training had; here
+    a worker only ever holds a task that can run. A stage whose upstream failed is never submitted.
+    """
+    submitted: dict[str, PrefectFuture] = {}
+    running: dict[PrefectFuture, str] = {}
+    done: set[str] = set()
+    pending = list(stages)
+    while True:
+        for stage in [s for s in pending if all(u in done for u in graph[s])]:
+            pending.remove(stage)
+            submitted[stage] = submit(stage, [submitted[u] for u in graph[stage]])  # the upstream: wait_for edges
+            running[submitted[stage]] = stage
+        if not running:
+            return submitted
+        finished = next(iter(as_completed(list(running))))
+        stage = running.pop(finished)
+        finished.wait()  # the future's state is final only once waited on
+        if finished.state.is_completed():
+            done.add(stage)
+
+
 @flow(name="train-all-steps", log_prints=True)
 def train_all_steps(params: str, root: str, record_dvc: bool = True) -> dict:
     """The pipeline itself, run as a subflow so that its task runner can come from params.
 
-    One task per ``dvc.yaml`` stage, submitted in the file's order, each waiting for the stages whose
-    outputs it reads (``task_graph``): nothing here names a stage's inputs a second time.
+    One task per ``dvc.yaml`` stage, submitted as soon as the stages whose outputs it reads are done
+    (``task_graph``, ``run_when_ready``): nothing here names a stage's inputs a second time.
     """
     cfg, root_path, _ = resolve(params, root)
     root = str(root_path)
@@ -79,16 +107,15 @@ def train_all_steps(params: str, root: str, record_dvc: bool = True) -> dict:
     if unknown:
         raise RuntimeError(f"dvc.yaml stage(s) with no task in flows/train_all.py STAGE_TASKS: {unknown}")
     graph = task_graph(specs, cfg.orchestration.train_lanes)
-    submitted: dict[str, object] = {}
-    for stage in specs:
+
+    def submit(stage: str, upstream: list):
         group, _, key = stage.partition("@")
         step = tasks.configure(STAGE_TASKS[group], cfg, root, stage)
-        upstream = [submitted[u] for u in graph[stage]]
-        submitted[stage] = step.submit(cfg, root, *([key] if key else []), wait_for=upstream)
+        return step.submit(cfg, root, *([key] if key else []), wait_for=upstream)
 
-    wait(list(submitted.values()))
-    steps = {stage: f.state.name for stage, f in submitted.items()}
-    failed = [stage for stage, f in submitted.items() if not f.state.is_completed()]
+    submitted = run_when_ready(list(specs), graph, submit)
+    steps = {stage: submitted[stage].state.name if stage in submitted else "NotRun" for stage in specs}
+    failed = [stage for stage in specs if stage not in submitted or not submitted[stage].state.is_completed()]
     if failed:
         raise RuntimeError(f"train-all: step(s) failed or not run: {', '.join(failed)} (see their task runs)")
     cached = [stage for stage, name in steps.items() if name == "Cached"]

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,6 +82,22 @@ def test_heads_train_one_at_a_time_by_default(trained):
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), [
         (r.name, r.start_time.time(), r.end_time.time()) for r in sorted(runs, key=lambda r: r.start_time)
     ]
+
+
+def test_evaluations_run_beside_the_remaining_trainings(trained):
+    """evaluate@avg needs only train@avg: it starts before the last training ends (max_workers 2)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_task_runs() if r.state_name == "Completed" and r.start_time]
+    by_flow: dict = {}
+    for r in runs:
+        by_flow.setdefault(r.flow_run_id, {})[r.name] = r
+    full = [rs for rs in by_flow.values() if {f"train@{h}" for h in HEADS} | {"evaluate@avg"} <= set(rs)]
+    assert full
+    for rs in full:
+        last_training = max(rs[f"train@{h}"].end_time for h in HEADS)
+        assert rs["evaluate@avg"].start_time < last_training
 
 
 def test_the_flow_ran_dvcs_graph(trained):
@@ -333,6 +350,8 @@ def test_served_deployments_and_reindex_cron_from_params(trained):
     crons = [s.schedule.cron for s in deployments["reindex/reindex"].schedules]
     assert crons == [cfg.orchestration.reindex_cron] == ["7 */2 * * *"]
     assert deployments["reindex/reindex"].concurrency_limit == 1
+    # a manual run seconds before a scheduled one waits its turn, never cancelled unseen
+    assert deployments["reindex/reindex"].concurrency_options.collision_strategy == "ENQUEUE"
     assert deployments["train-all/train-all"].parameters == {"params": str(root / "params.yaml"), "root": str(root)}
 
 
@@ -343,7 +362,7 @@ def test_prefect_yaml_matches_the_flows_and_params():
     assert by_name["reindex"]["entrypoint"] == "flows/reindex.py:reindex"
     cron = load_config(REPO / "params.yaml").orchestration.reindex_cron
     assert [s["cron"] for s in by_name["reindex"]["schedules"]] == [cron]
-    assert by_name["reindex"]["concurrency_limit"]["limit"] == 1
+    assert by_name["reindex"]["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
     pools = {d["work_pool"]["name"] for d in spec["deployments"]}
     assert len(pools) == 1
 
@@ -427,3 +446,40 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_it(prefect_har
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(run_id).state
     assert state.is_completed(), state
+
+
+def test_make_up_waits_for_a_real_api_and_gives_up_on_a_silent_port(tmp_path):
+    """``make up`` starts ``serve`` only once the server answers (``flows.wait_for_api``), bounded."""
+    import http.server
+    import socket
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"true")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        up = run(REPO, sys.executable, "-m", "flows.wait_for_api", f"http://127.0.0.1:{server.server_port}/api")
+        assert up == ""
+    finally:
+        server.shutdown()
+    with socket.socket() as s:  # a port with nothing behind it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.wait_for_api", f"http://127.0.0.1:{port}/api", "--timeout", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1 and "no Prefect API" in proc.stderr
+    makefile = (REPO / "Makefile").read_text()
+    assert "flows.wait_for_api" in makefile.split("\nup:")[1].split("\n\n")[0]
