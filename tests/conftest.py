@@ -9,6 +9,9 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# ImageNet weights never come from the internet in tests: a closed local port refuses at once
+# (tests/test_weights.py serves its own files on 127.0.0.1)
+os.environ["VPR_IMAGENET_URL"] = "http://127.0.0.1:9/resnet18-f37072fd.pth"
 
 import shutil  # noqa: E402
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import urllib.request
 import warnings
 
 import numpy as np
@@ -133,21 +131,6 @@ def test_netvlad_init_from_descriptors() -> None:
 
     with pytest.raises(ValueError, match="at least 16"):
         NetVLADHead(clusters=16, dim=256).init_from_descriptors(desc[:10])
-
-
-def test_imagenet_without_cache_warns_offline(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    with pytest.warns(UserWarning, match="ImageNet weights not found at .*using random init"):
-        bb = build_backbone(ModelConfig(weights="imagenet"))
-    assert bb(torch.randn(1, 3, 32, 32)).shape == (1, 256, 2, 2)
 
 
 def test_imagenet_from_cache_and_local_path(tmp_path, monkeypatch) -> None:

@@ -405,6 +405,31 @@ def profile(
     typer.echo(f"params.yaml ← profiles/{name}.yaml", err=True)
 
 
+@app.command()
+def weights(
+    fetch: bool = typer.Option(False, "--fetch", help="download the ImageNet weights now if not cached"),
+    params: Path = ParamsOpt,
+) -> None:
+    """Where the backbone's weights come from (model.weights); `--fetch` downloads torchvision's ImageNet file."""
+    from vpr.models.weights import WeightsUnavailable, describe_imagenet, fetch_imagenet
+
+    setting = _config(params).model.weights
+    info = describe_imagenet()
+    if setting == "none":
+        source = "random init (model.weights: none)"
+    elif setting != "imagenet":
+        source = f"local file {setting}"
+    else:
+        source = f"ImageNet, {'cached' if info['cached'] else 'not cached yet: downloaded on first use'}"
+    typer.echo(f"model.weights: {setting}\nsource:        {source}")
+    typer.echo(f"imagenet url:  {info['url']} ({info['url_from']})\nimagenet file: {info['cache']}")
+    if fetch:
+        try:
+            typer.echo(f"fetched:       {fetch_imagenet()}")
+        except WeightsUnavailable as exc:
+            _fail(f"cannot fetch the ImageNet weights: {exc}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

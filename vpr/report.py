@@ -369,9 +369,9 @@ def write_report(cfg: Config, layout: Layout) -> Path:
 
 
 def _weights_note(cfg: Config) -> str:
-    """Say plainly when 'imagenet' fell back to random init (no cached weights on this machine)."""
+    """Say plainly when 'imagenet' fell back to random init (no cached weights, and none downloaded)."""
     from vpr.models.backbone import imagenet_weights_path
 
     if cfg.model.weights == "imagenet" and not imagenet_weights_path().exists():
-        return "`imagenet` requested but not found locally, so **random init**"
+        return "`imagenet` requested but neither cached nor downloadable, so **random init**"
     return f"`{cfg.model.weights}`"

@@ -1,7 +1,8 @@
 """ResNet-18 truncated after ``layer3`` (conv4): 256 channels at stride 16.
 
-Weights are only ever read from local files: these machines have no internet, so a download attempt would
-hang or fail late. Missing ImageNet weights degrade to random init with a loud warning instead.
+``model.weights: imagenet`` takes torchvision's ImageNet weights from its cache, downloading them first
+when the network answers (``vpr.models.weights``: bounded timeouts, hash-checked); offline, or on any
+failure, the backbone starts from random init with a loud warning that says why.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from torch import nn
 from torchvision.models import resnet18
 
 from vpr.config import ModelConfig
+from vpr.models.weights import WeightsUnavailable, cached_path, fetch_imagenet
 
-IMAGENET_FILE = "resnet18-f37072fd.pth"  # torchvision's cache name for ResNet18_Weights.IMAGENET1K_V1
 BACKBONE_CHANNELS = 256
 BACKBONE_STRIDE = 16
 _LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
@@ -58,8 +59,21 @@ class ResNetConv4(nn.Sequential):
 
 
 def imagenet_weights_path() -> Path:
-    """Where torchvision would have cached the ImageNet ResNet-18 weights (``$TORCH_HOME/hub/checkpoints``)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
+    """Where torchvision caches the ImageNet ResNet-18 weights (``$TORCH_HOME/hub/checkpoints/...``)."""
+    return cached_path()
+
+
+def imagenet_weights() -> Path | None:
+    """The ImageNet weights file (fetched when missing and reachable), or None after a warning."""
+    try:
+        return fetch_imagenet()
+    except WeightsUnavailable as exc:
+        warnings.warn(
+            f"ImageNet weights not found at {cached_path()} and not downloaded ({exc}); using random init "
+            "(run `vpr weights --fetch` with internet, or set model.weights to a local .pth file)",
+            stacklevel=3,
+        )
+        return None
 
 
 def _load_state(net: nn.Module, path: Path) -> None:
@@ -79,19 +93,13 @@ def _load_state(net: nn.Module, path: Path) -> None:
 
 
 def build_backbone(cfg: ModelConfig) -> ResNetConv4:
-    """Build the conv4 backbone with ``cfg.weights`` = ``"imagenet"`` (cache only), ``"none"``, or a .pth path."""
+    """Build the conv4 backbone with ``cfg.weights`` = ``"imagenet"`` (cache, else download), ``"none"``, or a .pth."""
     net = resnet18(weights=None)  # weights=None never touches the network
     weights = cfg.weights
     if weights == "imagenet":
-        path = imagenet_weights_path()
-        if path.is_file():
+        path = imagenet_weights()
+        if path is not None:
             _load_state(net, path)
-        else:
-            warnings.warn(
-                f"ImageNet weights not found at {path}; using random init "
-                f"(place {IMAGENET_FILE} there or set model.weights to a local .pth file)",
-                stacklevel=2,
-            )
     elif weights != "none":
         path = Path(os.path.expanduser(weights))
         if not path.is_file():
