@@ -5,8 +5,8 @@ Python, not from a reader). Layers, bottom to top:
 
 0. foundations: config, atomic, geo, rng, procs, layout, imageio, progress, profiles, dvcrun, tables, datalock
 1. shared parts: models, shardio, retrieval, checkpoints, descriptors, splits, triplets, history
-2. pipeline steps: catalog, shards, mining, train, evaluate, index, locate, inbox, batch, reindex, report, ablation,
-   synth
+2. pipeline steps: catalog, shards, mining, train, evaluate, index, locate, inbox, batch, check, reindex, report,
+   ablation, synth
 3. the command line: cli
 
 A module may import its own layer or any layer below; steps may use each other's public functions
@@ -55,6 +55,7 @@ LAYERS = {
             "locate",
             "inbox",
             "batch",
+            "check",
             "reindex",
             "report",
             "ablation",

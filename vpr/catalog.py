@@ -309,7 +309,7 @@ def _tables(rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]
     return catalog.select(list(CATALOG_SCHEMA)), rejected, warnings
 
 
-def _summary(catalog: pl.DataFrame, rejected: pl.DataFrame, warnings: pl.DataFrame) -> str:
+def summary_text(catalog: pl.DataFrame, rejected: pl.DataFrame, warnings: pl.DataFrame) -> str:
     lines = [f"ingest: {catalog.height} accepted, {rejected.height} rejected"]
     for reason, count in sorted(Counter(rejected["reason"].to_list()).items()):
         lines.append(f"  rejected {count:>6} × {reason}")
@@ -325,16 +325,22 @@ def _summary(catalog: pl.DataFrame, rejected: pl.DataFrame, warnings: pl.DataFra
     return "\n".join(lines)
 
 
+def inspect_tree(root: str | Path, cfg: IngestConfig) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, int]:
+    """What ingest would make of ``ROOT``, writing nothing: (catalog, rejected, warnings, entries found)."""
+    root = Path(root)
+    cands = find_candidates(root)
+    rows = _inspect_all(root, cands, cfg) + [{**r, "split": None, "role": None} for r in stray_entries(root)]
+    return *_tables(_one_zone(sorted(rows, key=lambda r: r["path"]))), len(cands)
+
+
 def ingest(root: str | Path, out_dir: str | Path, cfg: IngestConfig) -> IngestResult:
     """Decode every image under ``ROOT/images/<split>/<role>`` once; write catalog + rejected list."""
     root, out_dir = Path(root), Path(out_dir)
-    cands = find_candidates(root)
-    rows = _inspect_all(root, cands, cfg) + [{**r, "split": None, "role": None} for r in stray_entries(root)]
-    catalog, rejected, warnings = _tables(_one_zone(sorted(rows, key=lambda r: r["path"])))
-    summary = _summary(catalog, rejected, warnings)
+    catalog, rejected, warnings, found = inspect_tree(root, cfg)
+    summary = summary_text(catalog, rejected, warnings)
     logger.info(summary)
     if catalog.height == 0:
-        raise IngestError(f"no usable images under {root / 'images'} ({len(cands)} file(s) found, all rejected)")
+        raise IngestError(f"no usable images under {root / 'images'} ({found} file(s) found, all rejected)")
     for split in SPLITS:  # every split's file, empty when it has no images: stages can depend on each
         write_parquet_atomic(catalog.filter(pl.col("split") == split), catalog_file(out_dir, split))
     write_parquet_atomic(rejected, out_dir / REJECTED_FILE)

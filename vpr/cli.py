@@ -411,23 +411,32 @@ def weights(
     params: Path = ParamsOpt,
 ) -> None:
     """Where the backbone's weights come from (model.weights); `--fetch` downloads torchvision's ImageNet file."""
-    from vpr.models.weights import WeightsUnavailable, describe_imagenet, fetch_imagenet
+    from vpr.models.weights import WeightsUnavailable, describe, fetch_imagenet
 
-    setting = _config(params).model.weights
-    info = describe_imagenet()
-    if setting == "none":
-        source = "random init (model.weights: none)"
-    elif setting != "imagenet":
-        source = f"local file {setting}"
-    else:
-        source = f"ImageNet, {'cached' if info['cached'] else 'not cached yet: downloaded on first use'}"
-    typer.echo(f"model.weights: {setting}\nsource:        {source}")
-    typer.echo(f"imagenet url:  {info['url']} ({info['url_from']})\nimagenet file: {info['cache']}")
+    typer.echo(describe(_config(params).model.weights))
     if fetch:
         try:
             typer.echo(f"fetched:       {fetch_imagenet()}")
         except WeightsUnavailable as exc:
             _fail(f"cannot fetch the ImageNet weights: {exc}")
+
+
+@app.command()
+def check(
+    root: Path = typer.Argument(..., help="a datasets_vg root (images/<split>/<role>/...)"),
+    as_json: bool = typer.Option(False, "--json", help="the report as JSON"),
+    params: Path = ParamsOpt,
+) -> None:
+    """What ingest would accept and reject, split sizes, unmatched queries, and the cost: nothing written."""
+    from vpr.catalog import IngestError
+    from vpr.check import check_tree, render
+
+    cfg = _config(params)
+    try:
+        report = check_tree(root, cfg)
+    except IngestError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(report.to_dict(), indent=1) if as_json else render(report, cfg))
 
 
 def main() -> None:  # pragma: no cover - console entry

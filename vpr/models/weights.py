@@ -147,3 +147,18 @@ def describe_imagenet() -> dict:
         "cached": path.is_file(),
         "sha256_prefix": expected_hash_prefix(url),
     }
+
+
+def describe(setting: str) -> str:
+    """Where the backbone's weights come from under ``model.weights: setting`` (``vpr weights``)."""
+    info = describe_imagenet()
+    if setting == "none":
+        source = "random init (model.weights: none)"
+    elif setting != "imagenet":
+        source = f"local file {setting}"
+    else:
+        source = f"ImageNet, {'cached' if info['cached'] else 'not cached yet: downloaded on first use'}"
+    return (
+        f"model.weights: {setting}\nsource:        {source}\n"
+        f"imagenet url:  {info['url']} ({info['url_from']})\nimagenet file: {info['cache']}"
+    )
