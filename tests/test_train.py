@@ -115,11 +115,12 @@ def test_trunk_cache_matches_full_forward(micro_project):
 
 
 def test_precision_setting_and_bf16_step_agree_with_fp32(micro_project):
-    from vpr.descriptors import autocast, cpu_has_native_bf16, use_bf16
+    from vpr.descriptors import autocast, use_bf16
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not use_bf16(cpu, "fp32") and use_bf16(cpu, "bf16")
-    assert use_bf16(cpu, "auto") == cpu_has_native_bf16() and use_bf16(cuda, "auto")
+    # auto never changes CPU arithmetic with the CPU's model: the same seed trains alike on every CPU
+    assert not use_bf16(cpu, "auto") and use_bf16(cuda, "auto")
     assert not use_bf16(cuda, "fp32")
 
     root, cfg, layout = micro_project

@@ -136,8 +136,8 @@ class TrainConfig(_Strict):
     # Frozen early layers are a fixed function of the image: encode them once per run and train
     # layer3 + head on the cached maps. auto = on CPU when the layers are frozen and it fits in memory.
     cache_frozen_trunk: Literal["auto", "on", "off"] = "auto"
-    # Training-step arithmetic. auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 /
-    # AMX; speed-up measured in BENCHMARKS.md), fp32 elsewhere.
+    # Training-step arithmetic. auto = bf16 autocast on CUDA, fp32 on every CPU (so CPU results do not
+    # depend on whether the CPU has native bf16); bf16 opts in on CPU (speed-up: BENCHMARKS.md).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 

@@ -121,10 +121,15 @@ def cpu_has_native_bf16() -> bool:
 
 
 def use_bf16(device: torch.device, precision: str = "auto") -> bool:
-    """``precision`` (auto | fp32 | bf16) resolved for ``device``: auto = CUDA, or a CPU with native bf16."""
+    """``precision`` (auto | fp32 | bf16) resolved for ``device``: auto = bf16 on CUDA only.
+
+    Not on CPUs with native bf16 (AVX512-BF16 / AMX): the same seed then trained differently on such a
+    Xeon and on a CPU without them (bf16 steps here, fp32 there), so CPU results depended on the vendor.
+    ``precision: bf16`` still opts in (``cpu_has_native_bf16`` says whether it pays, BENCHMARKS.md).
+    """
     if precision != "auto":
         return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    return device.type == "cuda"
 
 
 def autocast(device: torch.device, bf16: bool | None = None):
