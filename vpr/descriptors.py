@@ -81,14 +81,17 @@ def eval_transform(shards: ShardConfig, image_scale: float) -> Callable[[Image.I
 
 
 class ShardStream(IterableDataset):
-    """``(position, image tensor)`` for the requested ids, streamed shard by shard through WebDataset.
+    """Batches ``(positions, image tensors)`` of the requested ids, streamed shard by shard through WebDataset.
 
     Shards are dealt out to DataLoader workers round-robin, each read whole and in order (every sample
     integrity-checked, see ``vpr.shardio``); only the requested samples are decoded and transformed.
     ``position`` is the sample's index in ``ids`` (its first one, when an id is asked for twice).
+    A batch never spans two shards, so which images share a batch does not depend on the number of
+    workers: the model sees the same batches, and gives the same bits, whatever ``workers`` is.
     """
 
-    def __init__(self, reader: ShardReader, ids: Sequence[int], transform: Callable) -> None:
+    def __init__(self, reader: ShardReader, ids: Sequence[int], transform: Callable, batch_size: int = 32) -> None:
+        self.batch_size = batch_size
         ids = np.asarray(ids, dtype=np.int64)
         first: dict[int, int] = {}
         for pos, i in enumerate(ids.tolist()):
@@ -102,14 +105,22 @@ class ShardStream(IterableDataset):
         self.plans = [p for p in reader.plans() if p.url in holding]
         self.wanted, self.transform = first, transform
 
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         mine = self.plans if info is None else self.plans[info.id :: info.num_workers]
         for plan in mine:
+            positions: list[int] = []
+            images: list[torch.Tensor] = []
             for n, jpg, _ in stream_samples(plan):
                 pos = self.wanted.get(plan.ids[n])
                 if pos is not None:
-                    yield pos, self.transform(decode_sample(plan, n, jpg))
+                    positions.append(pos)
+                    images.append(self.transform(decode_sample(plan, n, jpg)))
+                if len(positions) == self.batch_size:
+                    yield torch.tensor(positions), torch.stack(images)
+                    positions, images = [], []
+            if positions:
+                yield torch.tensor(positions), torch.stack(images)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -168,7 +179,8 @@ def image_batches(
     workers: int = 0,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Batches ``(positions in ids, images on device)`` streamed from the shards (``ShardStream``)."""
-    loader = DataLoader(ShardStream(reader, ids, transform), batch_size=batch_size, **loader_kwargs(device, workers))
+    stream = ShardStream(reader, ids, transform, batch_size)
+    loader = DataLoader(stream, batch_size=None, **loader_kwargs(device, workers))  # the stream batches
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     for positions, batch in loader:
         yield positions.numpy(), batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)

@@ -63,7 +63,10 @@ class NetVLADHead(nn.Module):
 
     def forward(self, x: Tensor, assignment_weight: Tensor | None = None) -> Tensor:
         x = l2n(x, dim=1)
-        assign = F.softmax(self.conv(x), dim=1)
+        # the 1×1 conv as a matmul: oneDNN's 1×1 convolution splits its channel sum by thread, so its
+        # bits depended on the thread count; the matmul's do not (same weights, same checkpoint keys)
+        logits = torch.matmul(self.conv.weight[:, :, 0, 0].to(x.dtype), x.flatten(2)).view(x.shape[0], -1, *x.shape[2:])
+        assign = F.softmax(logits, dim=1)
         if assignment_weight is not None:
             assign = assign * assignment_weight
         return intra_normalize_flatten(vlad(x, assign, self.centroids))
@@ -88,7 +91,12 @@ class NetVLADHead(nn.Module):
         desc = np.ascontiguousarray(desc)
 
         kmeans = faiss.Kmeans(self.dim, self.clusters, niter=100, seed=seed, verbose=False)
-        kmeans.train(desc)
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # faiss's k-means sums per thread: one thread, one result on any machine
+        try:
+            kmeans.train(desc)
+        finally:
+            faiss.omp_set_num_threads(threads)
         centroids = kmeans.centroids.astype(np.float32)
         unit = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
 
