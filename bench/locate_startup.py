@@ -1,7 +1,7 @@
 """Where `vpr locate`'s time goes: interpreter and imports vs the answer itself (issue: 6–12 s a call).
 
 Each probe is a fresh process (what a user's call is), run ``--rounds`` times interleaved; medians,
-and each process's peak RSS (``wait4``). Probes: an empty interpreter, ``import torch``, ``import
+and each process's peak RSS (GNU time). Probes: an empty interpreter, ``import torch``, ``import
 torch, torchvision`` (the backbone's definition), ``import vpr.cli`` (what ``vpr --help`` pays), then
 ``vpr locate`` on 1 and on N query images of a released project. Per-image time is the difference
 between the two ``locate`` runs divided by N − 1: what a long-running service pays per image.
@@ -14,10 +14,10 @@ PROJECT_DIR is a project after `make run` (it has a release and data/images/test
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,14 +27,15 @@ PY = sys.executable
 
 
 def run(cmd: list[str], cwd: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in MiB) of one fresh process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    """(seconds, peak RSS in MiB) of one fresh process, its RSS read by GNU time (the ``wait4`` of this
+    process would count pages the child shared with it before ``exec``)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        t0 = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd], cwd=cwd, capture_output=True)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.decode()[-2000:]}")
+        return seconds, int(rss.read().split()[-1]) / 1024
 
 
 def main() -> None:
