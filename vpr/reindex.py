@@ -243,7 +243,10 @@ def _roll_back_vanished(plan: dict, cfg: Config, layout: Layout, result: Reindex
     logger.warning("reindex: %d file(s) of pending batch %s vanished; re-planning the rest", len(gone), plan["batch"])
     index = _split_index(layout, plan["split"])
     _discard(plan, layout, index)
-    left = [{**it["row"], "inbox": it["inbox"], "source": it["source"]} for it in plan["items"] if it not in gone]
+    gone_ids = {it["id"] for it in gone}
+    left = [
+        {**it["row"], "inbox": it["inbox"], "source": it["source"]} for it in plan["items"] if it["id"] not in gone_ids
+    ]
     if not left:
         return None
     fresh = plan_batch(left, index, plan["split"], cfg.shards.samples_per_shard)
@@ -316,7 +319,8 @@ def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> No
             plan["batch"],
             printable_path(lost[0]["inbox"]),
         )
-    kept = [it for it in plan["items"] if it not in lost]
+    lost_ids = {it["id"] for it in lost}
+    kept = [it for it in plan["items"] if it["id"] not in lost_ids]
     append_to_catalog(layout.catalog(plan["split"]), [it["row"] for it in kept])
     _reached("catalog-written")
     _move_files(layout, plan)
