@@ -4,6 +4,7 @@
 #   make test  — set up, lint (ruff check + ruff format --check), run the test suite
 # Orchestration: `make server` (local Prefect API + UI, SQLite) and, in another shell, `make serve`
 # (serves train-all/train-all and the scheduled reindex/reindex); `make repro` runs the same steps via DVC.
+# `make api` serves the live release over HTTP (page at http://127.0.0.1:8000/, docs at /docs).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -19,7 +20,7 @@ export PYTHONUNBUFFERED := 1
 PREFECT_HOME ?= $(abspath .prefect)
 PREFECT_PORT ?= 4200
 
-.PHONY: setup run test data repro bench clean server serve up
+.PHONY: setup run test data repro bench clean server serve up api browser study
 
 setup: $(STAMP)
 
@@ -57,7 +58,17 @@ up: $(STAMP)
 	$(BIN)/python -m flows.wait_for_api http://127.0.0.1:$(PREFECT_PORT)/api --timeout 120 && \
 	PREFECT_HOME=$(PREFECT_HOME) PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.serve
 
-test: $(STAMP)
+api: $(STAMP)
+	$(BIN)/vpr api
+
+# The page test drives the system's Chromium (Debian's package; Playwright never downloads a browser)
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "installing Chromium from Debian's packages (for the page test)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q

@@ -38,6 +38,7 @@ from vpr.config import parse_config
 from vpr.descriptors import autocast, image_transform, use_bf16
 from vpr.models import build_model
 from vpr.shardio import ShardReader
+from vpr.trunk import open_trunk_cache
 
 TRAIN_ID_SPLITS = ("train", "val")
 
@@ -142,7 +143,8 @@ def cache_build_seconds(cfg, layout, device: torch.device) -> tuple[float, int]:
         model = build_model("avg", cfg.model).to(device)
     tf = image_transform(cfg.shards.height, cfg.shards.width, cfg.train.image_scale)
     t0 = time.perf_counter()
-    vt.TrunkCache(model, reader, ids, tf, device, cfg.evaluate.batch_size, bf16=use_bf16(device, cfg.train.precision))
+    size = (round(cfg.shards.height * cfg.train.image_scale), round(cfg.shards.width * cfg.train.image_scale))
+    open_trunk_cache(model, reader, ids, tf, device, size=size, batch_size=cfg.evaluate.batch_size, folder=None)
     return time.perf_counter() - t0, len(ids)
 
 

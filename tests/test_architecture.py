@@ -42,7 +42,7 @@ LAYERS = {
         0,
     ),
     **dict.fromkeys(
-        ["models", "shardio", "retrieval", "checkpoints", "descriptors", "splits", "triplets", "history"], 1
+        ["models", "shardio", "retrieval", "checkpoints", "descriptors", "splits", "triplets", "history", "trunk"], 1
     ),
     **dict.fromkeys(
         [
@@ -59,6 +59,7 @@ LAYERS = {
             "reindex",
             "report",
             "ablation",
+            "api",
         ],
         2,
     ),

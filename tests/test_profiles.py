@@ -22,8 +22,9 @@ def test_unknown_profile_names_the_choices(tmp_path):
         apply_profile("nope", tmp_path / "params.yaml", PROFILES)
 
 
-def test_cpu_profile_equals_the_shipped_params():
+def test_cpu_profile_equals_the_shipped_params(tmp_path):
     shipped = load_config(PROFILES.parent / "params.yaml")
-    from vpr.config import Config
 
-    assert Config() == shipped, "params.yaml and the typed defaults (the cpu profile) drifted apart"
+    restored = apply_profile("cpu", tmp_path / "params.yaml", PROFILES)
+    assert restored == shipped, "params.yaml and the cpu profile (typed defaults + profiles/cpu.yaml) drifted apart"
+    assert shipped.train.for_head("netvlad").epochs > shipped.train.epochs  # the demo's budget per head

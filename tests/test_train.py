@@ -96,22 +96,43 @@ def test_resume_after_interruption_reproduces_uninterrupted_run(micro_project, t
     )
 
 
-def test_trunk_cache_matches_full_forward(micro_project):
+def test_trunk_cache_matches_full_forward_and_is_shared_by_the_heads(micro_project, tmp_path):
     from vpr.config import ModelConfig
     from vpr.descriptors import extract
     from vpr.models import build_model
-    from vpr.train import TrunkCache
+    from vpr.trunk import cache_key, open_trunk_cache
 
     root, cfg, layout = micro_project
     reader = ShardReader(layout.shards_dir)
-    model = build_model("gem", ModelConfig(weights="none", gem_dim=32))
+    mcfg = ModelConfig(weights="none", gem_dim=32, netvlad_clusters=4)
+    model = build_model("gem", mcfg)
     tf = image_transform(cfg.shards.height, cfg.shards.width)
-    ids = np.arange(10)
-    cache = TrunkCache(model, reader, ids, tf, torch.device("cpu"), batch_size=4)
-    full = extract(model, reader, ids, tf, device=torch.device("cpu"), batch_size=4)
-    np.testing.assert_allclose(cache.descriptors(ids[::-1], 3), full[::-1], atol=1e-5)
+    ids, cpu, size = np.arange(10), torch.device("cpu"), (cfg.shards.height, cfg.shards.width)
+    folder = tmp_path / "trunk"
+    cache = open_trunk_cache(model, reader, ids, tf, cpu, size=size, batch_size=4, folder=folder)
+    full = extract(model, reader, ids, tf, device=cpu, batch_size=4)
+    # stored in bfloat16: the descriptors are the full forward's up to that rounding
+    np.testing.assert_allclose(cache.descriptors(ids[::-1], 3), full[::-1], atol=2e-2)
+    assert np.abs(cache.descriptors(ids, 3) - full).max() > 0  # the rounding is there (not a float32 cache)
     with pytest.raises(KeyError):
         cache.get(np.array([999]))
+    (stored,) = folder.glob("*.pt")
+
+    # another head of the same run: the same trunk, so the same file, loaded instead of encoded
+    netvlad = build_model("netvlad", mcfg)
+    assert cache_key(netvlad, reader, ids, size) == stored.stem
+    again = open_trunk_cache(netvlad, reader, ids[::-1], tf, cpu, size=size, batch_size=4, folder=folder)
+    assert torch.equal(again.get(ids), cache.get(ids)) and list(folder.glob("*.pt")) == [stored]
+
+    # other trunk weights, another input size or other image bytes: another key
+    other = build_model("gem", mcfg, seed=1)
+    assert cache_key(other, reader, ids, size) != stored.stem
+    assert cache_key(model, reader, ids, (size[0] // 2, size[1] // 2)) != stored.stem
+    assert cache_key(model, reader, ids[:5], size) != stored.stem
+    # a damaged file is rebuilt, not trusted
+    stored.write_bytes(b"not a cache")
+    rebuilt = open_trunk_cache(model, reader, ids, tf, cpu, size=size, batch_size=4, folder=folder)
+    assert torch.equal(rebuilt.get(ids), cache.get(ids))
 
 
 def test_precision_setting_and_bf16_step_agree_with_fp32(micro_project):

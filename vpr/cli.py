@@ -234,38 +234,29 @@ def locate(
     if as_json:
         typer.echo(json.dumps(results, indent=2))
     else:
-        _print_locations(results)
+        from vpr.tables import print_locations
+
+        print_locations(results)
     if not all(r["ok"] for r in results):
         raise typer.Exit(1)
 
 
-def _print_locations(results: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+@app.command()
+def api(
+    host: str | None = typer.Option(None, "--host", help="address to listen on (default: api.host)"),
+    port: int | None = typer.Option(None, "--port", help="port (default: api.port; 0 = any free port)"),
+    head: str | None = typer.Option(None, "--head", help="release to serve (default: index.head)"),
+    params: Path = ParamsOpt,
+) -> None:
+    """Serve the live release over HTTP (page at /, OpenAPI docs at /docs); new releases are swapped in."""
+    cfg = _config(params)
+    from vpr.api.serve import serve
+    from vpr.index import ReleaseError
 
-    console = Console()
-    for r in results:
-        if not r["ok"]:
-            console.print(f"[bold red]{r['image']}[/]: error: {r['error']}")
-            continue
-        est = r["estimate"]
-        where = f"E {est['utm_east']:.1f}  N {est['utm_north']:.1f}" if est else "unknown"
-        if est and est["lat"] is not None:
-            where += f"  ({est['lat']:.6f}, {est['lon']:.6f})"
-        table = Table(title=f"{r['image']}\n→ {where}   confidence {r['confidence']:.2f}", title_justify="left")
-        for col in ("#", "path", "utm_east", "utm_north", "lat", "lon", "distance"):
-            table.add_column(col, justify="left" if col == "path" else "right")
-        for m in r["matches"]:
-            table.add_row(
-                str(m["rank"]),
-                m["path"],
-                f"{m['utm_east']:.1f}",
-                f"{m['utm_north']:.1f}",
-                "" if m["lat"] is None else f"{m['lat']:.6f}",
-                "" if m["lon"] is None else f"{m['lon']:.6f}",
-                f"{m['distance']:.4f}",
-            )
-        console.print(table)
+    try:
+        serve(cfg, head=head, host=host, port=port)
+    except ReleaseError as exc:
+        _fail(str(exc))
 
 
 @app.command()

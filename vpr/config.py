@@ -96,7 +96,7 @@ class MiningConfig(_Strict):
 class ModelConfig(_Strict):
     weights: str = "imagenet"  # "imagenet", "none", or a path to a local .pth state dict
     freeze_early_layers: bool = True
-    netvlad_clusters: StrictInt = Field(64, gt=1, le=4096)  # a bound, so a forged checkpoint cannot ask for GBs
+    netvlad_clusters: StrictInt = Field(16, gt=1, le=4096)  # a bound, so a forged checkpoint cannot ask for GBs
     gem_p: float = Field(3.0, gt=0)
     gem_dim: StrictInt = Field(256, gt=0)
     kmeans_descriptors: StrictInt = Field(50_000, gt=0)
@@ -113,11 +113,20 @@ class AugmentConfig(_Strict):
         return self.color_jitter > 0 or self.horizontal_flip or self.random_erasing > 0
 
 
+class HeadBudget(_Strict):
+    """Training budget of one head where it differs from the ``train`` section (``train.per_head``)."""
+
+    lr: float | None = Field(None, gt=0)
+    epochs: StrictInt | None = Field(None, ge=1)
+    queries_per_epoch: StrictInt | None = Field(None, gt=0)
+    patience: StrictInt | None = Field(None, ge=1)
+
+
 class TrainConfig(_Strict):
     heads: list[Head] = Field(default_factory=lambda: list(HEADS), min_length=1)
-    lr: float = Field(1e-4, gt=0)
-    epochs: StrictInt = Field(3, ge=1)
-    queries_per_epoch: StrictInt = Field(200, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    epochs: StrictInt = Field(4, ge=1)
+    queries_per_epoch: StrictInt = Field(400, gt=0)
     batch_queries: StrictInt = Field(4, gt=0)
     negatives: StrictInt = Field(10, gt=0)
     margin: float = Field(0.1, gt=0)
@@ -139,6 +148,16 @@ class TrainConfig(_Strict):
     # Training-step arithmetic. auto = bf16 autocast on CUDA, fp32 on every CPU (so CPU results do not
     # depend on whether the CPU has native bf16); bf16 opts in on CPU (speed-up: BENCHMARKS.md).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # lr / epochs / queries_per_epoch / patience of single heads, e.g. {netvlad: {epochs: 12}}: on a small
+    # budget the heads that learn slowly get more of it (the study gives every head the same)
+    per_head: dict[Head, HeadBudget] = {}
+
+    def for_head(self, head: str) -> TrainConfig:
+        """This section with ``head``'s own budget applied."""
+        budget = self.per_head.get(head)  # type: ignore[call-overload]
+        if budget is None:
+            return self
+        return self.model_copy(update=budget.model_dump(exclude_none=True))
 
 
 class EvalConfig(_Strict):
@@ -181,6 +200,23 @@ class LocateConfig(_Strict):
         return int(self.max_file_mb * 2**20)
 
 
+class ApiConfig(_Strict):
+    """``vpr api``: the HTTP service answering from the live release (per-image limits: ``locate``)."""
+
+    host: str = "127.0.0.1"
+    port: StrictInt = Field(8000, ge=0, le=65535)
+    max_images: StrictInt = Field(16, gt=0)  # per request; more is a 413
+    max_request_mb: float = Field(64.0, gt=0)  # whole request body; more is a 413, never read past
+    max_top_k: StrictInt = Field(100, gt=0)
+    batch_images: StrictInt = Field(32, gt=0)  # concurrent requests' images encoded together, at most
+    batch_wait_ms: float = Field(5.0, ge=0)  # how long the first image waits for others to join its batch
+    poll_s: float = Field(1.0, gt=0)  # how often the live release pointer is checked (hot swap)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 2**20)
+
+
 class OrchestrationConfig(_Strict):
     task_runner: Literal["threads", "dask"] = "threads"
     max_workers: StrictInt = Field(2, ge=1)
@@ -221,6 +257,7 @@ class Config(_Strict):
     evaluate: EvalConfig = EvalConfig()
     index: IndexConfig = IndexConfig()
     locate: LocateConfig = LocateConfig()
+    api: ApiConfig = ApiConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @model_validator(mode="after")

@@ -123,10 +123,46 @@ class Release:
                 out[start : start + len(batch)] = self.model(batch).float().cpu().numpy()
         return out
 
-    def search(self, descriptors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(L2 distances, image ids), each Q×k; rows are padded with id −1 when the index is smaller."""
-        sq, ids = self.index.search(np.ascontiguousarray(descriptors, dtype=np.float32), k)
+    def search(
+        self, descriptors: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(L2 distances, image ids), each Q×k; rows are padded with id −1 when fewer images qualify.
+
+        ``allowed``: only these image ids are candidates (FAISS's id selector, inside the search).
+        """
+        x = np.ascontiguousarray(descriptors, dtype=np.float32)
+        if allowed is None:
+            sq, ids = self.index.search(x, k)
+        else:
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+            sq, ids = self.index.search(x, k, params=_search_params(self.index, selector))
         return np.sqrt(np.maximum(sq, 0)), ids
+
+    def ids_within(self, lat: float, lon: float, radius_m: float) -> np.ndarray:
+        """Ids of the indexed images within ``radius_m`` of (lat, lon) (great-circle distance)."""
+        rows = self.ids.filter(pl.col("lat").is_not_nan() & pl.col("lon").is_not_nan())
+        if rows.is_empty():
+            raise ReleaseError("this release has no latitude/longitude for its images: a GPS prior cannot apply")
+        metres = haversine_m(lat, lon, rows["lat"].to_numpy(), rows["lon"].to_numpy())
+        return rows["id"].to_numpy()[metres <= radius_m]
+
+
+def haversine_m(lat: float, lon: float, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
+    """Great-circle distances in metres from one point to many (mean Earth radius)."""
+    p1, p2 = np.radians(lat), np.radians(lats)
+    a = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(np.radians(lons - lon) / 2) ** 2
+    return 2 * 6_371_008.8 * np.arcsin(np.sqrt(np.clip(a, 0, 1)))
+
+
+def _search_params(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """Search parameters carrying ``selector`` and the index's own nprobe / efSearch (else reset to defaults)."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+    return faiss.SearchParameters(sel=selector)
 
 
 # --------------------------------------------------------------------------- versions on disk

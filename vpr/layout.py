@@ -74,6 +74,8 @@ class Layout:
         """Every epoch's state (model, optimiser, history) for ``--resume``."""
         return self.models_dir / head / "last.pt"
 
+    trunk_cache_dir = _below("artifacts", "trunk-cache", "frozen-trunk maps shared by the heads (vpr.trunk)")
+
     def live_dir(self, head: str) -> Path:
         """dvclive folder of the training history (``metrics.json``, per-epoch ``plots/metrics/*.tsv``)."""
         return self.artifacts / "live" / head

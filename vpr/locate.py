@@ -58,6 +58,11 @@ def prepare_image(
         raise LocateInputError(str(exc)) from None
     except OSError as exc:
         raise LocateInputError(f"cannot read file: {exc.strerror or exc}") from None
+    return prepare_bytes(data, height, width, quality, max_pixels)
+
+
+def prepare_bytes(data: bytes, height: int, width: int, quality: int, max_pixels: int) -> Image.Image:
+    """Encoded image bytes (a file's, an upload's) → RGB image at the shard size; see ``prepare_image``."""
     if not data:
         raise LocateInputError("file is empty")
     with strict_pillow(None):  # Pillow's own guard off: the header check below refuses with the real size

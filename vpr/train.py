@@ -47,68 +47,9 @@ from vpr.rng import reseed_torch_rng
 from vpr.shardio import ShardReader
 from vpr.splits import SplitData, load_split
 from vpr.triplets import TripletImages, select_triplets, triplet_loss
+from vpr.trunk import TrunkCache, open_trunk_cache
 
 logger = logging.getLogger(__name__)
-
-
-class TrunkCache:
-    """Outputs of the frozen early layers for every image a training run touches, computed once.
-
-    With ``freeze_early_layers`` the layers before ``layer3`` are a fixed function of the image
-    (no gradient, BatchNorm in eval mode), yet they cost about 70 % of a forward pass. Encoding
-    each train/val image once, in fixed id order, makes mining refreshes and training steps run
-    ``layer3`` + head only, and gives a resumed run exactly the features of an uninterrupted one.
-    """
-
-    def __init__(
-        self,
-        model: VPRModel,
-        reader: ShardReader,
-        ids: np.ndarray,
-        transform,
-        device: torch.device,
-        batch_size: int,
-        bf16: bool = False,
-    ) -> None:
-        self.ids = np.unique(ids)
-        self.model, self.bf16 = model, bf16
-        features: torch.Tensor | None = None
-        model.eval()
-        with torch.inference_mode():
-            for positions, batch in image_batches(reader, self.ids, transform, device=device, batch_size=batch_size):
-                with autocast(device, bf16):  # stored in float32 either way
-                    out = model.backbone.trunk(batch).float()
-                if features is None:
-                    features = torch.empty((len(self.ids), *out.shape[1:]), dtype=out.dtype, device=out.device)
-                features[torch.from_numpy(positions).to(out.device)] = out
-        assert features is not None, "no images to cache"
-        self.features = features
-        model.train()
-
-    @staticmethod
-    def estimate_bytes(n_images: int, height: int, width: int) -> int:
-        """Memory of the cache: 128 channels at stride 8, float32."""
-        return n_images * 128 * math.ceil(height / 8) * math.ceil(width / 8) * 4
-
-    def get(self, ids: np.ndarray) -> torch.Tensor:
-        rows = np.searchsorted(self.ids, np.asarray(ids).ravel())
-        if np.any(rows >= len(self.ids)) or np.any(
-            self.ids[np.minimum(rows, len(self.ids) - 1)] != np.asarray(ids).ravel()
-        ):
-            raise KeyError("image id not in the trunk cache")
-        return self.features[torch.from_numpy(rows)]
-
-    @torch.inference_mode()
-    def descriptors(self, ids: np.ndarray, batch_size: int) -> np.ndarray:
-        was_training = self.model.training
-        self.model.eval()
-        device = self.features.device
-        out = []
-        for i in range(0, len(ids), batch_size):
-            with autocast(device, self.bf16):
-                out.append(self.model.forward_from_trunk(self.get(ids[i : i + batch_size])).float().cpu().numpy())
-        self.model.train(was_training)
-        return np.concatenate(out) if out else np.empty((0, self.model.descriptor_dim), np.float32)
 
 
 def use_trunk_cache(cfg: Config, device: torch.device, n_images: int) -> bool:
@@ -228,7 +169,7 @@ def train_head(
     head: str, cfg: Config, layout: Layout, *, resume: bool = False, stop_after_batches: int | None = None
 ) -> dict:
     """Train one head; returns a summary. ``stop_after_batches`` simulates an interruption (tests)."""
-    tc = cfg.train
+    tc = cfg.train.for_head(head)
     device = resolve_device(tc.device)
     reader = ShardReader(layout.shards_dir, ("train", "val"))  # what the train stages depend on
     index = reader.index
@@ -260,7 +201,17 @@ def train_head(
     touched = np.concatenate([train.db_ids, train.q_ids, val.db_ids, val.q_ids])
     step_bf16 = use_bf16(device, tc.precision)
     cache = (
-        TrunkCache(model, reader, touched, eval_tf, device, cfg.evaluate.batch_size, bf16=step_bf16)
+        open_trunk_cache(
+            model,
+            reader,
+            touched,
+            eval_tf,
+            device,
+            size=(round(cfg.shards.height * tc.image_scale), round(cfg.shards.width * tc.image_scale)),
+            batch_size=cfg.evaluate.batch_size,
+            folder=layout.trunk_cache_dir,
+            bf16=step_bf16,
+        )
         if use_trunk_cache(cfg, device, len(touched))
         else None
     )
@@ -384,7 +335,7 @@ def _batches(
         for start in range(0, len(ids), b_size):
             rows = ids[start : start + b_size]
             b, n = rows.shape
-            feats = cache.get(rows).view(b, n, *cache.features.shape[1:]).clone()
+            feats = cache.get(rows).view(b, n, *cache.shape)
             if augment:
                 with torch.no_grad():
                     queries = torch.stack([query_tf(reader.load(int(i))) for i in rows[:, 0]]).to(device)

@@ -64,8 +64,11 @@ class VPRModel(nn.Module):
 def build_model(head: str, cfg: ModelConfig, seed: int = 0) -> VPRModel:
     """Build backbone (weights per ``cfg.weights``) and the named head; random init drawn from ``seed``.
 
-    The same seed gives the same weights whatever other threads of the process do (``vpr.rng``).
+    The same seed gives the same weights whatever other threads of the process do (``vpr.rng``). The
+    backbone's draws do not depend on the head, so every head of a run starts from the same trunk (and
+    shares one trunk cache, ``vpr.trunk``).
     """
-    with seeded_torch_rng(seed):
+    with seeded_torch_rng(seed + 1):
         head_module = build_head(head, cfg)  # validate the name before the (possibly warning) backbone build
+    with seeded_torch_rng(seed):
         return VPRModel(build_backbone(cfg), head_module, head)

@@ -50,6 +50,10 @@ class ResNetConv4(nn.Sequential):
             x = getattr(self, name)(x)
         return x
 
+    def trunk_state(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers of the layers ``trunk`` runs (what its output is a function of)."""
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] in _LAYERS[:-1]}
+
     def train(self, mode: bool = True) -> ResNetConv4:
         super().train(mode)
         if self.freeze_early:
