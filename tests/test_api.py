@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,8 +18,9 @@ from PIL import Image
 
 from tests.apikit import running
 from tests.test_evaluate import build_micro
-from vpr.api import LiveRelease, create_app
+from vpr.api.app import create_app
 from vpr.api.batcher import MicroBatcher
+from vpr.api.live import LiveRelease
 from vpr.config import ApiConfig, LocateConfig
 from vpr.index import add_to_release, build_release, load_release
 from vpr.shardio import ShardReader
@@ -209,3 +213,38 @@ def test_a_release_that_fails_to_load_leaves_the_served_one_answering(micro, tmp
     finally:
         pointer.write_text(saved)
     assert Image.open(io.BytesIO(live.current().thumbnail(int(_db_rows(layout)["id"][0])))).size
+
+
+def test_vpr_locate_api_asks_the_service_without_loading_torch(micro, service, tmp_path):
+    root, cfg, layout = micro
+    url, _ = service
+    row = _db_rows(layout).row(4, named=True)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff broken")
+    params = tmp_path / "params.yaml"
+    params.write_text(cfg.model_dump_json())  # JSON is YAML
+    args = ["locate", "--api", url, "--json", "-k", "2", str(root / "data" / row["path"]), str(broken)]
+    args += [str(tmp_path / "missing.jpg"), "--params", str(params)]
+    probe = (
+        "import json, sys\n"
+        "from typer.testing import CliRunner\n"
+        "from vpr.cli import app\n"
+        f"r = CliRunner().invoke(app, {args!r})\n"
+        "print(json.dumps({'code': r.exit_code, 'out': r.stdout, 'torch': 'torch' in sys.modules}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["torch"] is False and report["code"] == 1  # one image failed: exit status 1, like locate
+    good, bad, missing = json.loads(report["out"])
+    assert good["ok"] and good["matches"][0]["id"] == row["id"] and len(good["matches"]) == 2
+    assert not bad["ok"] and not missing["ok"] and "image" in bad["error"]
+    # nobody listening: a clear error, fast (connect bounded by 2 s)
+    down = subprocess.run(
+        [sys.executable, "-m", "vpr.cli", "locate", "--api", "http://127.0.0.1:9", "--params", str(params), args[6]],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert down.returncode == 1 and "no answer from http://127.0.0.1:9" in down.stderr

@@ -42,7 +42,19 @@ LAYERS = {
         0,
     ),
     **dict.fromkeys(
-        ["models", "shardio", "retrieval", "checkpoints", "descriptors", "splits", "triplets", "history", "trunk"], 1
+        [
+            "models",
+            "shardio",
+            "retrieval",
+            "checkpoints",
+            "descriptors",
+            "splits",
+            "triplets",
+            "history",
+            "trunk",
+            "distributed",
+        ],
+        1,
     ),
     **dict.fromkeys(
         [

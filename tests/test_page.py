@@ -11,7 +11,8 @@ import pytest
 
 from tests.apikit import running
 from tests.test_evaluate import build_micro
-from vpr.api import LiveRelease, create_app
+from vpr.api.app import create_app
+from vpr.api.live import LiveRelease
 from vpr.config import ApiConfig, LocateConfig
 from vpr.index import build_release
 from vpr.shardio import ShardReader

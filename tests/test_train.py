@@ -166,3 +166,33 @@ def test_precision_setting_and_bf16_step_agree_with_fp32(micro_project):
     b, n = batch.shape[:2]
     losses = [triplet_loss(desc[k].view(b, n, -1), cfg.train.margin).item() for k in (False, True)]
     assert abs(losses[0] - losses[1]) < 0.01, losses
+
+
+def test_the_gpu_branches_run_on_cpu_through_the_same_training_code(micro_project):
+    """channels_last, bf16 autocast, torch.compile (inductor) and pinned-memory loader workers: what a GPU run
+    switches on, forced on here, so a typo in those branches fails this test, not a user's first GPU run."""
+    import warnings
+
+    import torch._dynamo
+
+    root, cfg, layout = micro_project
+    gpu_like = cfg.train.model_copy(
+        update={
+            "epochs": 1,
+            "cache_frozen_trunk": "off",  # the GPU path: whole-image steps through the compiled model
+            "compile": True,
+            "channels_last": "on",
+            "precision": "bf16",
+            "pin_memory": "on",
+            "workers": 2,
+        }
+    )
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pin_memory.*")  # no accelerator: torch ignores the request
+        summary = train_head("gem", cfg.model_copy(update={"train": gpu_like}), layout)
+    assert summary["epochs"] == 1 and np.isfinite(summary["history"][0]["loss"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step ran compiled
+    state = load_checkpoint(layout.checkpoint("gem"))["model"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import typer
 
 from vpr.config import ConfigError, load_config
+from vpr.layout import SPLITS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -63,14 +65,8 @@ def synth(
 
 @app.command()
 def ingest(
-    root: Path | None = typer.Argument(
-        None, help="datasets_vg root (ROOT/images/{split}/{role}/*.jpg; default: paths.data)"
-    ),
-    out: Path | None = typer.Option(
-        None,
-        "--out",
-        help="folder for the per-split catalogs ({split}.parquet) and rejected.parquet (default: from params paths)",
-    ),
+    root: Path | None = typer.Argument(None, help="datasets_vg root (images/{split}/{role}/; default: paths.data)"),
+    out: Path | None = typer.Option(None, "--out", help="catalog folder ({split}.parquet, rejected.parquet)"),
     params: Path = ParamsOpt,
 ) -> None:
     """Validate every image once and write the catalog and the rejected list."""
@@ -88,21 +84,26 @@ def ingest(
     typer.echo(f"catalog: {result.accepted} images, {result.rejected} rejected → {out}", err=True)
 
 
-SplitOpt = typer.Option(["train", "val", "test"], "--split", help="split(s) to process (repeatable)")
+SplitOpt = typer.Option(list(SPLITS), "--split", help="split(s) to process (repeatable)", callback=lambda v: _splits(v))
+
+
+def _splits(values: list[str]) -> list[str]:
+    bad = [v for v in values if v not in SPLITS]
+    if bad:
+        raise typer.BadParameter(f"unknown split {bad[0]!r} (expected {', '.join(SPLITS)})")
+    return values
 
 
 @app.command()
 def shard(split: list[str] = SplitOpt, params: Path = ParamsOpt) -> None:
     """Pack each split's cataloged images into deterministic WebDataset tars plus an id → shard table."""
     cfg = _config(params)
-    from vpr.layout import SPLITS, Layout
+    from vpr.layout import Layout
     from vpr.shardio import ShardError
     from vpr.shards import write_shards
 
     layout = Layout.from_config(cfg)
     for s in split:
-        if s not in SPLITS:
-            _fail(f"unknown split {s!r} (expected {', '.join(SPLITS)})")
         try:
             index = write_shards(layout.catalog(s), layout.data, layout.split_shards(s), cfg.shards)
         except ShardError as exc:
@@ -114,13 +115,11 @@ def shard(split: list[str] = SplitOpt, params: Path = ParamsOpt) -> None:
 def mine(split: list[str] = SplitOpt, params: Path = ParamsOpt) -> None:
     """UTM positives per query: hard (≤ train_positive_m) and soft (≤ test_positive_m)."""
     cfg = _config(params)
-    from vpr.layout import SPLITS, Layout
+    from vpr.layout import Layout
     from vpr.mining import mine_all
 
     layout = Layout.from_config(cfg)
     for s in split:
-        if s not in SPLITS:
-            _fail(f"unknown split {s!r} (expected {', '.join(SPLITS)})")
         for name, path in mine_all(layout.catalog(s), layout.mining_dir, cfg.mining, (s,)).items():
             typer.echo(f"{name} → {path}", err=True)
 
@@ -129,10 +128,15 @@ def mine(split: list[str] = SplitOpt, params: Path = ParamsOpt) -> None:
 def train(
     head: str = typer.Option(..., "--head", help="avg | gem | netvlad | crn"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last epoch checkpoint"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel ranks on this node (torchrun)"),
     params: Path = ParamsOpt,
 ) -> None:
     """Train one head with triplets (UTM positives, descriptor-mined hard negatives)."""
     cfg = _config(params)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # start the ranks; each runs this command once more
+        from vpr.distributed import launch
+
+        raise typer.Exit(launch(nproc, ["train", "--head", head, *(["--resume"] * resume), "--params", str(params)]))
     from vpr.checkpoints import CheckpointError
     from vpr.config import HEADS
     from vpr.layout import Layout
@@ -145,7 +149,8 @@ def train(
         summary = train_head(head, cfg, Layout.from_config(cfg), resume=resume)
     except (ShardError, CheckpointError) as exc:
         _fail(str(exc))
-    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 
 @app.command()
@@ -202,6 +207,7 @@ def locate(
     top_k: int | None = typer.Option(None, "--top-k", "-k", help="matches per image (default: locate.top_k)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
     release: Path | None = typer.Option(None, "--release", help="release folder (default: from params)"),
+    api_url: str | None = typer.Option(None, "--api", envvar="VPR_API_URL", help="ask a running `vpr api` at URL"),
     params: Path = ParamsOpt,
 ) -> None:
     """Where was each photo taken? Top-K database matches and an estimated position with a confidence.
@@ -209,16 +215,22 @@ def locate(
     Exit status 1 when any image could not be answered (each such image gets its own error entry).
     """
     cfg = _config(params)
+    k = cfg.locate.top_k if top_k is None else top_k  # 0 is an error, not the default
+    if k <= 0:
+        _fail("--top-k must be positive")
+    if api_url:  # a running service answers: no torch import, no model load
+        from vpr.api.client import ApiError, locate_remote
+
+        try:
+            return _print_or_dump(locate_remote(api_url, images, k, cfg.locate), as_json)
+        except ApiError as exc:
+            _fail(str(exc))
     from vpr.checkpoints import CheckpointError
     from vpr.index import ReleaseError
     from vpr.layout import Layout
     from vpr.locate import locate as run_locate
 
-    head = head or cfg.index.head
-    release_dir = release or Layout.from_config(cfg).release_dir(head)
-    k = cfg.locate.top_k if top_k is None else top_k  # 0 is an error, not the default
-    if k <= 0:
-        _fail("--top-k must be positive")
+    release_dir = release or Layout.from_config(cfg).release_dir(head or cfg.index.head)
     try:
         results = run_locate(
             images,
@@ -231,6 +243,10 @@ def locate(
         )
     except (ReleaseError, CheckpointError) as exc:
         _fail(str(exc))
+    _print_or_dump(results, as_json)
+
+
+def _print_or_dump(results: list[dict], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(results, indent=2))
     else:
@@ -249,12 +265,10 @@ def api(
     params: Path = ParamsOpt,
 ) -> None:
     """Serve the live release over HTTP (page at /, OpenAPI docs at /docs); new releases are swapped in."""
-    cfg = _config(params)
-    from vpr.api.serve import serve
-    from vpr.index import ReleaseError
+    from vpr.api.serve import ReleaseError, serve
 
     try:
-        serve(cfg, head=head, host=host, port=port)
+        serve(_config(params), head=head, host=host, port=port)
     except ReleaseError as exc:
         _fail(str(exc))
 
@@ -428,10 +442,6 @@ def check(
     except IngestError as exc:
         _fail(str(exc))
     typer.echo(json.dumps(report.to_dict(), indent=1) if as_json else render(report, cfg))
-
-
-def main() -> None:  # pragma: no cover - console entry
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -141,7 +141,9 @@ class TrainConfig(_Strict):
     seed: StrictInt = Field(0, ge=0, le=2**32 - 1)  # every RNG of the stack takes a 32-bit seed
     workers: StrictInt = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
+    compile: bool = False  # torch.compile the training step (inductor; on CPU it needs a C++ compiler)
+    channels_last: Literal["auto", "on", "off"] = "auto"  # NHWC tensors: auto = on CUDA
+    pin_memory: Literal["auto", "on", "off"] = "auto"  # page-locked loader batches: auto = on CUDA
     # Frozen early layers are a fixed function of the image: encode them once per run and train
     # layer3 + head on the cached maps. auto = on CPU when the layers are frozen and it fits in memory.
     cache_frozen_trunk: Literal["auto", "on", "off"] = "auto"

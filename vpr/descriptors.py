@@ -150,11 +150,21 @@ def autocast(device: torch.device, bf16: bool | None = None):
     return nullcontext()
 
 
-def loader_kwargs(device: torch.device, workers: int, generator: torch.Generator | None = None) -> dict:
+def on_cuda_by_default(device: torch.device, mode: str = "auto") -> bool:
+    """An ``auto | on | off`` setting resolved for ``device``: auto = on CUDA only.
+
+    ``on`` runs the GPU's choice on CPU too, which is how the tests exercise the CUDA-only branches.
+    """
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def loader_kwargs(
+    device: torch.device, workers: int, generator: torch.Generator | None = None, pin_memory: str = "auto"
+) -> dict:
     """DataLoader options; each loader gets its own generator (never torch's global one, see ``vpr.rng``)."""
     kwargs: dict = {
         "num_workers": workers,
-        "pin_memory": device.type == "cuda",
+        "pin_memory": on_cuda_by_default(device, pin_memory),  # without an accelerator torch warns, ignores it
         "generator": generator if generator is not None else torch.Generator(),
     }
     if workers > 0:

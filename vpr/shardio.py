@@ -244,9 +244,15 @@ def stream_samples(plan: ShardPlan) -> Iterator[tuple[int, bytes, bytes]]:
     url, expected = plan.url, plan.keys
     if not url.exists():
         raise ShardError(f"shard missing: {url}")
-    # workersplitter=None: this one shard is read whole wherever it runs; callers deal shards to workers
+    # workersplitter/nodesplitter None: this one shard is read whole wherever it runs (in any loader worker,
+    # on any rank of a distributed run); callers deal shards to workers and ids to ranks themselves
     dataset = wds.WebDataset(
-        str(url), shardshuffle=False, empty_check=False, handler=wds.reraise_exception, workersplitter=None
+        str(url),
+        shardshuffle=False,
+        empty_check=False,
+        handler=wds.reraise_exception,
+        workersplitter=None,
+        nodesplitter=None,
     )
     n = 0
     try:

@@ -25,6 +25,8 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from vpr.checkpoints import CheckpointError as CheckpointError  # raised here for unreadable checkpoints
@@ -36,9 +38,11 @@ from vpr.descriptors import (
     image_batches,
     image_transform,
     loader_kwargs,
+    on_cuda_by_default,
     resolve_device,
     use_bf16,
 )
+from vpr.distributed import Ranks, current, gather_descriptors, join_from_env, leave, mean_over_ranks, my_batches
 from vpr.history import write_history
 from vpr.layout import Layout
 from vpr.models import VPRModel, build_model
@@ -75,10 +79,14 @@ def descriptors(
     batch_size: int,
     workers: int,
 ) -> np.ndarray:
-    """Inference-mode descriptors, from the trunk cache when there is one."""
-    if cache is not None:
-        return cache.descriptors(ids, batch_size)
-    return extract(model, reader, ids, transform, device=device, batch_size=batch_size, workers=workers)
+    """Inference-mode descriptors, from the trunk cache when there is one; a share per rank, all-gathered."""
+
+    def encode(some: np.ndarray) -> np.ndarray:
+        if cache is not None:
+            return cache.descriptors(some, batch_size)
+        return extract(model, reader, some, transform, device=device, batch_size=batch_size, workers=workers)
+
+    return gather_descriptors(np.asarray(ids), encode, model.descriptor_dim, current(), device)
 
 
 def validate(
@@ -165,12 +173,48 @@ def _progress() -> Progress:
     )
 
 
+class _Step(nn.Module):
+    """The training forward as one module (what ``DistributedDataParallel`` wraps): images or trunk maps."""
+
+    def __init__(self, model: nn.Module, from_trunk: bool) -> None:
+        super().__init__()
+        self.model, self.from_trunk = model, from_trunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_from_trunk(x) if self.from_trunk else self.model(x)
+
+
+def _my_rows(n_rows: int, batch: int, ranks: Ranks) -> np.ndarray:
+    """Rows of a chunk's triplets in this rank's batches (``vpr.distributed.my_batches``), in order."""
+    mine = my_batches(math.ceil(n_rows / batch), ranks)
+    return np.concatenate([np.arange(k * batch, min((k + 1) * batch, n_rows)) for k in mine] or [np.empty(0, int)])
+
+
 def train_head(
     head: str, cfg: Config, layout: Layout, *, resume: bool = False, stop_after_batches: int | None = None
 ) -> dict:
-    """Train one head; returns a summary. ``stop_after_batches`` simulates an interruption (tests)."""
+    """Train one head; returns a summary. ``stop_after_batches`` simulates an interruption (tests).
+
+    Started by torchrun, this process is one rank of a data-parallel run (``vpr.distributed``).
+    """
+    device = resolve_device(cfg.train.device)
+    ranks, created = join_from_env(device)
+    try:
+        return _train(head, cfg, layout, device, ranks, resume, stop_after_batches)
+    finally:
+        leave(created)
+
+
+def _train(
+    head: str,
+    cfg: Config,
+    layout: Layout,
+    device: torch.device,
+    ranks: Ranks,
+    resume: bool,
+    stop_after_batches: int | None,
+) -> dict:
     tc = cfg.train.for_head(head)
-    device = resolve_device(tc.device)
     reader = ShardReader(layout.shards_dir, ("train", "val"))  # what the train stages depend on
     index = reader.index
     train = load_split(index, pl.read_parquet(layout.mining("train")), "train")
@@ -187,7 +231,8 @@ def train_head(
         if state
         else build_training_model(head, cfg, layout, reader, train, eval_tf, device)
     )
-    if device.type == "cuda":
+    channels_last = on_cuda_by_default(device, tc.channels_last)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr)
     history: list[dict] = []
@@ -197,7 +242,7 @@ def train_head(
         optimizer.load_state_dict(state["optimizer"])
         history, best, bad_epochs = state["history"], state["best_val_recall"], state["bad_epochs"]
         start_epoch = state["epoch"] + 1
-    step_model = torch.compile(model) if tc.compile and device.type == "cuda" else model
+    step_model = torch.compile(model) if tc.compile else model  # the whole-image step (no trunk cache)
     touched = np.concatenate([train.db_ids, train.q_ids, val.db_ids, val.q_ids])
     step_bf16 = use_bf16(device, tc.precision)
     cache = (
@@ -215,6 +260,11 @@ def train_head(
         if use_trunk_cache(cfg, device, len(touched))
         else None
     )
+    step: nn.Module = _Step(model if cache is not None else step_model, from_trunk=cache is not None)
+    if ranks.world > 1:  # gradients averaged over the ranks; the initial weights broadcast from rank 0
+        step = DistributedDataParallel(
+            step, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None
+        )
     batches_done = 0
     for epoch in range(start_epoch, tc.epochs + 1):
         if bad_epochs >= tc.patience:
@@ -223,17 +273,18 @@ def train_head(
         reseed_torch_rng(tc.seed * 1_000_003 + epoch)  # augmentation draws
         t0, images, losses = time.perf_counter(), 0, []
         order = rng.permutation(len(train.q_ids))[: tc.queries_per_epoch]
-        n_batches = math.ceil(len(order) / tc.batch_queries)
+        chunks = [order[i : i + tc.refresh_every] for i in range(0, len(order), tc.refresh_every)]
+        n_batches = sum(len(_my_rows(len(c), tc.batch_queries, ranks)) for c in chunks) // tc.batch_queries
         with _progress() as progress:
             task = progress.add_task(f"{head} epoch {epoch}/{tc.epochs}", total=n_batches, loss=0.0)
-            for start in range(0, len(order), tc.refresh_every):
-                chunk = order[start : start + tc.refresh_every]
+            for chunk in chunks:
                 triplets = _mine_chunk(model, reader, train, chunk, eval_tf, cfg, device, rng, cache)
                 ids = np.concatenate([train.q_ids[chunk][:, None], train.db_ids[triplets]], axis=1)
+                ids = ids[_my_rows(len(ids), tc.batch_queries, ranks)]
                 model.train()
                 for x, b, n in _batches(ids, reader, query_tf, eval_tf, cfg, device, rng, cache):
                     with autocast(device, step_bf16):
-                        out = model.forward_from_trunk(x) if cache is not None else step_model(x)
+                        out = step(x)
                     desc = out.float().view(b, n, -1)
                     loss = triplet_loss(desc, tc.margin)
                     optimizer.zero_grad(set_to_none=True)
@@ -246,6 +297,7 @@ def train_head(
                     if stop_after_batches is not None and batches_done >= stop_after_batches:
                         return {"head": head, "interrupted": True, "epoch": epoch}
         seconds = time.perf_counter() - t0
+        epoch_loss, images = mean_over_ranks(losses, ranks), images * ranks.world
         recalls = validate(
             model,
             reader,
@@ -260,14 +312,17 @@ def train_head(
         history.append(
             {
                 "epoch": epoch,
-                "loss": float(np.mean(losses)),
+                "loss": epoch_loss,
                 **{f"recall@{n}": recalls.get(n, float("nan")) for n in (1, 5, 10, 20)},
                 "seconds": seconds,
                 "images_per_s": images / seconds,
             }
         )
-        if recalls[tc.select_by] > best:
-            best, bad_epochs = recalls[tc.select_by], 0
+        improved = recalls[tc.select_by] > best  # the same on every rank: they validate the same weights
+        best, bad_epochs = (recalls[tc.select_by], 0) if improved else (best, bad_epochs + 1)
+        if not ranks.main:  # rank 0 writes checkpoints, history and logs
+            continue
+        if improved:
             save_checkpoint(
                 {
                     "model": model.state_dict(),
@@ -279,8 +334,6 @@ def train_head(
                 },
                 layout.checkpoint(head),
             )
-        else:
-            bad_epochs += 1
         save_checkpoint(
             {
                 "model": model.state_dict(),
@@ -290,6 +343,7 @@ def train_head(
                 "best_val_recall": best,
                 "bad_epochs": bad_epochs,
                 "head": head,
+                "ranks": ranks.world,
             },
             last_path,
         )
@@ -346,12 +400,14 @@ def _batches(
         TripletImages(reader, ids, query_tf, db_tf),
         batch_size=b_size,
         shuffle=False,
-        **loader_kwargs(device, tc.workers, torch.Generator().manual_seed(int(rng.integers(2**31)))),
+        **loader_kwargs(
+            device, tc.workers, torch.Generator().manual_seed(int(rng.integers(2**31))), pin_memory=tc.pin_memory
+        ),
     )
     for batch in loader:
         b, n = batch.shape[:2]
         batch = batch.flatten(0, 1).to(device, non_blocking=True)
-        if device.type == "cuda":
+        if on_cuda_by_default(device, tc.channels_last):
             batch = batch.contiguous(memory_format=torch.channels_last)
         yield batch, b, n
 

@@ -1,6 +1,6 @@
-"""The HTTP localisation service (``vpr api``): FastAPI over the live release, hot-swapped."""
+"""The HTTP localisation service (``vpr api``): FastAPI over the live release, hot-swapped.
 
-from vpr.api.app import create_app
-from vpr.api.live import LiveRelease
-
-__all__ = ["LiveRelease", "create_app"]
+``app`` (routes), ``live`` (the served release and its hot swap), ``batcher`` (micro-batching),
+``serve`` (uvicorn), ``client`` (``vpr locate --api``). Nothing is imported here, so the client
+loads without torch.
+"""

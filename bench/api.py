@@ -1,0 +1,190 @@
+"""Load test of `vpr api` on loopback: latency and images/s at several concurrencies, the model bound, a swap.
+
+Serves a project's live release (default: the repository's own, after `make run`) with a real uvicorn
+server on 127.0.0.1 and posts its test-split query photos, one image per request:
+
+- for each concurrency (default 1, 8, 32): ``--requests`` requests (or ``--seconds``, whichever ends
+  first), p50/p99 latency and images/s;
+- the model-only inference bound measured in the same run: ``Release.encode_images`` on prepared images
+  in batches of ``api.batch_images`` (what the micro-batcher calls), images/s;
+- the same load at concurrency 8 while a new release is published in the middle (``add_to_release`` of
+  a few query images, as a re-index does): failed requests, and the seconds from the publish until
+  the first answer from the new version.
+
+    .venv/bin/python bench/api.py                       # the repository's project (after make run)
+    .venv/bin/python bench/api.py --root /tmp/run1 --concurrency 1 8 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import _common
+import httpx
+import numpy as np
+import polars as pl
+
+from tests.apikit import running
+from vpr.api.app import create_app
+from vpr.api.live import LiveRelease
+from vpr.config import load_config
+from vpr.index import CURRENT, add_to_release, current_version, load_release
+from vpr.layout import Layout
+from vpr.locate import prepare_image
+from vpr.shardio import ShardReader
+
+
+def query_photos(layout: Layout) -> list[tuple[str, bytes]]:
+    rows = ShardReader(layout.shards_dir).index.filter((pl.col("split") == "test") & (pl.col("role") == "queries"))
+    return [(Path(p).name, (layout.data / p).read_bytes()) for p in rows.sort("id")["path"].to_list()]
+
+
+def load(url: str, photos, concurrency: int, requests: int, seconds: float, versions: list | None = None) -> dict:
+    """``requests`` one-image POSTs from ``concurrency`` clients; latencies, failures, images/s."""
+    latencies: list[float] = []
+    failures: list[str] = []
+    counter = iter(range(requests))
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as http:
+            while time.monotonic() < deadline:
+                with lock:
+                    n = next(counter, None)
+                if n is None:
+                    return
+                name, data = photos[n % len(photos)]
+                t0 = time.perf_counter()
+                r = http.post(f"{url}/v1/locate", files=[("images", (name, data, "image/jpeg"))])
+                done = time.perf_counter()
+                with lock:
+                    latencies.append(done - t0)
+                    if r.status_code != 200 or not r.json()["results"][0]["ok"]:
+                        failures.append(f"{r.status_code} {r.text[:100]}")
+                    elif versions is not None:
+                        versions.append((time.monotonic(), r.json()["version"]))
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for _ in range(concurrency):
+            pool.submit(client)
+    wall = time.perf_counter() - t0
+    ms = sorted(1000 * x for x in latencies)
+    return {
+        "requests": len(ms),
+        "failed": len(failures),
+        "p50_ms": statistics.median(ms),
+        "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))],
+        "images_per_s": len(ms) / wall,
+    }
+
+
+def model_bound(release, photos, img: dict, batch: int, rounds: int = 3) -> float:
+    """Images/s of ``encode_images`` alone on prepared images (no HTTP, no decoding, no search)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = []
+        for name, data in photos[: batch * 2]:
+            path = Path(tmp) / name
+            path.write_bytes(data)
+            prepared.append(prepare_image(path, img["height"], img["width"], img.get("jpeg_quality", 90), 10**9))
+    release.encode_images(prepared[:batch], batch_size=batch)  # warm-up
+    rates = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        release.encode_images(prepared, batch_size=batch)
+        rates.append(len(prepared) / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=_common.ROOT, help="project root (params.yaml, release)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=400, help="per concurrency level, at most")
+    parser.add_argument("--seconds", type=float, default=30.0, help="per concurrency level, at most")
+    args = parser.parse_args()
+    os.chdir(args.root)
+    cfg = load_config(args.root / "params.yaml")
+    layout = Layout.from_config(cfg, args.root)
+    photos = query_photos(layout)
+    # a copy of the live version: the swap below publishes into the copy, never into the project's release
+    tmp = Path(tempfile.mkdtemp(prefix="vpr-bench-api-"))
+    source = current_version(layout.release_dir(cfg.index.head))
+    if source is None:
+        raise SystemExit(f"no release in {layout.release_dir(cfg.index.head)}: run `make run` (or vpr index) first")
+    release_dir = tmp / "release"
+    shutil.copytree(source, release_dir / source.name)
+    (release_dir / CURRENT).write_text(source.name + "\n")
+    live = LiveRelease(release_dir, device=cfg.train.device, shards_dir=layout.shards_dir)
+    app = create_app(live, cfg.api, cfg.locate)
+    release = live.current().release
+    print(f"# {_common.machine()}")
+    print(
+        f"# release {release.version} ({release.manifest['head']}, {release.index.ntotal} images, "
+        f"{release.index.d}-d, {release.manifest['index_kind']}); {len(photos)} query photos; "
+        f"api.batch_images {cfg.api.batch_images}, batch_wait_ms {cfg.api.batch_wait_ms:g}"
+    )
+    with running(app) as url:
+        load(url, photos, 2, 8, 30)  # warm-up
+        bound = model_bound(release, photos, release.manifest["image"], cfg.api.batch_images)
+        rows = []
+        for c in args.concurrency:
+            batches0, images0 = app.state.batcher.batches, app.state.batcher.images
+            r = load(url, photos, c, args.requests, args.seconds)
+            per_pass = (app.state.batcher.images - images0) / max(1, app.state.batcher.batches - batches0)
+            rows.append((c, r, per_pass))
+        print("\n| concurrency | requests | failed | p50 ms | p99 ms | images/s | / bound | images per pass |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for c, r, per_pass in rows:
+            print(
+                f"| {c} | {r['requests']} | {r['failed']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+                f"{r['images_per_s']:.1f} | {r['images_per_s'] / bound:.2f} | {per_pass:.1f} |"
+            )
+        print(f"\nmodel-only bound (encode_images, batches of {cfg.api.batch_images}): {bound:.1f} images/s")
+
+        # a release published in the middle of the load
+        versions: list[tuple[float, str]] = []
+        published: dict = {}
+
+        def publish() -> None:
+            time.sleep(args.seconds / 3)
+            base = load_release(release_dir)
+            reader = ShardReader(layout.shards_dir)
+            new = reader.index.filter(pl.col("role") == "queries").sort("id").head(20)
+            new = new.filter(~pl.col("id").is_in(base.ids["id"].to_list()))
+            desc = base.encode(reader, new["id"].to_list()) if new.height else np.empty((0, base.index.d))
+            published["at"] = time.monotonic()
+            published["version"] = add_to_release(base, new["id"].to_list(), desc, new).name
+            published["old"] = base.version
+
+        swapper = threading.Thread(target=publish)
+        swapper.start()
+        r = load(url, photos, 8, 10**6, args.seconds, versions)
+        swapper.join()
+        new_answers = [t for t, v in versions if v == published["version"]]
+        lag = min(new_answers) - published["at"] if new_answers else float("nan")
+        print(
+            f"\nswap under load (concurrency 8, {args.seconds:g} s): {r['requests']} requests, {r['failed']} failed; "
+            f"{published['old']} → {published['version']} published at {args.seconds / 3:g} s, first answer from it "
+            f"{lag:.2f} s later (api.poll_s {cfg.api.poll_s:g}); p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms; "
+            f"versions answering: {sorted({v for _, v in versions})}"
+        )
+    shutil.rmtree(tmp, ignore_errors=True)
+    import resource
+
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Data-parallel training on CPU (gloo): 2 ranks through torchrun, the same code as one rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vpr.checkpoints import load_checkpoint
+from vpr.distributed import Ranks, gather_descriptors, my_batches, my_share
+from vpr.train import train_head
+
+
+def test_shares_and_batches_cover_everything_once_with_equal_steps():
+    for n in (0, 1, 5, 12):
+        for world in (1, 2, 3):
+            shares = [my_share(n, Ranks(r, world)) for r in range(world)]
+            assert sum((list(range(n))[s] for s in shares), []) == list(range(n))
+    for n_batches in (1, 2, 5, 8):
+        per_rank = [my_batches(n_batches, Ranks(r, 2)) for r in range(2)]
+        assert len(per_rank[0]) == len(per_rank[1]) >= 1  # every rank steps as often: all-reduce never hangs
+        assert len(set(per_rank[0]) & set(per_rank[1])) == 0 or n_batches < 2
+
+
+def _gather_worker(rank: int, port: int, ids: np.ndarray, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        calls: list[int] = []
+
+        def encode(some: np.ndarray) -> np.ndarray:
+            calls.append(len(some))
+            return np.stack([some * 1.5, some - 0.25], axis=1).astype(np.float32)
+
+        got = gather_descriptors(ids, encode, 2, Ranks(rank, 2), torch.device("cpu"))
+        np.save(f"{out}.{rank}.npy", got)
+        np.save(f"{out}.{rank}.calls.npy", np.array(calls))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gathered_descriptors_equal_the_single_process_ones(tmp_path):
+    ids = np.arange(7, dtype=np.int64) * 10
+    mp.spawn(_gather_worker, args=(_free_port(), ids, str(tmp_path / "g")), nprocs=2, join=True)
+    single = np.stack([ids * 1.5, ids - 0.25], axis=1).astype(np.float32)
+    for rank in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"g.{rank}.npy"), single)
+    assert sorted(int(np.load(tmp_path / f"g.{r}.calls.npy")[0]) for r in range(2)) == [3, 4]  # each a share
+
+
+def _torchrun(root, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vpr.cli", "-q", "train", *args, "--params", str(root / "params.yaml")]
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.timeout(900)
+def test_two_rank_training_learns_writes_once_and_resumes_on_one_rank(micro_project):
+    root, cfg, layout = micro_project
+    proc = _torchrun(root, ["--head", "netvlad", "--nproc", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1  # rank 0 alone reports
+    last = load_checkpoint(layout.last_checkpoint("netvlad"))
+    assert last["ranks"] == 2 and last["epoch"] == cfg.train.epochs
+    history = last["history"]
+    assert history[-1]["loss"] < history[0]["loss"], [h["loss"] for h in history]
+    # one writer: no temporaries left by a second one, one history row per epoch
+    leftovers = [p.name for p in layout.models_dir.rglob("*") if p.name.startswith(".")]
+    assert not leftovers, leftovers
+    live = pl.read_csv(layout.live_dir("netvlad") / "plots/metrics/train/loss.tsv", separator="\t")
+    assert live["step"].to_list() == list(range(1, cfg.train.epochs + 1))
+
+    # resume the 2-rank run on one rank, one epoch further
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": cfg.train.epochs + 1})})
+    summary = train_head("netvlad", longer, layout, resume=True)
+    assert summary["epochs"] == cfg.train.epochs + 1
+    resumed = load_checkpoint(layout.last_checkpoint("netvlad"))
+    assert resumed["ranks"] == 1 and resumed["history"][: cfg.train.epochs] == history
