@@ -3,7 +3,8 @@
 #                end to end (embedded local API), print the results table
 #   make test  — set up, lint (ruff check + ruff format --check), run the test suite
 # Orchestration: `make server` (local Prefect API + UI, SQLite) and, in another shell, `make serve`
-# (serves train-all/train-all and the scheduled reindex/reindex); `make repro` runs the same steps via DVC.
+# (serves train-all/train-all and the scheduled reindex/reindex); `make repro` runs the same steps via DVC;
+# `make study` runs the longer CPU study profile.
 # `make api` serves the live release over HTTP (page at http://127.0.0.1:8000/, docs at /docs).
 PYTHON ?= python3
 VENV   := .venv
@@ -44,6 +45,12 @@ repro: data
 
 run: data
 	PREFECT_HOME=$(PREFECT_HOME) PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 $(BIN)/python -m flows.train_all
+
+# The longer CPU study (profiles/cpu-study.yaml: each head up to 36 epochs, about 50 min on 2 cores) via
+# DVC; it rewrites params.yaml, and `vpr profile cpu` switches it back to the demo.
+study: $(STAMP)
+	$(BIN)/vpr profile cpu-study
+	$(MAKE) repro
 
 server: $(STAMP)
 	PREFECT_HOME=$(PREFECT_HOME) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)

@@ -63,10 +63,13 @@ def mine(cfg: Config, root: str, split: str) -> dict:
 
 @task(name="train", task_run_name="train@{head}", cache_policy=StageInputs(stage="train@{head}"), persist_result=True)
 def train(cfg: Config, root: str, head: str) -> dict:
-    """Triplet-train one head → ``artifacts/models/{head}`` (CRN reads NetVLAD's checkpoint)."""
-    from vpr.train import train_head
+    """Triplet-train one head → ``artifacts/models/{head}`` (CRN reads NetVLAD's checkpoint).
 
-    summary = train_head(head, cfg, _layout(cfg, root))
+    With ``train.nproc`` > 1 the task starts that many data-parallel ranks through torchrun and waits.
+    """
+    from vpr.launch import train_head_ranks
+
+    summary = train_head_ranks(head, cfg, _layout(cfg, root))
     return {k: v for k, v in summary.items() if k != "history"} | {"epochs_run": len(summary.get("history", []))}
 
 

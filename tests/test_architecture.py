@@ -72,6 +72,7 @@ LAYERS = {
             "report",
             "ablation",
             "api",
+            "launch",
         ],
         2,
     ),

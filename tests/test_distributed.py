@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 
 from vpr.checkpoints import load_checkpoint
 from vpr.distributed import Ranks, gather_descriptors, my_batches, my_share
-from vpr.train import train_head
 
 
 def test_shares_and_batches_cover_everything_once_with_equal_steps():
@@ -63,19 +63,30 @@ def test_gathered_descriptors_equal_the_single_process_ones(tmp_path):
     assert sorted(int(np.load(tmp_path / f"g.{r}.calls.npy")[0]) for r in range(2)) == [3, 4]  # each a share
 
 
-def _torchrun(root, args: list[str]) -> subprocess.CompletedProcess:
+def _cli_train(root, params, args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "vpr.cli", "-q", "train", *args, "--params", str(root / "params.yaml")]
+    cmd = [sys.executable, "-m", "vpr.cli", "-q", "train", *args, "--params", str(params)]
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.mark.timeout(900)
-def test_two_rank_training_learns_writes_once_and_resumes_on_one_rank(micro_project):
+def test_two_rank_training_learns_writes_once_and_resumes_on_one_rank(micro_project, prefect_harness, capfd, tmp_path):
+    """The Prefect train task starts the ranks (``train.nproc: 2``); the CLI resumes the run on one."""
+    from prefect import flow
+
+    from tasks import train as train_task
+
     root, cfg, layout = micro_project
-    proc = _torchrun(root, ["--head", "netvlad", "--nproc", "2"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(summaries) == 1  # rank 0 alone reports
+    two_ranks = cfg.model_copy(update={"train": cfg.train.model_copy(update={"nproc": 2})})
+
+    @flow(name="train-on-two-ranks")
+    def train_on_two_ranks() -> dict:
+        return train_task(two_ranks, str(root), "netvlad")
+
+    summary = train_on_two_ranks()
+    assert summary["ranks"] == 2 and summary["epochs"] == cfg.train.epochs
+    printed = [line for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
+    assert not printed, printed  # the launched ranks report through the task, not on stdout
     last = load_checkpoint(layout.last_checkpoint("netvlad"))
     assert last["ranks"] == 2 and last["epoch"] == cfg.train.epochs
     history = last["history"]
@@ -86,9 +97,13 @@ def test_two_rank_training_learns_writes_once_and_resumes_on_one_rank(micro_proj
     live = pl.read_csv(layout.live_dir("netvlad") / "plots/metrics/train/loss.tsv", separator="\t")
     assert live["step"].to_list() == list(range(1, cfg.train.epochs + 1))
 
-    # resume the 2-rank run on one rank, one epoch further
-    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": cfg.train.epochs + 1})})
-    summary = train_head("netvlad", longer, layout, resume=True)
-    assert summary["epochs"] == cfg.train.epochs + 1
+    # resume the 2-rank run on one rank, one epoch further, from the command line
+    longer = yaml.safe_load((root / "params.yaml").read_text())
+    longer["train"]["epochs"] = cfg.train.epochs + 1
+    (tmp_path / "longer.yaml").write_text(yaml.safe_dump(longer))
+    proc = _cli_train(root, tmp_path / "longer.yaml", ["--head", "netvlad", "--resume", "--nproc", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["epochs"] == cfg.train.epochs + 1
     resumed = load_checkpoint(layout.last_checkpoint("netvlad"))
     assert resumed["ranks"] == 1 and resumed["history"][: cfg.train.epochs] == history

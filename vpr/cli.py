@@ -128,28 +128,25 @@ def mine(split: list[str] = SplitOpt, params: Path = ParamsOpt) -> None:
 def train(
     head: str = typer.Option(..., "--head", help="avg | gem | netvlad | crn"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last epoch checkpoint"),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel ranks on this node (torchrun)"),
+    nproc: int | None = typer.Option(None, "--nproc", min=1, help="data-parallel ranks (default train.nproc)"),
+    summary_out: bool = typer.Option(True, "--summary/--no-summary", hidden=True),  # off in launched ranks
     params: Path = ParamsOpt,
 ) -> None:
     """Train one head with triplets (UTM positives, descriptor-mined hard negatives)."""
     cfg = _config(params)
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # start the ranks; each runs this command once more
-        from vpr.distributed import launch
-
-        raise typer.Exit(launch(nproc, ["train", "--head", head, *(["--resume"] * resume), "--params", str(params)]))
     from vpr.checkpoints import CheckpointError
     from vpr.config import HEADS
+    from vpr.launch import LaunchError, train_head_ranks
     from vpr.layout import Layout
     from vpr.shardio import ShardError
-    from vpr.train import train_head
 
     if head not in HEADS:
         _fail(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
     try:
-        summary = train_head(head, cfg, Layout.from_config(cfg), resume=resume)
-    except (ShardError, CheckpointError) as exc:
+        summary = train_head_ranks(head, cfg, Layout.from_config(cfg), nproc=nproc, resume=resume)
+    except (ShardError, CheckpointError, LaunchError) as exc:
         _fail(str(exc))
-    if os.environ.get("RANK", "0") == "0":
+    if summary_out and os.environ.get("RANK", "0") == "0":  # one summary: the launcher's, or rank 0's
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 

@@ -141,6 +141,7 @@ class TrainConfig(_Strict):
     seed: StrictInt = Field(0, ge=0, le=2**32 - 1)  # every RNG of the stack takes a 32-bit seed
     workers: StrictInt = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    nproc: StrictInt = Field(1, ge=1)  # data-parallel ranks on this node (torchrun; one GPU each on CUDA)
     compile: bool = False  # torch.compile the training step (inductor; on CPU it needs a C++ compiler)
     channels_last: Literal["auto", "on", "off"] = "auto"  # NHWC tensors: auto = on CUDA
     pin_memory: Literal["auto", "on", "off"] = "auto"  # page-locked loader batches: auto = on CUDA

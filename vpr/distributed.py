@@ -107,7 +107,7 @@ def mean_over_ranks(values: Sequence[float], ranks: Ranks) -> float:
     return float(total[0] / max(total[1], 1.0))
 
 
-def launch(nproc: int, argv: Sequence[str]) -> int:
+def launch(nproc: int, argv: Sequence[str], cwd: str | os.PathLike | None = None) -> int:
     """Run ``python -m vpr.cli ARGV`` as ``nproc`` ranks on this node through torchrun; its exit status."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.call([*cmd, "-m", "vpr.cli", *argv])
+    return subprocess.call([*cmd, "-m", "vpr.cli", *argv], cwd=cwd)

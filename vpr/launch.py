@@ -1,0 +1,48 @@
+"""Train one head in this process, or as ``train.nproc`` data-parallel ranks started through torchrun.
+
+The CLI (``vpr train --nproc N``), DVC's ``train`` stages (``train.nproc`` in params.yaml) and the Prefect
+``train`` task all come here, so a multi-rank run is started the same way whichever runs it, and each
+gets the same summary back. The ranks read the exact configuration this process holds (written to a
+temporary params file), and run in the project root so that its relative paths mean the same.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from vpr.checkpoints import load_checkpoint
+from vpr.config import Config
+from vpr.distributed import launch
+from vpr.layout import Layout
+from vpr.train import train_head
+
+
+class LaunchError(RuntimeError):
+    """The ranks did not all finish."""
+
+
+def train_head_ranks(head: str, cfg: Config, layout: Layout, *, nproc: int | None = None, resume: bool = False) -> dict:
+    """``train_head`` on ``nproc`` ranks (default ``train.nproc``); in-process when 1 or already a rank."""
+    nproc = nproc or cfg.train.nproc
+    if nproc <= 1 or "WORLD_SIZE" in os.environ:
+        return train_head(head, cfg, layout, resume=resume)
+    with tempfile.TemporaryDirectory(prefix="vpr-ranks-") as tmp:
+        params = Path(tmp) / "params.yaml"
+        params.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+        argv = ["train", "--head", head, *(["--resume"] * resume), "--no-summary", "--params", str(params)]
+        code = launch(nproc, argv, cwd=layout.root)
+    if code != 0:
+        raise LaunchError(f"training {head} on {nproc} ranks failed: torchrun exited with status {code}")
+    last = load_checkpoint(layout.last_checkpoint(head))
+    return {
+        "head": head,
+        "select_by": f"recall@{cfg.train.for_head(head).select_by}",
+        "best_val_recall": last["best_val_recall"],
+        "epochs": len(last["history"]),
+        "history": last["history"],
+        "ranks": last["ranks"],
+    }
