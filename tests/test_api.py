@@ -248,3 +248,13 @@ def test_vpr_locate_api_asks_the_service_without_loading_torch(micro, service, t
         timeout=60,
     )
     assert down.returncode == 1 and "no answer from http://127.0.0.1:9" in down.stderr
+
+
+def test_vpr_locate_api_splits_more_images_than_one_request_may_hold(micro, service):
+    from vpr.api.client import locate_remote
+
+    root, cfg, layout = micro
+    url, _ = service
+    rows = [_db_rows(layout).row(i, named=True) for i in range(API.max_images + 3)]
+    answers = locate_remote(url, [root / "data" / r["path"] for r in rows], 1, LocateConfig())
+    assert [a["matches"][0]["id"] for a in answers] == [r["id"] for r in rows]  # every one, in order

@@ -122,6 +122,8 @@ def create_app(live: LiveRelease, api: ApiConfig, limits: LocateConfig, *, watch
             "database_size": int(served.release.index.ntotal),
             "device": str(served.release.device),
             "swaps": live.swaps,
+            "max_images": api.max_images,  # clients split larger batches (``vpr locate --api``)
+            "max_request_mb": api.max_request_mb,
         }
 
     @app.get("/v1/map")
