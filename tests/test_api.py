@@ -17,12 +17,12 @@ import pytest
 from PIL import Image
 
 from tests.apikit import running
-from tests.test_evaluate import build_micro
+from tests.test_evaluate import build_micro_release
 from vpr.api.app import create_app
 from vpr.api.batcher import MicroBatcher
 from vpr.api.live import LiveRelease
 from vpr.config import ApiConfig, LocateConfig
-from vpr.index import add_to_release, build_release, load_release
+from vpr.index import add_to_release, load_release
 from vpr.shardio import ShardReader
 
 API = ApiConfig(max_images=3, max_request_mb=2, max_top_k=10, poll_s=0.1, batch_wait_ms=20)
@@ -31,8 +31,7 @@ API = ApiConfig(max_images=3, max_request_mb=2, max_top_k=10, poll_s=0.1, batch_
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     root = tmp_path_factory.mktemp("micro-api")
-    cfg, layout = build_micro(root, heads=("avg",))
-    build_release("avg", cfg, layout)
+    cfg, layout = build_micro_release(root)
     return root, cfg, layout
 
 

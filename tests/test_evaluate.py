@@ -80,6 +80,15 @@ def build_micro(root: Path, heads=("avg",), cfg: Config | None = None) -> tuple[
     return cfg, layout
 
 
+def build_micro_release(root: Path) -> tuple[Config, Layout]:
+    """``build_micro`` with avg trained, and its release published (what locate and the service read)."""
+    from vpr.index import build_release
+
+    cfg, layout = build_micro(root, heads=("avg",))
+    build_release("avg", cfg, layout)
+    return cfg, layout
+
+
 def save_checkpoint(head: str, cfg: Config, layout: Layout) -> Path:
     torch.manual_seed(0)
     model = build_model(head, cfg.model)

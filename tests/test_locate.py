@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.test_evaluate import build_micro
+from tests.test_evaluate import build_micro_release
 from vpr.cli import app
 from vpr.index import CURRENT, add_to_release, build_release, current_version, load_release, release_images
 from vpr.locate import estimate_position, locate
@@ -22,8 +22,7 @@ from vpr.shardio import ShardReader
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     root = tmp_path_factory.mktemp("micro-locate")
-    cfg, layout = build_micro(root, heads=("avg",))
-    build_release("avg", cfg, layout)
+    cfg, layout = build_micro_release(root)
     return root, cfg, layout
 
 

@@ -10,11 +10,10 @@ import polars as pl
 import pytest
 
 from tests.apikit import running
-from tests.test_evaluate import build_micro
+from tests.test_evaluate import build_micro_release
 from vpr.api.app import create_app
 from vpr.api.live import LiveRelease
 from vpr.config import ApiConfig, LocateConfig
-from vpr.index import build_release
 from vpr.shardio import ShardReader
 
 SCREENSHOT = os.environ.get("VPR_PAGE_SCREENSHOT")  # set to docs/api-page.png to refresh the docs' picture
@@ -32,8 +31,7 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("micro-page")
-    cfg, layout = build_micro(root, heads=("avg",))
-    build_release("avg", cfg, layout)
+    cfg, layout = build_micro_release(root)
     live = LiveRelease(layout.release_dir("avg"), shards_dir=layout.shards_dir)
     with running(create_app(live, ApiConfig(), LocateConfig())) as url:
         yield root, layout, url
