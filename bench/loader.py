@@ -183,7 +183,7 @@ def main() -> None:
                 DataLoader(RandomImages(reader, ids, tf), **kw), device, len(ids)
             ),
             "shards stream (ShardStream)": lambda: drain(
-                DataLoader(ShardStream(reader, np.sort(ids), tf), **kw), device, len(ids)
+                DataLoader(ShardStream.of(reader, np.sort(ids), tf), **kw), device, len(ids)
             ),
             "jpeg folders (PIL)": lambda: drain(
                 DataLoader(FolderImages([paths[i] for i in ids], tf), **kw), device, len(ids)

@@ -4,7 +4,8 @@ Every ``import`` counts, including those inside functions (a function-level impo
 Python, not from a reader). Layers, bottom to top:
 
 0. foundations: config, atomic, geo, rng, procs, layout, imageio, progress, profiles, dvcrun, tables, datalock
-1. shared parts: models, shardio, retrieval, checkpoints, descriptors, splits, triplets, history
+1. shared parts: models, shardio, retrieval, checkpoints, descriptors, descstore, versions, splits, triplets,
+   history
 2. pipeline steps: catalog, shards, mining, train, evaluate, index, locate, inbox, batch, check, reindex, report,
    ablation, synth
 3. the command line: cli
@@ -53,6 +54,8 @@ LAYERS = {
             "history",
             "trunk",
             "distributed",
+            "descstore",
+            "versions",
         ],
         1,
     ),

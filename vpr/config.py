@@ -168,6 +168,8 @@ class EvalConfig(_Strict):
     batch_size: StrictInt = Field(32, gt=0)
     index: Literal["exact", "ivfpq", "hnsw"] = "exact"
     pca_dim: StrictInt | None = Field(None, gt=0)
+    # how descriptors are kept on disk (vpr.descstore): float16 halves the bytes of large databases
+    descriptor_dtype: Literal["float32", "float16"] = "float32"
 
     @field_validator("recall_at")
     @classmethod
@@ -249,8 +251,19 @@ class OrchestrationConfig(_Strict):
         return value
 
 
+class ResourcesConfig(_Strict):
+    """What a run may use, whatever the database size."""
+
+    # evaluation and indexing read descriptors in chunks sized from this, never a whole database at once
+    memory_gb: float = Field(8.0, gt=0)
+    # stream the shard tars from here (http(s):// or a pipe: command) instead of the local shard folder;
+    # the shard index still comes from paths.artifacts (it is small, and DVC versions it)
+    shards_url: str | None = None
+
+
 class Config(_Strict):
     paths: PathsConfig = PathsConfig()
+    resources: ResourcesConfig = ResourcesConfig()
     synth: SynthConfig = SynthConfig()
     ingest: IngestConfig = IngestConfig()
     shards: ShardConfig = ShardConfig()

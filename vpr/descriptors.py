@@ -19,7 +19,7 @@ from torchvision.transforms import v2 as T
 
 from vpr.config import AugmentConfig, ShardConfig
 from vpr.rng import Locked
-from vpr.shardio import ShardError, ShardReader, decode_sample, stream_samples
+from vpr.shardio import ShardError, ShardPlan, ShardReader, decode_sample, stream_samples
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,20 +90,27 @@ class ShardStream(IterableDataset):
     workers: the model sees the same batches, and gives the same bits, whatever ``workers`` is.
     """
 
-    def __init__(self, reader: ShardReader, ids: Sequence[int], transform: Callable, batch_size: int = 32) -> None:
+    def __init__(
+        self, plans: Sequence[ShardPlan], ids: Sequence[int], transform: Callable, batch_size: int = 32
+    ) -> None:
         self.batch_size = batch_size
-        ids = np.asarray(ids, dtype=np.int64)
         first: dict[int, int] = {}
-        for pos, i in enumerate(ids.tolist()):
+        for pos, i in enumerate(np.asarray(ids, dtype=np.int64).tolist()):
             first.setdefault(i, pos)
-        rows = reader.index.filter(pl.col("id").is_in(list(first)))
-        if rows.height != len(first):
-            missing = sorted(set(first) - set(rows["id"].to_list()))
+        self.plans, self.wanted, self.transform = list(plans), first, transform
+
+    @classmethod
+    def of(cls, reader: ShardReader, ids: Sequence[int], transform: Callable, batch_size: int = 32) -> ShardStream:
+        """The stream of ``ids`` over the shards of ``reader`` that hold them (unknown ids: ``ShardError``)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        wanted = np.unique(ids)
+        rows = reader.index.filter(pl.col("id").is_in(wanted.tolist()))
+        if rows.height != len(wanted):
+            missing = sorted(set(wanted.tolist()) - set(rows["id"].to_list()))
             raise ShardError(f"image id(s) not in the shard index of {reader.shards_dir}: {missing[:5]}")
         holding = {reader.shards_dir / shard for shard in rows["shard"].unique().to_list()}
         # whole shards (every sample is checked, wanted or not), only those that hold a requested image
-        self.plans = [p for p in reader.plans() if p.url in holding]
-        self.wanted, self.transform = first, transform
+        return cls([p for p in reader.plans() if p.url in holding], ids, transform, batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
@@ -180,7 +187,7 @@ class Loading(TypedDict, total=False):
 
 
 def image_batches(
-    reader: ShardReader,
+    reader: ShardReader | Sequence[ShardPlan],
     ids: Sequence[int],
     transform: Callable,
     *,
@@ -188,8 +195,15 @@ def image_batches(
     batch_size: int = 32,
     workers: int = 0,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Batches ``(positions in ids, images on device)`` streamed from the shards (``ShardStream``)."""
-    stream = ShardStream(reader, ids, transform, batch_size)
+    """Batches ``(positions in ids, images on device)`` streamed from the shards (``ShardStream``).
+
+    ``reader``: a ``ShardReader`` (the shards holding ``ids`` are found in its index) or the shard
+    plans to stream, local or remote (``vpr.shardio.shard_plans`` with a URL).
+    """
+    if isinstance(reader, ShardReader):
+        stream = ShardStream.of(reader, ids, transform, batch_size)
+    else:
+        stream = ShardStream(reader, ids, transform, batch_size)
     loader = DataLoader(stream, batch_size=None, **loader_kwargs(device, workers))  # the stream batches
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     for positions, batch in loader:

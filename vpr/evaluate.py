@@ -7,17 +7,25 @@ soft positive (within ``mining.test_positive_m``).
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import polars as pl
 
 from vpr.atomic import write_parquet_atomic, write_text_atomic
-from vpr.checkpoints import load_model, untrained_model
 from vpr.config import Config
-from vpr.descriptors import eval_transform, extract, resolve_device
+from vpr.descriptors import resolve_device
+from vpr.descstore import (
+    DescriptorSet,
+    DescriptorStore,
+    encode_plans,
+    encoder_for,
+    head_model,
+    ms_per_image,
+    plans_for,
+    shards_of,
+)
 from vpr.layout import Layout
-from vpr.retrieval import approximate_recall, exact_search, recall_at_n
+from vpr.retrieval import approximate_recall, chunked_search, recall_at_n, rows_within
 from vpr.shardio import ShardReader
 from vpr.splits import SplitData, load_split
 
@@ -81,17 +89,43 @@ def predictions_table(
     return pl.DataFrame(rows, schema=PREDICTION_SCHEMA)
 
 
+def search_set(db_set: DescriptorSet, queries: np.ndarray, k: int, memory_gb: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over a stored descriptor set within ``memory_gb``: (squared distances, set rows).
+
+    A quarter of the budget holds a database chunk, a quarter a block of queries (more queries than
+    that are searched block by block, each block reading the database once more).
+    """
+    rows = rows_within(memory_gb * 2**30, db_set.dim)
+    return chunked_search(lambda: db_set.chunks(rows), queries, min(k, max(1, len(db_set))), query_rows=rows)
+
+
+def rows_to_positions(rows: np.ndarray, set_ids: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Search results as rows of a descriptor set → positions in ``order`` (ids); −1 stays −1."""
+    by_id = np.argsort(order)
+    pos = by_id[np.searchsorted(order[by_id], set_ids)]
+    if not np.array_equal(order[pos], set_ids):
+        raise ValueError("the descriptor set holds images that are not in the split")
+    return np.where(rows >= 0, pos[np.maximum(rows, 0)], -1)
+
+
+def evaluation_shards(layout: Layout) -> list[str]:
+    """The shards ``evaluate_head`` encodes (the test split's): what a flow maps its encode tasks over."""
+    return shards_of(ShardReader(layout.shards_dir, ("test",)).index)
+
+
 def evaluate_head(head: str, cfg: Config, layout: Layout, *, untrained: bool = False) -> dict:
     """Recall@N of one head on the test split; writes ``metrics/{name}.json`` and the predictions parquet.
 
     ``name`` is ``head`` or, with ``untrained=True``, ``{head}-untrained`` (the model as built, no VPR
     training: the baseline). Descriptors of the test database and queries are extracted in batches in
-    inference mode (bf16 autocast on CUDA) from the shards; search is exact (FAISS flat L2); a query is
-    found at N if one of its first N matches is a soft positive (within ``mining.test_positive_m``, as
-    mined into the test table). ``ms_per_image`` is extraction wall time (decode + transform + model)
-    over all images, after one warm-up batch. With ``evaluate.index`` ≠ exact or ``evaluate.pca_dim``
-    set, the metrics gain an ``approximate`` block: its recall loss against exact search on the same
-    descriptors.
+    inference mode (bf16 autocast on CUDA) from the shards, one store entry per shard (``vpr.descstore``:
+    shards already encoded with this model are read back, not re-encoded); search is exact (FAISS flat
+    L2) over database chunks sized from ``resources.memory_gb``; a query is found at N if one of its
+    first N matches is a soft positive (within ``mining.test_positive_m``, as mined into the test
+    table). ``ms_per_image`` is extraction wall time (decode + transform + model) per image, after
+    each shard's warm-up batch (kept with the stored descriptors). With ``evaluate.index`` ≠ exact or
+    ``evaluate.pca_dim`` set, the metrics gain an ``approximate`` block: its recall loss against exact
+    search on the same descriptors.
     """
     device = resolve_device(cfg.train.device)
     name = baseline_name(head) if untrained else head
@@ -102,19 +136,16 @@ def evaluate_head(head: str, cfg: Config, layout: Layout, *, untrained: bool = F
     split = load_split(reader.index, pl.read_parquet(mining_path), "test")
     if len(split.q_ids) == 0 or len(split.db_ids) == 0:
         raise ValueError("the test split needs database images and queries to evaluate")
-    if untrained:
-        model = untrained_model(head, cfg.model, cfg.train.seed, device)
-    else:
-        model, _ = load_model(layout.checkpoint(head), device)
-    transform = eval_transform(cfg.shards, cfg.train.image_scale)
-    kw = dict(device=device, batch_size=cfg.evaluate.batch_size, workers=cfg.train.workers)
-    extract(model, reader, split.db_ids[: cfg.evaluate.batch_size], transform, **kw)  # warm-up (cuDNN, caches)
-    t0 = time.perf_counter()
-    db = extract(model, reader, split.db_ids, transform, **kw)
-    q = extract(model, reader, split.q_ids, transform, **kw)
-    seconds = time.perf_counter() - t0
+    model = head_model(head, cfg, layout, device, untrained=untrained)
+    encoder = encoder_for(model, cfg, device)
+    store = DescriptorStore(layout.descriptors_dir)
+    url = cfg.resources.shards_url
+    db_set = encode_plans(encoder, plans_for(reader, split.db_ids, url), store)
+    q_set = encode_plans(encoder, plans_for(reader, split.q_ids, url), store)
+    q = q_set.gather(split.q_ids)
     ns = cfg.evaluate.recall_at
-    sq_dist, ranked = exact_search(db, q, max(TOP_PREDICTIONS, max(ns)))
+    sq_dist, ranked = search_set(db_set, q, max(TOP_PREDICTIONS, max(ns)), cfg.resources.memory_gb)
+    ranked = rows_to_positions(ranked, db_set.ids, split.db_ids)
     recalls = recall_at_n(ranked, split.soft, ns)
 
     metrics: dict = {f"recall@{n}": recalls[n] for n in ns}
@@ -123,9 +154,9 @@ def evaluate_head(head: str, cfg: Config, layout: Layout, *, untrained: bool = F
             "head": head,
             "untrained": untrained,
             "descriptor_dim": int(model.descriptor_dim),
-            "ms_per_image": 1000.0 * seconds / (len(db) + len(q)),
+            "ms_per_image": ms_per_image(db_set, q_set),
             "queries": int(len(q)),
-            "database": int(len(db)),
+            "database": int(len(db_set)),
             "queries_without_positive": int(sum(len(s) == 0 for s in split.soft)),
             "test_positive_m": cfg.mining.test_positive_m,
             "device": device.type,
@@ -133,7 +164,13 @@ def evaluate_head(head: str, cfg: Config, layout: Layout, *, untrained: bool = F
     )
     if cfg.evaluate.index != "exact" or cfg.evaluate.pca_dim is not None:
         metrics["approximate"] = approximate_recall(
-            db, q, split.soft, cfg.evaluate.index, ns=ns, pca_dim=cfg.evaluate.pca_dim, params=cfg.index
+            db_set.gather(split.db_ids),
+            q,
+            split.soft,
+            cfg.evaluate.index,
+            ns=ns,
+            pca_dim=cfg.evaluate.pca_dim,
+            params=cfg.index,
         )
     write_parquet_atomic(predictions_table(reader.index, split, ranked, sq_dist), layout.predictions(name))
     write_text_atomic(layout.metrics_file(name), json.dumps(metrics, indent=2) + "\n")

@@ -8,8 +8,11 @@ A release is what ``vpr locate`` answers from and what re-indexing extends. On d
             index.faiss         faiss.IndexIDMap2 over the chosen index; ids = shard image ids (int64)
             ids.parquet         id, path, split, role, utm_east, utm_north, lat, lon
             model.pt            the checkpoint the descriptors were computed with
-            release.json        manifest: head, version, count, dim, index kind, image size, parent...
-        v000002/ ...
+            release.json        manifest: head, version, count, dim, index kind, image size, parent,
+                                segments...
+        v000002/                after a re-index: v000001's files hard-linked, plus
+            delta-000002.npy    the batch's vectors (added to the index when the version is loaded)
+            delta-000002.parquet
 
 Writers build a new version in a hidden temporary folder beside the others, rename it to its final
 name (atomic on one file system), then replace ``CURRENT`` atomically. A crash at any point leaves the
@@ -39,13 +42,7 @@ Public API (for ``vpr locate`` and the scheduled re-index flow):
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,32 +51,60 @@ import faiss
 import numpy as np
 import polars as pl
 import torch
-from filelock import FileLock
 from PIL import Image
 
-from vpr.atomic import fsync_dir, write_text_atomic
 from vpr.checkpoints import load_model
 from vpr.config import Config, IndexConfig
-from vpr.descriptors import autocast, eval_transform, extract, image_transform, resolve_device
+from vpr.descriptors import autocast, extract, image_transform, resolve_device
+from vpr.descstore import DescriptorSet, DescriptorStore, encode_plans, encoder_for, ms_per_image, plans_for, shards_of
 from vpr.layout import Layout
 from vpr.models import VPRModel
-from vpr.retrieval import make_index
+from vpr.retrieval import make_index, rows_within
 from vpr.shardio import INDEX_SCHEMA, ShardReader
+from vpr.versions import (
+    CURRENT,
+    IDS_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    MAX_DELTAS,
+    MODEL_FILE,
+    ReleaseError,
+    base_segment,
+    commit_version,
+    current_version,
+    delta_segment,
+    held,
+    link_or_copy,
+    release_lock,
+    segment_files,
+    segments,
+)
 
-CURRENT = "CURRENT"
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.parquet"
-MODEL_FILE = "model.pt"
-MANIFEST_FILE = "release.json"
-_VERSION = re.compile(r"^v(\d{6})$")
+__all__ = [  # the public API; the on-disk names and the writer lock come from vpr.versions
+    "CURRENT",
+    "IDS_FILE",
+    "INDEX_FILE",
+    "MANIFEST_FILE",
+    "MODEL_FILE",
+    "Release",
+    "ReleaseError",
+    "ReleaseModel",
+    "add_to_release",
+    "build_release",
+    "current_version",
+    "haversine_m",
+    "index_from_set",
+    "load_release",
+    "new_index",
+    "open_for_append",
+    "release_images",
+    "release_lock",
+    "release_shards",
+]
 
 ID_SCHEMA: dict[str, pl.DataType] = {
     k: INDEX_SCHEMA[k] for k in ("id", "path", "split", "role", "utm_east", "utm_north", "lat", "lon")
 }
-
-
-class ReleaseError(Exception):
-    """No release, or a release whose files disagree with each other."""
 
 
 @dataclass
@@ -165,91 +190,9 @@ def _search_params(index: faiss.Index, selector: faiss.IDSelector) -> faiss.Sear
     return faiss.SearchParameters(sel=selector)
 
 
-# --------------------------------------------------------------------------- versions on disk
-
-
-def _versions(release_dir: Path) -> list[str]:
-    if not release_dir.is_dir():
-        return []
-    return sorted(p.name for p in release_dir.iterdir() if p.is_dir() and _VERSION.match(p.name))
-
-
-def current_version(release_dir: str | Path) -> Path | None:
-    """The live version folder, or None when no release was ever switched in."""
-    release_dir = Path(release_dir)
-    pointer = release_dir / CURRENT
-    if not pointer.exists():
-        return None
-    name = pointer.read_text().strip()
-    if not _VERSION.match(name):
-        raise ReleaseError(f"{pointer} names {name!r}, not a version folder")
-    return release_dir / name
-
-
-def _lock_path(release_dir: Path) -> Path:
-    return release_dir.parent / f".{release_dir.name}.lock"
-
-
-@contextmanager
-def release_lock(release_dir: str | Path) -> Iterator[None]:
-    """Exclusive writer lock for one release folder (blocks until the other writer is done)."""
-    release_dir = Path(release_dir)
-    release_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(_lock_path(release_dir)):
-        yield
-
-
-def _commit_version(release_dir: Path, build: Callable[[Path, int], None]) -> Path:
-    """Build a version in a temp folder via ``build(tmp_folder, version_number)``, rename, switch, prune.
-
-    Must be called with the release lock held.
-    """
-    release_dir.mkdir(parents=True, exist_ok=True)
-    previous = current_version(release_dir)
-    _prune(release_dir, _live_pair(release_dir, previous))  # what a killed writer left: before building more
-    existing = _versions(release_dir)
-    number = (int(existing[-1][1:]) + 1) if existing else 1
-    name = f"v{number:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=release_dir))
-    try:
-        build(tmp, number)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, release_dir / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(release_dir)
-    write_text_atomic(release_dir / CURRENT, name + "\n")
-    _prune(release_dir, {name} | ({previous.name} if previous is not None else set()))
-    return release_dir / name
-
-
-def _live_pair(release_dir: Path, live: Path | None) -> set[str]:
-    """The live version and the one before it (kept for readers still opening it); empty without one."""
-    if live is None:
-        return set()
-    older = [v for v in _versions(release_dir) if v < live.name]
-    return {live.name, *older[-1:]}
-
-
-def _prune(release_dir: Path, keep: set[str]) -> None:
-    """Drop every version but the live and the previous one, and temp folders of crashed writers."""
-    for p in release_dir.iterdir():
-        if p.is_dir() and ((_VERSION.match(p.name) and p.name not in keep) or p.name.startswith(".tmp-")):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # versions share the (immutable) checkpoint
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 # --------------------------------------------------------------------------- building
+
+TRAIN_SAMPLE = 100_000  # vectors an approximate index is trained on (FAISS: 30-256 per IVF cell suffice)
 
 
 def new_index(kind: str, dim: int, train_vectors: np.ndarray, params: IndexConfig) -> faiss.IndexIDMap2:
@@ -258,6 +201,19 @@ def new_index(kind: str, dim: int, train_vectors: np.ndarray, params: IndexConfi
     if not inner.is_trained:
         inner.train(np.ascontiguousarray(train_vectors, dtype=np.float32))
     return faiss.IndexIDMap2(inner)
+
+
+def index_from_set(descriptors: DescriptorSet, params: IndexConfig, kind: str, memory_gb: float) -> faiss.Index:
+    """An index of a stored descriptor set, never holding the set in memory beside it: trained (when the
+    kind needs it) on an evenly spaced sample, all vectors up to ``TRAIN_SAMPLE``; filled chunk by chunk."""
+    n, dim = len(descriptors), descriptors.dim
+    train = np.empty((0, dim), dtype=np.float32)
+    if not make_index(kind, dim, max(1, n), params).is_trained:
+        train = descriptors.gather(descriptors.ids[np.linspace(0, n - 1, min(n, TRAIN_SAMPLE)).astype(np.int64)])
+    index = new_index(kind, dim, train, params)
+    for first, chunk in descriptors.chunks(rows_within(memory_gb * 2**30, dim)):
+        index.add_with_ids(chunk, descriptors.ids[first : first + len(chunk)])
+    return index
 
 
 def release_images(index: pl.DataFrame, splits: Sequence[str] | None) -> pl.DataFrame:
@@ -273,19 +229,18 @@ def _metadata(rows: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(cols).cast(ID_SCHEMA)  # type: ignore[arg-type]
 
 
-def _write_version(folder: Path, *, index: faiss.Index, ids: pl.DataFrame, manifest: dict, checkpoint: Path) -> None:
-    faiss.write_index(index, str(folder / INDEX_FILE))
-    ids.write_parquet(folder / IDS_FILE)
-    _link_or_copy(checkpoint, folder / MODEL_FILE)
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+def release_shards(cfg: Config, layout: Layout) -> list[str]:
+    """The shards ``build_release`` encodes: what a flow maps its encode tasks over."""
+    reader = ShardReader(layout.shards_dir, cfg.index.splits)
+    return shards_of(release_images(reader.index, cfg.index.splits))
 
 
 def build_release(head: str, cfg: Config, layout: Layout) -> Path:
     """Index every database image (``index.splits``) with the trained ``head``; returns the version path.
 
-    Descriptors are extracted like evaluation's (shard size × ``train.image_scale``, batched,
-    inference mode, bf16 on CUDA), added to ``IndexIDMap2(index.kind)`` under their shard ids, and
-    the new version is switched in atomically (see the module docstring).
+    Descriptors come from the descriptor store (``vpr.descstore``: encoded per shard like evaluation's,
+    shards already encoded with this model are read back), are added to ``IndexIDMap2(index.kind)``
+    under their shard ids chunk by chunk, and the new version is switched in atomically.
     """
     checkpoint = layout.checkpoint(head)
     device = resolve_device(cfg.train.device)
@@ -296,20 +251,11 @@ def build_release(head: str, cfg: Config, layout: Layout) -> Path:
     rows = release_images(reader.index, cfg.index.splits)
     if rows.height == 0:
         raise ReleaseError(f"no database images to index (splits: {cfg.index.splits or 'all'})")
-    ids = rows["id"].to_numpy().astype(np.int64)
-    t0 = time.perf_counter()
-    desc = extract(
-        model,
-        reader,
-        ids,
-        eval_transform(cfg.shards, cfg.train.image_scale),
-        device=device,
-        batch_size=cfg.evaluate.batch_size,
-        workers=cfg.train.workers,
-    )
-    seconds = time.perf_counter() - t0
-    index = new_index(cfg.index.kind, desc.shape[1], desc, cfg.index)
-    index.add_with_ids(desc, ids)
+    plans = sorted(plans_for(reader, rows["id"], cfg.resources.shards_url), key=lambda p: p.ids[0])  # id order
+    store = DescriptorStore(layout.descriptors_dir)
+    descriptors = encode_plans(encoder_for(model, cfg, device), plans, store)
+    index = index_from_set(descriptors, cfg.index, cfg.index.kind, cfg.resources.memory_gb)
+    meta = _metadata(rows.filter(pl.col("id").is_in(descriptors.ids.tolist())).sort("id"))
     release_dir = layout.release_dir(head)
 
     def build(folder: Path, number: int) -> None:
@@ -320,7 +266,7 @@ def build_release(head: str, cfg: Config, layout: Layout) -> Path:
             "created": _now(),
             "count": int(index.ntotal),
             "added": int(index.ntotal),
-            "descriptor_dim": int(desc.shape[1]),
+            "descriptor_dim": int(descriptors.dim),
             "index_kind": cfg.index.kind,
             "image": {
                 "height": cfg.shards.height,
@@ -331,12 +277,20 @@ def build_release(head: str, cfg: Config, layout: Layout) -> Path:
             "splits": cfg.index.splits,
             "test_positive_m": cfg.mining.test_positive_m,
             "checkpoint_epoch": ckpt.get("epoch"),
-            "extract_ms_per_image": 1000.0 * seconds / len(ids),
+            "extract_ms_per_image": ms_per_image(descriptors),
+            "segments": [base_segment(index.ntotal, descriptors.ids)],
         }
-        _write_version(folder, index=index, ids=_metadata(rows), manifest=manifest, checkpoint=checkpoint)
+        faiss.write_index(index, str(folder / INDEX_FILE))
+        meta.write_parquet(folder / IDS_FILE)
+        link_or_copy(checkpoint, folder / MODEL_FILE)
+        _write_manifest(folder, manifest)
 
     with release_lock(release_dir):
-        return _commit_version(release_dir, build)
+        return commit_version(release_dir, build)
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def _now() -> str:
@@ -348,13 +302,20 @@ def _now() -> str:
 
 def _load_version(version: Path, device: torch.device) -> Release:
     manifest = json.loads((version / MANIFEST_FILE).read_text())
-    index = faiss.read_index(str(version / INDEX_FILE))
-    ids = pl.read_parquet(version / IDS_FILE)
+    index, tables = None, []
+    for seg in segments(manifest):  # the base index, then each delta's vectors added to it
+        tables.append(pl.read_parquet(version / seg["ids"]))
+        if seg["kind"] == "base":
+            index = faiss.read_index(str(version / seg["index"]))
+        else:
+            vectors = np.load(version / seg["vectors"], allow_pickle=False)
+            index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), tables[-1]["id"].to_numpy())
+    ids = pl.concat([t.cast(ID_SCHEMA) for t in tables])  # type: ignore[arg-type]
     model, _ = load_model(version / MODEL_FILE, device)
-    if index.ntotal != ids.height or index.d != model.descriptor_dim:
+    if index is None or index.ntotal != ids.height or index.d != model.descriptor_dim:
         raise ReleaseError(
-            f"{version}: index holds {index.ntotal}×{index.d}, id table {ids.height} rows, "
-            f"model gives {model.descriptor_dim}-d descriptors"
+            f"{version}: index holds {index.ntotal if index else 0}×{index.d if index else 0}, id table "
+            f"{ids.height} rows, model gives {model.descriptor_dim}-d descriptors"
         )
     return Release(path=version, manifest=manifest, model=model, index=index, ids=ids, device=device)
 
@@ -377,17 +338,53 @@ def load_release(release_dir: str | Path, device: torch.device | str = "cpu") ->
     raise AssertionError("unreachable")
 
 
+@dataclass
+class ReleaseModel:
+    """The live version's manifest and model without its index: what appending needs (``open_for_append``)."""
+
+    path: Path
+    manifest: dict
+    model: VPRModel
+    device: torch.device
+
+    release_dir = Release.release_dir
+    version = Release.version
+    transform = Release.transform
+    encode = Release.encode
+    encode_images = Release.encode_images
+
+    def held(self, ids: Sequence[int]) -> np.ndarray:
+        """Which of ``ids`` the version indexes already (only overlapping segments' id columns are read)."""
+        return held(self.path, self.manifest, ids)
+
+
+def open_for_append(release_dir: str | Path, device: torch.device | str = "cpu") -> ReleaseModel:
+    """The live version's model and manifest, never its index: re-indexing costs what the batch costs."""
+    release_dir = Path(release_dir)
+    device = resolve_device(device) if isinstance(device, str) else device
+    version = current_version(release_dir)
+    if version is None:
+        raise ReleaseError(f"no release in {release_dir} (build one with `vpr index --head ...`)")
+    manifest = json.loads((version / MANIFEST_FILE).read_text())
+    model, _ = load_model(version / MODEL_FILE, device)
+    return ReleaseModel(version, manifest, model, device)
+
+
 # --------------------------------------------------------------------------- appending
 
 
-def add_to_release(release: Release, new_ids: Sequence[int], descriptors: np.ndarray, metadata: pl.DataFrame) -> Path:
+def add_to_release(
+    release: Release | ReleaseModel, new_ids: Sequence[int], descriptors: np.ndarray, metadata: pl.DataFrame
+) -> Path:
     """Append vectors under their ids as a new version, switch to it atomically, return its path.
 
     ``descriptors`` (N×dim) must come from ``release.encode`` (the same model); ``metadata`` needs an
     ``id`` column covering ``new_ids`` plus any of ``path, split, role, utm_east, utm_north, lat, lon``.
     Under the writer lock the additions are applied to the *live* version (which may be newer than
     ``release`` if another writer ran in between); ids already indexed there are skipped. With nothing
-    left to add, nothing is written and the live version's path is returned.
+    left to add, nothing is written and the live version's path is returned. The new version links
+    its parent's segments and writes one delta segment (``vpr.versions``): the cost is the batch's,
+    not the release's.
     """
     new_ids = np.asarray(new_ids, dtype=np.int64)
     descriptors = np.ascontiguousarray(descriptors, dtype=np.float32)
@@ -395,8 +392,9 @@ def add_to_release(release: Release, new_ids: Sequence[int], descriptors: np.nda
         raise ValueError(f"{len(new_ids)} ids for descriptors of shape {descriptors.shape}")
     if len(np.unique(new_ids)) != len(new_ids):
         raise ValueError("new_ids contains duplicates")
-    if descriptors.shape[1] != release.index.d:
-        raise ValueError(f"descriptors are {descriptors.shape[1]}-d, the release index {release.index.d}-d")
+    dim = int(release.manifest["descriptor_dim"])
+    if descriptors.shape[1] != dim:
+        raise ValueError(f"descriptors are {descriptors.shape[1]}-d, the release index {dim}-d")
     meta = metadata.filter(pl.col("id").is_in(new_ids.tolist()))
     missing = set(new_ids.tolist()) - set(meta["id"].to_list())
     if missing:
@@ -404,26 +402,43 @@ def add_to_release(release: Release, new_ids: Sequence[int], descriptors: np.nda
     release_dir = release.release_dir
     with release_lock(release_dir):
         live = current_version(release_dir)
-        base = release if live == release.path else _load_version(live, release.device)
-        if base.manifest.get("head") != release.manifest.get("head"):
+        manifest = json.loads((live / MANIFEST_FILE).read_text())
+        if manifest.get("head") != release.manifest.get("head"):
             raise ReleaseError(f"live version {live} is for another head")
-        fresh = ~np.isin(new_ids, base.ids["id"].to_numpy())
+        fresh = ~held(live, manifest, new_ids)
         if not fresh.any():
-            return base.path
-        index = faiss.deserialize_index(faiss.serialize_index(base.index))  # never mutate the loaded one
-        index.add_with_ids(descriptors[fresh], new_ids[fresh])
-        rows = _metadata(meta.filter(pl.col("id").is_in(new_ids[fresh].tolist())).sort("id"))
-        ids = pl.concat([base.ids.cast(ID_SCHEMA), rows])  # type: ignore[arg-type]
+            return live
+        order = np.argsort(new_ids[fresh], kind="stable")
+        ids, vectors = new_ids[fresh][order], descriptors[fresh][order]
+        rows = _metadata(meta.filter(pl.col("id").is_in(ids.tolist())).sort("id"))
 
         def build(folder: Path, number: int) -> None:
-            manifest = {
-                **base.manifest,
-                "version": number,
-                "parent": base.version,
-                "created": _now(),
-                "count": int(index.ntotal),
-                "added": int(fresh.sum()),
-            }
-            _write_version(folder, index=index, ids=ids, manifest=manifest, checkpoint=base.path / MODEL_FILE)
+            kept = segments(manifest)
+            deltas = [s for s in kept if s["kind"] == "delta"]
+            parts_v, parts_ids = [vectors], [rows]
+            if len(deltas) >= MAX_DELTAS:  # merge the deltas into this one: the cost of the deltas, not the base
+                kept = [s for s in kept if s["kind"] != "delta"]
+                parts_v = [np.load(live / s["vectors"], allow_pickle=False) for s in deltas] + parts_v
+                parts_ids = [pl.read_parquet(live / s["ids"]).cast(ID_SCHEMA) for s in deltas] + parts_ids
+            for seg in kept:
+                for name in segment_files(seg):
+                    link_or_copy(live / name, folder / name)
+            table = pl.concat(parts_ids)  # type: ignore[arg-type]
+            delta = delta_segment(number, table["id"].to_numpy())
+            np.save(folder / delta["vectors"], np.concatenate(parts_v), allow_pickle=False)
+            table.write_parquet(folder / delta["ids"])
+            link_or_copy(live / MODEL_FILE, folder / MODEL_FILE)
+            _write_manifest(
+                folder,
+                {
+                    **manifest,
+                    "version": number,
+                    "parent": live.name,
+                    "created": _now(),
+                    "count": int(manifest["count"]) + len(ids),
+                    "added": len(ids),
+                    "segments": [*kept, delta],
+                },
+            )
 
-        return _commit_version(release_dir, build)
+        return commit_version(release_dir, build)

@@ -74,6 +74,7 @@ class Layout:
         """Every epoch's state (model, optimiser, history) for ``--resume``."""
         return self.models_dir / head / "last.pt"
 
+    descriptors_dir = _below("artifacts", "descriptors", "descriptors per (model, shard): vpr.descstore")
     trunk_cache_dir = _below("artifacts", "trunk-cache", "frozen-trunk maps shared by the heads (vpr.trunk)")
 
     def live_dir(self, head: str) -> Path:

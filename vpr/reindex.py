@@ -217,12 +217,13 @@ def _validate_inbox(cfg: Config, layout: Layout, result: ReindexResult) -> list[
 
 def _published(cfg: Config, layout: Layout, plan: dict) -> bool:
     """Whether a live release already holds any of the batch's ids (then it can only be finished)."""
-    from vpr.index import IDS_FILE, current_version
+    from vpr.index import current_version
+    from vpr.versions import MANIFEST_FILE, held
 
     ids = [it["id"] for it in plan["items"]]
     for release_dir in _release_dirs(cfg, layout):
         version = current_version(release_dir)
-        if version is not None and pl.read_parquet(version / IDS_FILE, columns=["id"])["id"].is_in(ids).any():
+        if version is not None and held(version, json.loads((version / MANIFEST_FILE).read_text()), ids).any():
             return True
     return False
 
@@ -255,20 +256,20 @@ def _roll_back_vanished(plan: dict, cfg: Config, layout: Layout, result: Reindex
 
 
 def _add_to_releases(cfg: Config, layout: Layout, rows: list[dict], result: ReindexResult) -> None:
-    from vpr.index import add_to_release, load_release
+    from vpr.index import add_to_release, open_for_append
 
     images = read_batch_images(layout, rows)
     ids = np.array([r["id"] for r in rows], dtype=np.int64)
     meta = pl.DataFrame(rows).select("id", "path", "split", "role", "utm_east", "utm_north", "lat", "lon")
     for release_dir in _release_dirs(cfg, layout):
-        release = load_release(release_dir, cfg.train.device)
+        release = open_for_append(release_dir, cfg.train.device)  # model + manifest: not the index
         if (
             release.manifest.get("splits") is not None
             and cfg.orchestration.reindex_split not in release.manifest["splits"]
         ):
             result.releases[release_dir.name] = release.version  # this release does not index that split
             continue
-        fresh = ~np.isin(ids, release.ids["id"].to_numpy())
+        fresh = ~release.held(ids)
         if fresh.any():
             desc = release.encode_images([im for im, f in zip(images, fresh) if f], batch_size=cfg.evaluate.batch_size)
             version = add_to_release(release, ids[fresh], desc, meta)

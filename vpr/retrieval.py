@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import faiss
 import numpy as np
@@ -23,6 +23,41 @@ def exact_search(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.
     index = faiss.IndexFlatL2(database.shape[1])
     index.add(database)
     return index.search(queries, min(k, len(database)))
+
+
+def rows_within(memory_bytes: float, dim: int, share: float = 0.25) -> int:
+    """How many float32 rows of ``dim`` fit in ``share`` of a memory budget (at least 1)."""
+    return max(1, int(memory_bytes * share) // (4 * dim))
+
+
+def chunked_search(
+    database_chunks: Callable[[], Iterable[tuple[int, np.ndarray]]],
+    queries: np.ndarray,
+    k: int,
+    *,
+    query_rows: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact L2 search over a database read in chunks, with a running top-k (``faiss.ResultHeap``).
+
+    ``database_chunks()`` yields ``(first row, float32 block)``; it is called once per block of
+    ``query_rows`` queries, so memory holds one query block, one database block and the Q×k heaps —
+    whatever the database size. Returns (squared distances, database rows), each Q×k, best first;
+    rows are −1 where the database has fewer than k vectors. Same neighbours as ``exact_search``.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    nq = len(queries)
+    query_rows = nq if query_rows is None else max(1, query_rows)
+    distances = np.empty((nq, k), dtype=np.float32)
+    rows = np.empty((nq, k), dtype=np.int64)
+    for qs in range(0, nq, query_rows):
+        block = queries[qs : qs + query_rows]
+        heap = faiss.ResultHeap(len(block), k)
+        for first, chunk in database_chunks():
+            d, i = faiss.knn(block, chunk, min(k, len(chunk)))
+            heap.add_result(d, np.where(i >= 0, i + first, -1))
+        heap.finalize()
+        distances[qs : qs + len(block)], rows[qs : qs + len(block)] = heap.D, heap.I
+    return distances, rows
 
 
 def recall_at_n(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from vpr.layout import SPLITS
 INDEX_FILE = "index.parquet"
 SAMPLE_MEMBERS = frozenset({"jpg", "json"})  # anything else in a sample is refused, never decoded
 _JPEG_SOI = b"\xff\xd8"
+CONNECT_TIMEOUT_S = 5  # remote shards: a host that does not answer fails fast, never hangs
+STREAM_TIMEOUT_S = 600  # the longest one shard may take to arrive
 
 INDEX_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.Int64,
@@ -190,21 +193,47 @@ class ShardReader:
 class ShardPlan:
     """What the index says one shard holds: keys and ids in order and each jpg's byte range."""
 
-    url: Path
+    url: Path | str  # a local file, or a URL streamed through WebDataset (``is_url``)
     keys: list[str]
     ends: list[int]  # offset + size of each sample's jpg data
     crcs: list[int | None]  # the index's checksum of each sample's jpg data (None: not recorded)
     ids: list[int] = field(default_factory=list)
 
 
+def is_url(location: str | Path) -> bool:
+    """Whether shards live behind a URL (``http(s)://``, ``pipe:``...) rather than in a local folder."""
+    return isinstance(location, str) and ("://" in location or location.startswith("pipe:"))
+
+
+def shard_location(shards_dir: str | Path, shard: str) -> Path | str:
+    """Where shard ``shard`` (a name relative to the shard root) is: a local path or a URL below a base URL."""
+    if is_url(shards_dir):
+        return f"{str(shards_dir).rstrip('/')}/{shard}"
+    return Path(shards_dir) / shard
+
+
+def stream_url(location: Path | str) -> str:
+    """What WebDataset opens: http(s) through ``curl`` with bounded waits (WebDataset's own default
+    retries for minutes), anything else as given (a local path, ``pipe:`` command, ...)."""
+    if isinstance(location, str) and location.startswith(("http://", "https://")):
+        return (
+            f"pipe:curl --fail --silent --show-error --location --connect-timeout {CONNECT_TIMEOUT_S} "
+            f"--max-time {STREAM_TIMEOUT_S} {shlex.quote(location)}"
+        )
+    return str(location)
+
+
 def shard_plans(index: pl.DataFrame, shards_dir: str | Path) -> list[ShardPlan]:
-    """One plan per shard file named in ``index`` (rows of a shard index), in shard-name order."""
+    """One plan per shard file named in ``index`` (rows of a shard index), in shard-name order.
+
+    ``shards_dir`` may be a base URL (``is_url``): the plans then stream ``{base}/{shard}`` instead.
+    """
     index = index.sort("id")
     if "crc32" not in index.columns:
         index = index.with_columns(pl.lit(None, pl.Int64).alias("crc32"))
     plans: dict[str, ShardPlan] = {}
     for shard, key, offset, size, crc, i in index.select("shard", "key", "offset", "size", "crc32", "id").iter_rows():
-        plan = plans.setdefault(shard, ShardPlan(Path(shards_dir) / shard, [], [], []))
+        plan = plans.setdefault(shard, ShardPlan(shard_location(shards_dir, shard), [], [], []))
         plan.keys.append(key)
         plan.ends.append(offset + size)
         plan.crcs.append(crc)
@@ -220,8 +249,9 @@ def split_shards(shards_dir: str | Path, split: str, role: str) -> list[ShardPla
 
 def _damage(plan: ShardPlan, n_read: int, exc: Exception) -> ShardError:
     """Name the first sample the file cannot hold (truncation), else the one being read."""
-    size = plan.url.stat().st_size if plan.url.exists() else 0
-    cut = next((k for k, end in zip(plan.keys, plan.ends) if end > size), None)
+    local = isinstance(plan.url, Path)
+    size = plan.url.stat().st_size if local and plan.url.exists() else 0
+    cut = next((k for k, end in zip(plan.keys, plan.ends) if end > size), None) if local else None
     where = (
         f"sample {cut} lies beyond the end of the file ({size} bytes)"
         if cut is not None
@@ -242,12 +272,12 @@ def stream_samples(plan: ShardPlan) -> Iterator[tuple[int, bytes, bytes]]:
     import webdataset as wds  # imports torch (~1.5 s): keep it out of the resize workers' start-up
 
     url, expected = plan.url, plan.keys
-    if not url.exists():
+    if isinstance(url, Path) and not url.exists():
         raise ShardError(f"shard missing: {url}")
     # workersplitter/nodesplitter None: this one shard is read whole wherever it runs (in any loader worker,
     # on any rank of a distributed run); callers deal shards to workers and ids to ranks themselves
     dataset = wds.WebDataset(
-        str(url),
+        stream_url(url),
         shardshuffle=False,
         empty_check=False,
         handler=wds.reraise_exception,
