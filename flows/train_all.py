@@ -6,8 +6,10 @@ each head → evaluate ∥ baseline → index → report; CRN after NetVLAD, who
 plus one ordering that is not data: heads train in ``orchestration.train_lanes`` lanes (default 1: one
 after another, since one training fills the machine's cores or its GPU). Every step is a ``tasks``
 wrapper of the same ``vpr`` function that the matching ``dvc.yaml`` stage runs through the CLI, writing
-the same files;
-the flow ends with ``dvc commit --force`` of those stages, so ``dvc status`` is clean afterwards and
+the same files. A stage that reads descriptors (evaluate, baseline, index) is preceded by one
+``encode-shard`` task per shard it reads (``tasks.encode``), so extraction spreads over the task
+runner's workers (Dask: all of them) and the stage finds its shards encoded.
+The flow ends with ``dvc commit --force`` of those stages, so ``dvc status`` is clean afterwards and
 ``dvc repro`` has nothing to do.
 
 The whole run holds the project's data lock (``vpr.datalock``): a re-index started meanwhile leaves the
@@ -110,8 +112,12 @@ def train_all_steps(params: str, root: str, record_dvc: bool = True) -> dict:
 
     def submit(stage: str, upstream: list):
         group, _, key = stage.partition("@")
+        encodes = [  # stages that read descriptors: their shards first, one task each, on every worker
+            tasks.configure(tasks.encode_shard, cfg, root, stage).submit(cfg, root, stage, shard, wait_for=upstream)
+            for shard in tasks.stage_shards(cfg, root, stage)
+        ]
         step = tasks.configure(STAGE_TASKS[group], cfg, root, stage)
-        return step.submit(cfg, root, *([key] if key else []), wait_for=upstream)
+        return step.submit(cfg, root, *([key] if key else []), wait_for=upstream + encodes)
 
     submitted = run_when_ready(list(specs), graph, submit)
     steps = {stage: submitted[stage].state.name if stage in submitted else "NotRun" for stage in specs}

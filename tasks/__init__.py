@@ -3,6 +3,7 @@
 from tasks.artifacts import publish_reindex_summary, publish_results
 from tasks.cache import StageInputs, StageSpec, outputs_present, stage_key, stage_specs
 from tasks.dvc import record_in_dvc, stages_writing
+from tasks.encode import encode_shard, stage_shards
 from tasks.logs import show_vpr_logs
 from tasks.pipeline import baseline, configure, evaluate, index, ingest, mine, report, shard, train
 from tasks.reindex import reindex_batch
@@ -14,6 +15,7 @@ __all__ = [
     "StageSpec",
     "baseline",
     "configure",
+    "encode_shard",
     "evaluate",
     "index",
     "ingest",
@@ -27,6 +29,7 @@ __all__ = [
     "shard",
     "show_vpr_logs",
     "stage_key",
+    "stage_shards",
     "stage_specs",
     "stages_writing",
     "train",

@@ -186,6 +186,7 @@ class StageInputs(CachePolicy):
     """
 
     stage: str = ""
+    inputs: tuple[str, ...] = ()  # task inputs that are part of the key too (e.g. one shard of the stage's)
 
     def __post_init__(self) -> None:
         if not self.stage:  # the base class's first field is key_storage: pass stage= by keyword
@@ -199,4 +200,5 @@ class StageInputs(CachePolicy):
         if key is None:
             return None
         source = TaskSource().compute_key(task_ctx, inputs, flow_parameters, **kwargs)
-        return hashlib.sha256(f"{key}:{source}".encode()).hexdigest()
+        extra = json.dumps([inputs.get(name) for name in self.inputs], default=str)
+        return hashlib.sha256(f"{key}:{source}:{extra}".encode()).hexdigest()

@@ -127,7 +127,7 @@ def test_kill9_during_shard_writing_never_exposes_a_mix(micro_project, tmp_path,
     "target",
     [
         "faiss:write_index",  # the new version folder is half written
-        "vpr.index:write_text_atomic",  # the new version is complete but CURRENT not yet switched
+        "vpr.versions:write_text_atomic",  # the new version is complete but CURRENT not yet switched
     ],
     ids=["half-written", "not-switched"],
 )

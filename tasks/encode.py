@@ -1,0 +1,60 @@
+"""Descriptor extraction as a map over shards: one Prefect task per (stage, shard), on any task runner.
+
+A stage that reads descriptors (``evaluate@H``, ``baseline``, ``index``) is preceded by one
+``encode_shard`` task per shard it reads; each writes its shard's entry of the descriptor store
+(``vpr.descstore``), so the stage itself finds every shard encoded and only searches or indexes. On the
+Dask task runner (``orchestration.task_runner: dask``) the shards are encoded on all workers at once.
+A task's cache key is its stage's inputs plus the shard; the store is content-addressed as well, so an
+unchanged shard is never encoded twice either way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from tasks.cache import StageInputs
+from vpr.config import Config
+from vpr.layout import Layout
+
+
+@task(
+    name="encode-shard",
+    task_run_name="encode@{shard}[{stage}]",
+    cache_policy=StageInputs(stage="{stage}", inputs=("shard",)),
+    persist_result=True,
+)
+def encode_shard(cfg: Config, root: str, stage: str, shard: str) -> dict:
+    """The descriptors of one shard with the model of ``stage`` → the descriptor store."""
+    from vpr.descstore import encode_named_shards
+
+    head, untrained = stage_model(cfg, stage)
+    (part,) = encode_named_shards(head, cfg, Layout.from_config(cfg, Path(root)), [shard], untrained=untrained)
+    return {"shard": shard, "stage": stage, "encoded": part.encoded, "images": len(part.ids)}
+
+
+def stage_model(cfg: Config, stage: str) -> tuple[str, bool]:
+    """(head, untrained) of the model a descriptor-reading stage encodes with."""
+    group, _, key = stage.partition("@")
+    if group == "evaluate":
+        return key, False
+    if group == "baseline":
+        return "avg", True
+    if group == "index":
+        return cfg.index.head, False
+    raise ValueError(f"stage {stage!r} reads no descriptors")
+
+
+def stage_shards(cfg: Config, root: str | Path, stage: str) -> list[str]:
+    """The shards a descriptor-reading stage encodes (empty for any other stage)."""
+    from vpr.evaluate import evaluation_shards
+    from vpr.index import release_shards
+
+    layout = Layout.from_config(cfg, Path(root))
+    group = stage.partition("@")[0]
+    if group in ("evaluate", "baseline"):
+        return evaluation_shards(layout)
+    if group == "index":
+        return release_shards(cfg, layout)
+    return []
