@@ -55,11 +55,24 @@ def peak_rss_mb() -> float:
     return max(own, kids) / 1024
 
 
+STAGE_TIMEOUT_S = 3600.0
+
+
 def child(name: str, **args) -> dict:
-    """Run stage ``name`` in a fresh process; its result dict with ``seconds`` and ``peak_rss_mb``."""
-    out = subprocess.run([sys.executable, str(BENCH), "_stage", name, json.dumps(args)], capture_output=True, text=True)
+    """Run stage ``name`` in a fresh process; its result dict with ``seconds`` and ``peak_rss_mb``.
+
+    A stage that fails or runs past ``STAGE_TIMEOUT_S`` is a wall, not a crash of the ladder: its row says
+    why (the last line of its error), and the rungs that depend on it are skipped.
+    """
+    cmd = [sys.executable, str(BENCH), "_stage", name, json.dumps(args)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=STAGE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"over {STAGE_TIMEOUT_S:.0f} s"}
     if out.returncode != 0:
-        raise SystemExit(f"stage {name} {args} failed:\n{out.stderr[-4000:]}")
+        lines = out.stderr.strip().splitlines() or [f"exit {out.returncode}"]
+        print(f"# stage {name} {args} failed:\n{out.stderr[-4000:]}", file=sys.stderr)
+        return {"failed": f"exit {out.returncode}: {lines[-1][:120]}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -84,8 +97,11 @@ def table(title: str, results: dict[str, list[tuple[int, dict]]], unit: str = "i
     print(f"| stage | N | seconds | {unit} | peak RSS (MB) | growth exponent |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, rungs in results.items():
-        exps = exponent([(n, r["seconds"]) for n, r in rungs])
+        exps = exponent([(n, r.get("seconds", 0.0)) for n, r in rungs])
         for (n, r), e in zip(rungs, exps):
+            if "failed" in r:
+                print(f"| {name} | {n:,} | wall: {r['failed']} | — | — | — |")
+                continue
             rate = r.get("items", n) / r["seconds"] if r["seconds"] > 0 else float("nan")
             print(f"| {name} | {n:,} | {r['seconds']:.2f} | {rate:,.0f} | {r['peak_rss_mb']:,.0f} | {e} |")
 
@@ -205,8 +221,12 @@ def run_real(sizes: list[int]) -> None:
         shutil.rmtree(root, ignore_errors=True)
         results["render"].append((n, child("render", root=str(root), n=n)))
         for name in list(results)[1:]:
+            if "failed" in results["render"][-1][1]:
+                break
             results[name].append((n, child(name, root=str(root))))
             print(f"# real {n}: {name} {results[name][-1]}", file=sys.stderr)
+            if "failed" in results[name][-1][1]:
+                break
         shutil.rmtree(root, ignore_errors=True)
     table("Real images (synthetic city, 60×80): database N, queries N/10", results)
 
@@ -376,7 +396,9 @@ def run_synthetic(sizes: list[int]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         gen = child("generate", folder=str(folder), n=n, dim=256, dtype="float32")
-        print(f"# synthetic {n}: generated in {gen['seconds']:.0f} s", file=sys.stderr)
+        print(f"# synthetic {n}: generated {gen}", file=sys.stderr)
+        if "failed" in gen:
+            break
         if n <= 1_000_000:  # a flat index holds every vector in RAM: 10 GB at 10^7 x 256-d
             results["index build, exact"].append((n, child("build_index", folder=str(folder), kind="exact")))
         results["index build, IVF-PQ"].append((n, child("build_index", folder=str(folder), kind="ivfpq")))
@@ -400,12 +422,15 @@ def run_evaluate(n: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         gen = child("generate", folder=str(folder), n=n, dim=dim, dtype=dtype, rows=1_000)
-        print(f"# {dim}-d: generated in {gen['seconds']:.0f} s", file=sys.stderr)
+        print(f"# {dim}-d: generated {gen}", file=sys.stderr)
         runs = [("chunked (store)", 8, child("search_store", folder=str(folder), memory_gb=8))]
         runs.append(("chunked (store)", 1, child("search_store", folder=str(folder), memory_gb=1)))
         if dim * n * 4 * 2 < 16 * 2**30:  # the whole array plus the flat index's copy of it
             runs.append(("in memory (one array + flat index)", "—", child("search_in_memory", folder=str(folder))))
         for how, budget, r in runs:
+            if "failed" in r:
+                print(f"| {dim:,}-d {dtype} | {how} | {budget} | wall: {r['failed']} | — | — | — | — |")
+                continue
             print(
                 f"| {dim:,}-d {dtype} ({dim * n * np.dtype(dtype).itemsize / 2**30:.1f} GiB) | {how} | {budget} | "
                 f"{r['seconds']:.1f} | {r['peak_rss_mb']:,.0f} | {r['recall@1']:.1f} | {r['recall@5']:.1f} | "
