@@ -359,27 +359,23 @@ def synthetic_catalog(n: int, seed: int = 0):
     db = rng.uniform(0, side, (n_db, 2))
     q = db[rng.integers(0, n_db, n // 10)] + rng.normal(0, 5.0, (n // 10, 2))
     xy = np.concatenate([db, q]) + (500_000.0, 4_000_000.0)
-    roles = ["database"] * n_db + ["queries"] * (n // 10)
-    return pl.DataFrame(
-        {
-            "path": [f"test/{r}/{i:09d}.jpg" for i, r in enumerate(roles)],
-            "split": ["test"] * n,
-            "role": roles,
-            "utm_east": xy[:, 0],
-            "utm_north": xy[:, 1],
-        }
+    role = pl.when(pl.col("i") < n_db).then(pl.lit("database")).otherwise(pl.lit("queries"))
+    return (
+        pl.DataFrame({"i": np.arange(n), "utm_east": xy[:, 0], "utm_north": xy[:, 1]})
+        .with_columns(role=role, split=pl.lit("test"))
+        .with_columns(path=pl.format("test/{}/{}.jpg", "role", pl.col("i").cast(pl.String).str.zfill(9)))
+        .select("path", "split", "role", "utm_east", "utm_north")
     )
 
 
 @stage
 def mine_coordinates(n: int, folder: str) -> dict:
     from vpr.config import MiningConfig
-    from vpr.mining import mine_split, write_mining
+    from vpr.mining import mine_batches, write_mining_batches
 
     catalog = synthetic_catalog(n)
     t0 = time.perf_counter()
-    table = mine_split(catalog, "test", MiningConfig())
-    write_mining(table, Path(folder) / "mining.parquet")
+    write_mining_batches(mine_batches(catalog, "test", MiningConfig()), Path(folder) / "mining.parquet")
     return {"items": n, "seconds": time.perf_counter() - t0}
 
 

@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 
 from vpr.config import MiningConfig
-from vpr.mining import mine_split, radius_neighbours, utm_positives
+from vpr.mining import mine_all, mine_batches, mine_split, radius_neighbours, utm_positives, write_mining_batches
 
 
 def brute_force(db: np.ndarray, q: np.ndarray, radius: float) -> list[list[int]]:
@@ -88,3 +88,28 @@ def test_heading_filter_keeps_hard_positives_facing_the_query_way():
     # the second query's only hard positive faces 90° vs 270°: no triplet, dropped with its whole row
     assert plain.height == 2 and facing.height == 1
     assert facing["path"].to_list() == ["images/train/queries/q00000.jpg"]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_batched_mining_file_equals_the_whole_table_for_any_batch_size(tmp_path, split):
+    rng = np.random.default_rng(11)
+    db, q = rng.uniform(0, 300, (600, 2)), rng.uniform(0, 300, (150, 2))
+    catalog = _catalog(db, q, split).with_columns(heading=pl.Series(rng.uniform(0, 360, 750)))
+    cfg = MiningConfig(train_positive_m=10, test_positive_m=25, train_positive_heading_deg=90)
+    whole = mine_split(catalog, split, cfg)
+    for chunk in (1, 7, 150, 10_000):
+        target = write_mining_batches(mine_batches(catalog, split, cfg, chunk=chunk), tmp_path / f"{chunk}.parquet")
+        got = pl.read_parquet(target)
+        assert got.equals(whole), f"batch size {chunk} changed the table"
+        assert got.schema == whole.schema
+
+
+def test_mine_all_writes_every_split_even_an_empty_one(tmp_path):
+    rng = np.random.default_rng(12)
+    catalog = _catalog(rng.uniform(0, 100, (50, 2)), rng.uniform(0, 100, (10, 2)), "test")
+    catalog.write_parquet(tmp_path / "catalog.parquet")
+    paths = mine_all(tmp_path / "catalog.parquet", tmp_path / "mining", MiningConfig())
+    assert pl.read_parquet(paths["test"]).equals(mine_split(catalog, "test", MiningConfig()))
+    empty = pl.read_parquet(paths["val"])  # no val rows in the catalog: an empty, readable table
+    assert empty.height == 0 and empty.columns == ["path", "utm_east", "utm_north", "hard_positives", "soft_positives"]
+    assert not list((tmp_path / "mining").glob(".*.tmp")), "no temporaries left behind"

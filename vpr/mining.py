@@ -10,13 +10,16 @@ the radius queries, so a million database points mine in seconds instead of an a
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 from scipy.spatial import cKDTree
 
-from vpr.atomic import write_parquet_atomic
+from vpr.atomic import atomic_path
 from vpr.config import MiningConfig
 
 
@@ -59,58 +62,95 @@ def facing_filter(
     return out
 
 
-def mine_split(catalog: pl.DataFrame, split: str, cfg: MiningConfig) -> pl.DataFrame:
-    """One row per query of ``split``: ``path``, ``hard_positives``, ``soft_positives`` (database paths).
+QUERY_CHUNK = 65_536
+"""Queries mined per batch: peak memory is one batch's positive lists, whatever the split's size."""
 
-    On the train split, queries without a hard positive cannot form a triplet and are dropped; the
-    same boolean mask filters every per-query column, so lists never shift against their query.
+_SCHEMA = pa.schema(
+    [
+        ("path", pa.large_string()),
+        ("utm_east", pa.float64()),
+        ("utm_north", pa.float64()),
+        ("hard_positives", pa.list_(pa.large_string())),
+        ("soft_positives", pa.list_(pa.large_string())),
+    ]
+)
+
+
+def _path_lists(db_paths: pa.Array, hits: list[np.ndarray]) -> pa.ListArray:
+    """Database paths per query as one Arrow list column, built from flat indices and offsets.
+
+    Gathering into Arrow (not Python lists of str) keeps a batch's memory to its string bytes.
+    """
+    lengths = np.fromiter((len(h) for h in hits), dtype=np.int64, count=len(hits))
+    offsets = np.zeros(len(hits) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(hits) if hits else np.empty(0, dtype=np.int64)
+    return pa.ListArray.from_arrays(pa.array(offsets), db_paths.take(pa.array(flat, type=pa.int64())))
+
+
+def mine_batches(catalog: pl.DataFrame, split: str, cfg: MiningConfig, chunk: int = QUERY_CHUNK) -> Iterator[pa.Table]:
+    """The mining table of ``split`` in query batches of ``chunk`` rows, in query path order.
+
+    Columns: ``path``, ``utm_east``, ``utm_north``, ``hard_positives``, ``soft_positives`` (database
+    paths). On the train split, queries without a hard positive cannot form a triplet and are dropped;
+    the same boolean mask filters every per-query column, so lists never shift against their query.
+    One KD-tree over the database serves every batch; the output does not depend on ``chunk``.
     """
     rows = catalog.filter(pl.col("split") == split)
     database = rows.filter(pl.col("role") == "database").sort("path")
     queries = rows.filter(pl.col("role") == "queries").sort("path")
     if database.height == 0 and queries.height > 0:
         raise ValueError(f"split {split!r} has queries but no database images")
-    db_xy = database.select("utm_east", "utm_north").to_numpy()
-    q_xy = queries.select("utm_east", "utm_north").to_numpy()
-    hard, soft = utm_positives(db_xy, q_xy, cfg.train_positive_m, cfg.test_positive_m)
-    if cfg.train_positive_heading_deg is not None and "heading" in rows.columns:
-        hard = facing_filter(
-            hard,
-            database["heading"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
-            queries["heading"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
-            cfg.train_positive_heading_deg,
+    db_xy = database.select("utm_east", "utm_north").to_numpy().astype(np.float64)
+    tree = cKDTree(db_xy) if len(db_xy) else None
+    db_paths = database["path"].to_arrow().cast(pa.large_string())
+    facing = cfg.train_positive_heading_deg is not None and "heading" in rows.columns
+    if facing:
+        db_heading = database["heading"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    for start in range(0, queries.height, chunk):
+        batch = queries.slice(start, chunk)
+        q_xy = batch.select("utm_east", "utm_north").to_numpy().astype(np.float64)
+        hard = radius_neighbours(db_xy, q_xy, cfg.train_positive_m, tree)
+        soft = radius_neighbours(db_xy, q_xy, cfg.test_positive_m, tree)
+        if facing:
+            q_heading = batch["heading"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+            hard = facing_filter(hard, db_heading, q_heading, cfg.train_positive_heading_deg)
+        table = pa.Table.from_arrays(
+            [
+                batch["path"].to_arrow().cast(pa.large_string()),
+                batch["utm_east"].cast(pl.Float64).to_arrow(),
+                batch["utm_north"].cast(pl.Float64).to_arrow(),
+                _path_lists(db_paths, hard),
+                _path_lists(db_paths, soft),
+            ],
+            schema=_SCHEMA,
         )
-    db_paths = database["path"].to_numpy()
-    table = pl.DataFrame(
-        {
-            "path": queries["path"],
-            "utm_east": queries["utm_east"],
-            "utm_north": queries["utm_north"],
-            "hard_positives": [db_paths[h].tolist() for h in hard],
-            "soft_positives": [db_paths[s].tolist() for s in soft],
-        },
-        schema={
-            "path": pl.String,
-            "utm_east": pl.Float64,
-            "utm_north": pl.Float64,
-            "hard_positives": pl.List(pl.String),
-            "soft_positives": pl.List(pl.String),
-        },
-    )
-    if split == "train":
-        keep = np.array([len(h) > 0 for h in hard], dtype=bool)
-        table = table.filter(pl.Series(keep))
-    return table
+        if split == "train":
+            table = table.filter(pa.array([len(h) > 0 for h in hard], type=pa.bool_()))
+        yield table
 
 
-def write_mining(table: pl.DataFrame, target: str | Path) -> Path:
-    """Write a mining table atomically (temp file in the same folder, then rename)."""
-    return write_parquet_atomic(table, target)
+def mine_split(catalog: pl.DataFrame, split: str, cfg: MiningConfig) -> pl.DataFrame:
+    """The whole mining table of ``split`` in memory (see ``mine_batches``), for callers that need all of it."""
+    batches = list(mine_batches(catalog, split, cfg))
+    return pl.from_arrow(pa.concat_tables(batches) if batches else _SCHEMA.empty_table())
+
+
+def write_mining_batches(batches: Iterable[pa.Table], target: str | Path) -> Path:
+    """Stream mining batches into one Parquet file, one row group per batch, published atomically."""
+    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, _SCHEMA) as writer:
+        for batch in batches:
+            writer.write_table(batch)
+    return Path(target)
 
 
 def mine_all(
     catalog_path: str | Path, out_dir: str | Path, cfg: MiningConfig, splits: tuple[str, ...] = ("train", "val", "test")
 ) -> dict[str, Path]:
-    """Mine every split of a catalog into ``out_dir/{split}.parquet`` (the DVC/Prefect step)."""
+    """Mine every split of a catalog into ``out_dir/{split}.parquet`` (the DVC/Prefect step).
+
+    Each split is written batch by batch, so memory stays at one query batch plus the database's
+    coordinates and paths instead of growing with every query's positive lists.
+    """
     catalog = pl.read_parquet(catalog_path)
-    return {s: write_mining(mine_split(catalog, s, cfg), Path(out_dir) / f"{s}.parquet") for s in splits}
+    return {s: write_mining_batches(mine_batches(catalog, s, cfg), Path(out_dir) / f"{s}.parquet") for s in splits}
