@@ -16,7 +16,7 @@ and its children, torch's ~0.4 GB import included) is its own; times are the sta
 * ``reindex``: 10⁴ new vectors appended to releases of two sizes, rounds interleaved, beside loading the
   whole release (the pre-segment cost) and the O(N) catalog rewrite of ``append_to_catalog``.
 
-    .venv/bin/python bench/scale.py real --sizes 10000 100000
+    .venv/bin/python bench/scale.py real --sizes 1000 10000 100000
     .venv/bin/python bench/scale.py synthetic --sizes 10000 100000 1000000 10000000
     .venv/bin/python bench/scale.py evaluate
     .venv/bin/python bench/scale.py reindex --sizes 100000 1000000 --rounds 3
