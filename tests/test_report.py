@@ -16,6 +16,7 @@ from vpr.ablation import (
     recall_at_thresholds,
     threshold_table,
 )
+from vpr.config import HeadBudget
 from vpr.evaluate import evaluate_head
 from vpr.report import FIGURES, write_report
 
@@ -152,3 +153,13 @@ def test_comparison_table_from_exp_show_json():
     assert "55.5" in body["abl-lr-netvlad-lr-0p00001"]
     everything = comparison_table([workspace, base], head="netvlad")
     assert "train.image_scale" in everything and "abl-image-scale" not in everything  # failed: no metrics
+
+
+def test_setup_line_states_each_heads_epochs(evaluated):
+    cfg, layout = evaluated
+    cfg = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"per_head": {"crn": HeadBudget(epochs=cfg.train.epochs + 2)}})}
+    )
+    text = write_report(cfg, layout).read_text()
+    epochs = ", ".join(f"{h} {cfg.train.epochs + 2 if h == 'crn' else cfg.train.epochs}" for h in cfg.train.heads)
+    assert "crn" in cfg.train.heads and f"epochs {epochs} × {cfg.train.queries_per_epoch} queries" in text

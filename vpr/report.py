@@ -351,7 +351,7 @@ def write_report(cfg: Config, layout: Layout) -> Path:
         "## Setup",
         "",
         f"- Images {cfg.shards.width}×{cfg.shards.height} × scale {cfg.train.image_scale}; backbone weights "
-        f"{_weights_note(cfg)}; {cfg.train.epochs} epoch(s) × {cfg.train.queries_per_epoch} queries, "
+        f"{_weights_note(cfg)}; {_budget_note(cfg)}, "
         f"lr {cfg.train.lr}, {cfg.train.mining} mining; NetVLAD/CRN with {cfg.model.netvlad_clusters} clusters.",
         "- ms/image: descriptor extraction wall time (decode + transform + model) per image during evaluation.",
         "- Sources: `metrics/*.json` (`dvc metrics show`), predictions in `artifacts/predictions/`.",
@@ -366,6 +366,15 @@ def write_report(cfg: Config, layout: Layout) -> Path:
     out = layout.reports / "results.md"
     write_text_atomic(out, "\n".join(lines))
     return out
+
+
+def _budget_note(cfg: Config) -> str:
+    """Epochs × queries per head, e.g. ``epochs avg 4, gem 2 × 400 queries`` (``train.per_head`` included)."""
+    budgets = {h: cfg.train.for_head(h) for h in cfg.train.heads}
+    per_epoch = {b.queries_per_epoch for b in budgets.values()}
+    epochs = ", ".join(f"{h} {b.epochs}" for h, b in budgets.items())
+    queries = f"{per_epoch.pop()} queries" if len(per_epoch) == 1 else "per-head queries"
+    return f"epochs {epochs} × {queries}"
 
 
 def _weights_note(cfg: Config) -> str:
