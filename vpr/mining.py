@@ -37,10 +37,15 @@ def radius_neighbours(
 
 
 def utm_positives(
-    database_xy: np.ndarray, query_xy: np.ndarray, train_positive_m: float, test_positive_m: float
+    database_xy: np.ndarray,
+    query_xy: np.ndarray,
+    train_positive_m: float,
+    test_positive_m: float,
+    tree: cKDTree | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(hard, soft) positive index lists per query, from one shared KD-tree."""
-    tree = cKDTree(np.asarray(database_xy, dtype=np.float64).reshape(-1, 2)) if len(database_xy) else None
+    """(hard, soft) positive index lists per query, from one shared KD-tree (built here unless given)."""
+    if tree is None and len(database_xy):
+        tree = cKDTree(np.asarray(database_xy, dtype=np.float64).reshape(-1, 2))
     hard = radius_neighbours(database_xy, query_xy, train_positive_m, tree)
     soft = radius_neighbours(database_xy, query_xy, test_positive_m, tree)
     return hard, soft
@@ -110,8 +115,7 @@ def mine_batches(catalog: pl.DataFrame, split: str, cfg: MiningConfig, chunk: in
     for start in range(0, queries.height, chunk):
         batch = queries.slice(start, chunk)
         q_xy = batch.select("utm_east", "utm_north").to_numpy().astype(np.float64)
-        hard = radius_neighbours(db_xy, q_xy, cfg.train_positive_m, tree)
-        soft = radius_neighbours(db_xy, q_xy, cfg.test_positive_m, tree)
+        hard, soft = utm_positives(db_xy, q_xy, cfg.train_positive_m, cfg.test_positive_m, tree)
         if facing:
             q_heading = batch["heading"].cast(pl.Float64).fill_null(np.nan).to_numpy()
             hard = facing_filter(hard, db_heading, q_heading, cfg.train_positive_heading_deg)
