@@ -46,7 +46,7 @@ repro: data
 run: data
 	PREFECT_HOME=$(PREFECT_HOME) PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 $(BIN)/python -m flows.train_all
 
-# The longer CPU study (profiles/cpu-study.yaml: each head up to 36 epochs, about 50 min on 2 cores) via
+# The longer CPU study (profiles/cpu-study.yaml: each head up to 36 epochs; its duration: README) via
 # DVC; it rewrites params.yaml, and `vpr profile cpu` switches it back to the demo.
 study: $(STAMP)
 	$(BIN)/vpr profile cpu-study

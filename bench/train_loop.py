@@ -13,9 +13,10 @@ the real loop ≥ 0.8 of the bound.
 
 Queries per epoch, refresh interval and negative sample are params.yaml's times ``--fraction``,
 so mining refreshes weigh what they weigh in the configured run (or set them directly). The last
-of ``--epochs`` epochs is reported. Mining % and loading % are the epoch's time inside
-``_mine_chunk`` (refreshes) and waiting on ``_batches`` (the loader; with DataLoader workers that
-includes starting them, once per refresh chunk); steps % is the rest.
+of ``--epochs`` epochs is reported. Mining % and loading % are the share of the epochs' time that
+training itself reports in its summary's ``phases`` (``mining``: the refreshes; ``loading``: waiting for
+triplet batches, which with DataLoader workers includes starting them once per refresh chunk); steps %
+is the rest.
 
     .venv/bin/python bench/train_loop.py                   # CPU here: 120x160, fraction 0.25
     .venv/bin/python bench/train_loop.py --device cuda --height 480 --width 640 --workers 16 --epochs 2 \
@@ -27,17 +28,18 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
-from contextlib import contextmanager
 
 import _common
 import numpy as np
 import torch
 
-import vpr.train as vt
 from vpr.config import parse_config
 from vpr.descriptors import autocast, image_transform, use_bf16
 from vpr.models import build_model
+from vpr.registry import head_names, head_spec
 from vpr.shardio import ShardReader
+from vpr.train import train_head
+from vpr.triplets import triplet_loss
 from vpr.trunk import open_trunk_cache
 
 TRAIN_ID_SPLITS = ("train", "val")
@@ -66,7 +68,7 @@ def step_bound(head: str, cfg, device: torch.device, steps: int, from_trunk: boo
     def step() -> None:
         with autocast(device, bf16):
             out = fn(x)
-        loss = vt.triplet_loss(out.float().view(b, n, -1), tc.margin)
+        loss = triplet_loss(out.float().view(b, n, -1), tc.margin)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -80,37 +82,6 @@ def step_bound(head: str, cfg, device: torch.device, steps: int, from_trunk: boo
         step()
     _common.sync(device)
     return steps * b * n / (time.perf_counter() - t0)
-
-
-@contextmanager
-def timing_hooks(totals: dict[str, float]):
-    """Time ``_mine_chunk`` (mining refreshes) and the waits on ``_batches`` (loading) inside train_head."""
-    mine, batches = vt._mine_chunk, vt._batches
-
-    def timed_mine(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return mine(*a, **k)
-        finally:
-            totals["mining"] += time.perf_counter() - t0
-
-    def timed_batches(*a, **k):
-        it = batches(*a, **k)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                totals["loading"] += time.perf_counter() - t0
-                return
-            totals["loading"] += time.perf_counter() - t0
-            yield item
-
-    vt._mine_chunk, vt._batches = timed_mine, timed_batches
-    try:
-        yield
-    finally:
-        vt._mine_chunk, vt._batches = mine, batches
 
 
 def bench_cfg(cfg, args, device: torch.device, cache: str, precision: str = "auto"):
@@ -150,7 +121,7 @@ def cache_build_seconds(cfg, layout, device: torch.device) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heads", nargs="+", default=["avg", "gem", "netvlad", "crn"])
+    parser.add_argument("--heads", nargs="+", default=list(head_names()))
     parser.add_argument("--height", type=int, default=120)
     parser.add_argument("--width", type=int, default=160)
     parser.add_argument("--city", type=float, default=1.0)
@@ -183,7 +154,8 @@ def main() -> None:
     device = _common.resolve(args.device)
     base_cfg, layout = _common.project(args.height, args.width, city=args.city)
     caches = args.cache or (["off", "on"] if device.type == "cpu" else ["off"])
-    heads = sorted(args.heads, key=lambda h: h == "crn")  # CRN starts from this run's NetVLAD
+    # a head that starts from another (CRN from NetVLAD) runs after it, in the registry's order
+    heads = sorted(args.heads, key=lambda h: (head_spec(h).starts_from is not None, list(head_names()).index(h)))
 
     print(f"# training-loop benchmark — {_common.machine(device)}")
     cfg0 = bench_cfg(base_cfg, args, device, "off")
@@ -209,17 +181,16 @@ def main() -> None:
             bf16 = use_bf16(device, precision)
             steps = args.bound_steps
             before = step_bound(head, cfg, device, steps, cache == "on", args.compile, bf16)
-            totals = {"mining": 0.0, "loading": 0.0}
-            with timing_hooks(totals), warnings.catch_warnings():
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                summary = vt.train_head(head, cfg, layout)
+                summary = train_head(head, cfg, layout)
             after = step_bound(head, cfg, device, steps, cache == "on", args.compile, bf16)
             epoch = summary["history"][-1]
             loop = epoch["images_per_s"]
             bound = float(np.mean([before, after]))
-            all_epochs = sum(e["seconds"] for e in summary["history"])  # the hooks saw every epoch
-            mining = 100 * totals["mining"] / all_epochs
-            loading = 100 * totals["loading"] / all_epochs
+            all_epochs = sum(e["seconds"] for e in summary["history"])  # the phases cover every epoch
+            mining = 100 * summary["phases"].get("mining", 0.0) / all_epochs
+            loading = 100 * summary["phases"].get("loading", 0.0) / all_epochs
             print(
                 f"{head:<8} {cache:<11} {'bf16' if bf16 else 'fp32':<5} {loop:10.1f} {bound:11.1f}"
                 f" {loop / bound:9.2f}x {mining:8.0f} "

@@ -1,12 +1,14 @@
 """Where a training run's time goes: trunk cache, NetVLAD initialisation, mining, steps, validation.
 
-Whole ``vpr.train.train_head`` runs on the benchmark project (the default city), each phase timed by
-wrapping the functions ``train_head`` calls (the rest of the run is the training steps and loading):
+Whole ``vpr.train.train_head`` runs on the benchmark project (the default city); each phase is what the
+training reports in its summary's ``phases`` (``vpr.train.timed``):
 
-- ``trunk cache``: ``open_trunk_cache`` — building it (the run's first head) or loading it (the others:
-  every head of a run shares it, ``vpr.trunk``);
-- ``netvlad init``: the k-means sample and centroids; ``mining``: the refreshes (``_mine_chunk``);
-- ``validation``: ``validate`` after each epoch; ``checkpoints``: the atomic saves.
+- ``trunk cache``: opening it — building it (the run's first head) or loading it (the others: every
+  head of a run shares it, ``vpr.trunk``);
+- ``init``: building the model and starting it (NetVLAD: the k-means sample and centroids);
+- ``mining``: the refreshes (``vpr.mining.negatives.mine_triplets``); ``loading``: waiting for triplet
+  batches; ``steps``: forward, loss, backward, optimiser;
+- ``validation``: after each epoch; ``checkpoints``: the atomic saves and the history.
 
 Runs (interleaved per round): NetVLAD for 1 and for 3 epochs with a cold cache (an empty cache folder:
 what the first head of a run pays), and the same with the cache the first run left (what every other
@@ -29,47 +31,19 @@ from pathlib import Path
 
 import _common
 
-import vpr.train as vt
 from vpr.layout import Layout
-
-PHASES = {
-    "open_trunk_cache": "trunk cache",
-    "init_netvlad": "netvlad init",
-    "_mine_chunk": "mining",
-    "validate": "validation",
-    "save_checkpoint": "checkpoints",
-}
+from vpr.train import train_head
 
 
 def timed_run(cfg, layout: Layout, head: str) -> dict[str, float]:
-    """Seconds per phase of one ``train_head`` (``steps`` = the rest)."""
-    spent: dict[str, float] = defaultdict(float)
-    originals = {name: getattr(vt, name) for name in PHASES}
-
-    def wrap(name, fn):
-        def inner(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[PHASES[name]] += time.perf_counter() - t0
-
-        return inner
-
-    for name, fn in originals.items():
-        setattr(vt, name, wrap(name, fn))
-    try:
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            vt.train_head(head, cfg, layout)
-        total = time.perf_counter() - t0
-    finally:
-        for name, fn in originals.items():
-            setattr(vt, name, fn)
-    spent["steps + loading"] = total - sum(spent.values())
-    spent["total"] = total
-    return dict(spent)
+    """Seconds per phase of one ``train_head`` as it reports them, plus ``total`` and ``other``."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = train_head(head, cfg, layout)
+    total = time.perf_counter() - t0
+    phases = dict(summary["phases"])
+    return phases | {"other": total - sum(phases.values()), "total": total}
 
 
 def main() -> None:
@@ -100,7 +74,7 @@ def main() -> None:
                     results[f"{epochs} epoch(s), {variant}"].append(timed_run(run_cfg, run_layout, args.head))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    columns = ["total", "trunk cache", "netvlad init", "mining", "steps + loading", "validation", "checkpoints"]
+    columns = ["total", "trunk cache", "init", "mining", "loading", "steps", "validation", "checkpoints", "other"]
     print(f"# {_common.machine()}")
     print(
         f"# {args.head}, {cfg.train.queries_per_epoch} queries/epoch, refresh every {cfg.train.refresh_every}, "

@@ -5,14 +5,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vpr.config import HEADS, ConfigError, load_config, parse_config
+from vpr.config import ConfigError, load_config, parse_config
+from vpr.registry import head_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_project_params_load():
     cfg = load_config(ROOT / "params.yaml")
-    assert tuple(cfg.train.heads) == HEADS
+    assert tuple(cfg.train.heads) == head_names()
     assert cfg.mining.train_positive_m == 10 and cfg.mining.test_positive_m == 25
 
 

@@ -17,11 +17,12 @@ from tests.flowkit import REPO, clone_project, exif_photo, make_dvc_project, run
 from vpr.catalog import read_catalog
 from vpr.config import load_config
 from vpr.layout import Layout, first_id
+from vpr.registry import head_names
 from vpr.shardio import read_index
 
 pytestmark = pytest.mark.timeout(900)
 
-HEADS = ["avg", "gem", "netvlad", "crn"]
+HEADS = list(head_names())
 SPLITS = ["train", "val", "test"]
 PIPELINE_STEPS = {
     "ingest",

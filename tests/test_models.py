@@ -11,8 +11,11 @@ import torch.nn.functional as F
 from torchvision.models import resnet18
 
 from vpr.config import ModelConfig
-from vpr.models import CRNHead, NetVLADHead, build_backbone, build_model
+from vpr.models import build_backbone, build_model
 from vpr.models.functional import gem, intra_normalize_flatten, vlad
+from vpr.models.heads.crn import CRNHead
+from vpr.models.heads.crn2 import CRN2Head
+from vpr.models.heads.netvlad import NetVLADHead
 
 CFG = ModelConfig(weights="none", freeze_early_layers=True, netvlad_clusters=64, gem_dim=128)
 
@@ -22,7 +25,9 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.mark.parametrize(("head", "dim"), [("avg", 256), ("gem", 128), ("netvlad", 64 * 256), ("crn", 64 * 256)])
+@pytest.mark.parametrize(
+    ("head", "dim"), [("avg", 256), ("gem", 128), ("netvlad", 64 * 256), ("crn", 64 * 256), ("crn2", 64 * 256)]
+)
 def test_head_shape_and_unit_norm(head: str, dim: int) -> None:
     model = build_model(head, CFG).eval()
     with torch.no_grad():
@@ -67,8 +72,9 @@ def test_gem_p1_is_average_pooling() -> None:
 
 
 @pytest.mark.parametrize(("h", "w"), [(7, 9), (8, 10), (1, 1)])
-def test_crn_odd_and_even_maps(h: int, w: int) -> None:
-    head = CRNHead(clusters=8, dim=256)
+@pytest.mark.parametrize("kind", [CRNHead, CRN2Head])
+def test_crn_odd_and_even_maps(h: int, w: int, kind) -> None:
+    head = kind(clusters=8, dim=256)
     x = torch.randn(2, 256, h, w)
     mask = head.context_mask(x)
     assert mask.shape == (2, 1, h, w)
@@ -78,16 +84,51 @@ def test_crn_odd_and_even_maps(h: int, w: int) -> None:
     assert torch.allclose(out.norm(dim=1), torch.ones(2), atol=1e-5)
 
 
-def test_crn_loads_netvlad_and_starts_close_to_it() -> None:
+@pytest.mark.parametrize("kind", [CRNHead, CRN2Head])
+def test_crn_loads_netvlad_and_starts_close_to_it(kind) -> None:
     netvlad = NetVLADHead(clusters=8, dim=256)
-    crn = CRNHead(clusters=8, dim=256)
-    crn.load_netvlad_state({f"head.{k}": v for k, v in netvlad.state_dict().items()} | {"backbone.x": torch.ones(1)})
+    crn = kind(clusters=8, dim=256)
+    crn.start_from({f"head.{k}": v for k, v in netvlad.state_dict().items()} | {"backbone.x": torch.ones(1)})
     assert torch.equal(crn.netvlad.centroids, netvlad.centroids)
-    crn.load_netvlad_state(netvlad.state_dict())
+    crn.start_from(netvlad.state_dict())
     x = torch.randn(2, 256, 7, 9)
     with torch.no_grad():
         sim = (crn(x) * netvlad(x)).sum(dim=1)
     assert torch.all(sim > 0.99)
+
+
+def _mask_parameters(head) -> int:
+    return sum(p.numel() for name, p in head.named_parameters() if not name.startswith("netvlad."))
+
+
+def test_crn2_has_the_reports_mask_parameter_count_against_crn() -> None:
+    """The report: 245k mask parameters for CRN2 against CRN's 529k (64 clusters; the mask does not
+    depend on the cluster count)."""
+    crn, crn2 = CRNHead(clusters=64, dim=256), CRN2Head(clusters=64, dim=256)
+    assert round(_mask_parameters(crn) / 1000) == 530 and _mask_parameters(crn) // 1000 == 529
+    assert _mask_parameters(crn2) // 1000 == 245
+    assert _mask_parameters(CRN2Head(clusters=16, dim=256)) == _mask_parameters(crn2)
+    assert sum(p.numel() for p in crn2.netvlad.parameters()) == sum(p.numel() for p in crn.netvlad.parameters())
+
+
+def test_crn2_computes_its_mask_at_the_maps_resolution_and_sees_as_far_as_crn() -> None:
+    """No pooling and no upsampling: a mask value depends on a 13×13 window of the map (CRN's 7×7 at
+    half resolution sees 14×14), and one location's change moves the mask only inside that window."""
+    head = CRN2Head(clusters=8, dim=256)
+    assert not any(isinstance(m, (torch.nn.AvgPool2d, torch.nn.Upsample)) for m in head.modules())
+    with torch.no_grad():
+        for conv in head.context.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.weight.abs_()
+                conv.bias.fill_(0.1)
+        head.mask_conv.weight.fill_(1.0)
+    x = torch.rand(1, 256, 21, 21)
+    y = x.clone()
+    y[..., 10, 10] += 1.0
+    with torch.no_grad():
+        changed = (head.context_mask(y) - head.context_mask(x)).abs()[0, 0] > 1e-6
+    rows, cols = torch.nonzero(changed, as_tuple=True)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (4, 16, 4, 16)
 
 
 def test_frozen_layers_get_no_gradient() -> None:

@@ -18,7 +18,7 @@ from vpr.ablation import (
 )
 from vpr.config import HeadBudget
 from vpr.evaluate import evaluate_head
-from vpr.report import FIGURES, write_report
+from vpr.report import FIGURES, mask_figure, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -46,7 +46,7 @@ def test_report_table_figures_and_csv(evaluated):
     assert {f"{m['recall@1']:.1f}" for m in metrics.values()} == {f"{v:.1f}" for v in r1}
     assert f"| {4 * 256} |" in text and "| 256 |" in text and "no VPR training" in text
     assert "Measured order by R@1" in text and "20-point bar" in text
-    for name in FIGURES.values():
+    for name in [*FIGURES.values(), mask_figure("crn")]:
         png = layout.reports / "figures" / name
         assert png.read_bytes().startswith(PNG), name
         assert f"(figures/{name})" in text
@@ -66,8 +66,8 @@ def test_report_without_crn_drops_stale_mask_figure(evaluated, tmp_path):
         text = write_report(cfg, layout).read_text()
     finally:
         moved.rename(ckpt)
-    assert not (layout.reports / "figures" / FIGURES["crn"]).exists()
-    assert "CRN context masks skipped" in text
+    assert not (layout.reports / "figures" / mask_figure("crn")).exists()
+    assert "crn context masks skipped" in text
 
 
 def test_threshold_rescoring_matches_evaluation(evaluated):

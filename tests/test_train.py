@@ -10,9 +10,11 @@ from torch.utils.data import DataLoader
 
 from vpr.checkpoints import load_checkpoint
 from vpr.descriptors import image_transform
+from vpr.initialise import build_training_model
+from vpr.mining.negatives import mine_triplets
 from vpr.shardio import ShardReader
 from vpr.splits import load_split
-from vpr.train import _mine_chunk, build_training_model, train_head
+from vpr.train import train_head
 from vpr.triplets import TripletImages, triplet_loss
 
 
@@ -28,7 +30,7 @@ def trained_netvlad(micro_project):
     return micro_project
 
 
-@pytest.mark.parametrize("head", ["avg", "gem", "netvlad", "crn"])
+@pytest.mark.parametrize("head", ["avg", "gem", "netvlad", "crn", "crn2"])
 def test_each_head_loss_goes_down(trained_netvlad, head):
     root, cfg, layout = trained_netvlad
     torch.manual_seed(0)
@@ -37,7 +39,7 @@ def test_each_head_loss_goes_down(trained_netvlad, head):
     tf = image_transform(cfg.shards.height, cfg.shards.width)
     model = build_training_model(head, cfg, layout, reader, train, tf, torch.device("cpu"))
     chunk = np.arange(min(4, len(train.q_ids)))
-    triplets = _mine_chunk(model, reader, train, chunk, tf, cfg, torch.device("cpu"), np.random.default_rng(0))
+    triplets = mine_triplets(model, reader, train, chunk, tf, cfg, torch.device("cpu"), np.random.default_rng(0))
     ids = np.concatenate([train.q_ids[chunk][:, None], train.db_ids[triplets]], axis=1)
     batch = next(iter(DataLoader(TripletImages(reader, ids, tf, tf), batch_size=len(chunk))))
     b, n = batch.shape[:2]
@@ -151,7 +153,7 @@ def test_precision_setting_and_bf16_step_agree_with_fp32(micro_project):
     tf = image_transform(cfg.shards.height, cfg.shards.width)
     model = build_training_model("netvlad", cfg, layout, reader, train, tf, cpu).train()
     chunk = np.arange(min(4, len(train.q_ids)))
-    triplets = _mine_chunk(model, reader, train, chunk, tf, cfg, cpu, np.random.default_rng(0))
+    triplets = mine_triplets(model, reader, train, chunk, tf, cfg, cpu, np.random.default_rng(0))
     ids = np.concatenate([train.q_ids[chunk][:, None], train.db_ids[triplets]], axis=1)
     batch = next(iter(DataLoader(TripletImages(reader, ids, tf, tf), batch_size=len(chunk))))
     flat = batch.flatten(0, 1)

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from vpr.atomic import atomic_path
-from vpr.config import HEADS, ModelConfig
+from vpr.config import ModelConfig
 from vpr.models import VPRModel, build_model
+from vpr.registry import head_names
 
 
 class CheckpointError(ValueError):
@@ -62,8 +63,8 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
     missing = [k for k in ("head", "model_config", "model") if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not a trained-model checkpoint: no {', '.join(missing)}")
-    if ckpt["head"] not in HEADS:
-        raise CheckpointError(f"{path}: unknown head {ckpt['head']!r} (expected one of {', '.join(HEADS)})")
+    if not isinstance(ckpt["head"], str) or ckpt["head"] not in head_names():
+        raise CheckpointError(f"{path}: unknown head {ckpt['head']!r} (expected one of {', '.join(head_names())})")
     try:  # the same bounds as params.yaml: a forged size fails here, before anything is allocated
         model_cfg = ModelConfig(**{**dict(ckpt["model_config"]), "weights": "none"})
     except (TypeError, ValueError) as exc:

@@ -12,6 +12,7 @@ import typer
 
 from vpr.config import ConfigError, load_config
 from vpr.layout import SPLITS
+from vpr.registry import head_names, head_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -45,6 +46,16 @@ def _config(params: Path):
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
+
+
+def _known_head(head: str) -> None:
+    try:
+        head_spec(head)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+HEAD_CHOICES = " | ".join(head_names())
 
 
 @app.command()
@@ -126,7 +137,7 @@ def mine(split: list[str] = SplitOpt, params: Path = ParamsOpt) -> None:
 
 @app.command()
 def train(
-    head: str = typer.Option(..., "--head", help="avg | gem | netvlad | crn"),
+    head: str = typer.Option(..., "--head", help=HEAD_CHOICES),
     resume: bool = typer.Option(False, "--resume", help="continue from the last epoch checkpoint"),
     nproc: int | None = typer.Option(None, "--nproc", min=1, help="data-parallel ranks (default train.nproc)"),
     summary_out: bool = typer.Option(True, "--summary/--no-summary", hidden=True),  # off in launched ranks
@@ -135,13 +146,11 @@ def train(
     """Train one head with triplets (UTM positives, descriptor-mined hard negatives)."""
     cfg = _config(params)
     from vpr.checkpoints import CheckpointError
-    from vpr.config import HEADS
     from vpr.launch import LaunchError, train_head_ranks
     from vpr.layout import Layout
     from vpr.shardio import ShardError
 
-    if head not in HEADS:
-        _fail(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    _known_head(head)
     try:
         summary = train_head_ranks(head, cfg, Layout.from_config(cfg), nproc=nproc, resume=resume)
     except (ShardError, CheckpointError, LaunchError) as exc:
@@ -152,7 +161,7 @@ def train(
 
 @app.command()
 def evaluate(
-    head: str = typer.Option(..., "--head", help="avg | gem | netvlad | crn"),
+    head: str = typer.Option(..., "--head", help=HEAD_CHOICES),
     untrained: bool = typer.Option(
         False, "--untrained", help="evaluate the head as built, without training (the baseline)"
     ),
@@ -160,13 +169,11 @@ def evaluate(
 ) -> None:
     """Recall@1/5/10/20 on the test split → metrics/HEAD.json and the top-20 predictions table."""
     cfg = _config(params)
-    from vpr.config import HEADS
     from vpr.evaluate import evaluate_head
     from vpr.layout import Layout
     from vpr.shardio import ShardError
 
-    if head not in HEADS:
-        _fail(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    _known_head(head)
     try:
         metrics = evaluate_head(head, cfg, Layout.from_config(cfg), untrained=untrained)
     except (FileNotFoundError, ValueError, ShardError) as exc:
@@ -182,14 +189,12 @@ def index(
     """Build a release: FAISS IndexIDMap2 of the database, id → metadata table, model (atomic switch)."""
     cfg = _config(params)
     from vpr.checkpoints import CheckpointError
-    from vpr.config import HEADS
     from vpr.index import ReleaseError, build_release
     from vpr.layout import Layout
     from vpr.shardio import ShardError
 
     head = head or cfg.index.head
-    if head not in HEADS:
-        _fail(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    _known_head(head)
     try:
         version = build_release(head, cfg, Layout.from_config(cfg))
     except (FileNotFoundError, ReleaseError, ShardError, CheckpointError) as exc:

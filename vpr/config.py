@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-HEADS = ("avg", "gem", "netvlad", "crn")
-Head = Literal["avg", "gem", "netvlad", "crn"]
+from vpr.registry import check_head, head_names
+
+# a head name declared in vpr.registry (checked when params are read, so a typo fails before any work)
+Head = Annotated[str, AfterValidator(check_head)]
 
 
 class _Strict(BaseModel):
@@ -123,7 +134,7 @@ class HeadBudget(_Strict):
 
 
 class TrainConfig(_Strict):
-    heads: list[Head] = Field(default_factory=lambda: list(HEADS), min_length=1)
+    heads: list[Head] = Field(default_factory=lambda: list(head_names()), min_length=1)
     lr: float = Field(3e-4, gt=0)
     epochs: StrictInt = Field(4, ge=1)
     queries_per_epoch: StrictInt = Field(400, gt=0)

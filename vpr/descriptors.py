@@ -45,7 +45,7 @@ def normalize_uint8(image: torch.Tensor) -> torch.Tensor:
 
     torch spreads each elementwise op over its intra-op threads; on one small image with the cores
     busy (other processes, or the model running beside the loader) that synchronisation made the
-    transform 10–100× slower than the JPEG decode (bench/loader.py).
+    transform many times slower than the JPEG decode (bench/loader.py; BENCHMARKS.md).
     """
     out = np.empty(image.shape, dtype=np.float32)
     np.multiply(image.numpy(), _SCALE, out=out, dtype=np.float32)

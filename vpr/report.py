@@ -9,8 +9,8 @@ metric) and writes, atomically:
 - ``reports/recall_at_n.csv``: Recall@N per head, one column each, and ``reports/recall/{model}.csv``
   (one file per model: ``dvc plots show`` draws each as a series);
 - ``reports/figures/*.png`` (matplotlib, Agg, no pyplot state): Recall@N curves, qualitative matches
-  (query + top-5 of the best head, correct in green, wrong in red), CRN context masks over query
-  images (when a CRN checkpoint exists), and a map of database/query positions.
+  (query + top-5 of the best head, correct in green, wrong in red), the context masks of every mask
+  head (``vpr.registry``: CRN, CRN2) over query images, and a map of database/query positions.
 """
 
 from __future__ import annotations
@@ -30,17 +30,37 @@ from matplotlib.figure import Figure  # noqa: E402
 from vpr.atomic import atomic_path, write_bytes_atomic, write_text_atomic  # noqa: E402
 from vpr.config import Config  # noqa: E402
 from vpr.layout import Layout  # noqa: E402
+from vpr.registry import head_names, head_spec  # noqa: E402
 from vpr.tables import cell, markdown_table  # noqa: E402
 
 BASELINE = "avg-untrained"
-STUDY_R1 = {"avg": 60.1, "gem": 71.6, "netvlad": 79.1, "crn": 81.7}  # seed report, Pitts30k-test
-STUDY_ORDER = ("crn", "netvlad", "gem", "avg")
 FIGURES = {
     "recall": "recall_at_n.png",
     "matches": "matches.png",
-    "crn": "crn_masks.png",
     "positions": "positions.png",
 }
+
+
+def mask_figure(head: str) -> str:
+    """The file name of a mask head's context-mask figure (``crn_masks.png``)."""
+    return f"{head}_masks.png"
+
+
+def _study(name: str, n: int = 1) -> float | None:
+    """The study's Recall@N of a registered head (None for the baseline or an unreported N)."""
+    return head_spec(name).study.recall.get(n) if name in head_names() else None
+
+
+def _study_ms(name: str) -> float | None:
+    return head_spec(name).study.ms_per_image if name in head_names() else None
+
+
+def study_order(heads) -> list[str]:
+    """``heads`` in the study's order by R@1 (best first); heads the study did not report are left out."""
+    reported = [h for h in heads if _study(h) is not None]
+    return sorted(reported, key=lambda h: -_study(h))  # type: ignore[operator]
+
+
 _NS = (1, 5, 10, 20)
 
 
@@ -71,6 +91,7 @@ def _table(metrics: dict[str, dict]) -> list[str]:
         "ms/image",
         "R@1 vs untrained avg",
         "study R@1",
+        "study ms (K80)",
     ]
     rows = []
     for rank, (name, m) in enumerate(ranked, start=1):
@@ -84,7 +105,8 @@ def _table(metrics: dict[str, dict]) -> list[str]:
                 *(_fmt(m.get(f"recall@{n}")) for n in _NS),
                 _fmt(m.get("ms_per_image"), 2),
                 gain,
-                _fmt(STUDY_R1.get(name)),
+                _fmt(_study(name)),
+                _fmt(_study_ms(name)),
             ]
         )
     return markdown_table(header, rows, right=[0, *range(2, len(header))])
@@ -99,13 +121,13 @@ def _findings(metrics: dict[str, dict]) -> list[str]:
         for prev, k in zip(order, order[1:]):
             sep = " = " if abs(trained[prev]["recall@1"] - trained[k]["recall@1"]) < 1e-9 else " > "
             measured += f"{sep}{k} ({trained[k]['recall@1']:.1f})"
-        study = [h for h in STUDY_ORDER if h in trained]
+        study = study_order(trained)
         verdict = "the same order as the study" if order == study else f"not the study's order ({' > '.join(study)})"
         lines.append(f"- Measured order by R@1: {measured} — {verdict}.")
     base = metrics.get(BASELINE, {}).get("recall@1")
     if base is not None:
-        for head in ("netvlad", "crn"):
-            if head in trained:
+        for head in trained:
+            if head in head_names() and head_spec(head).vlad:
                 gain = trained[head]["recall@1"] - base
                 ok = "meets" if gain >= 20 else "does NOT meet"
                 lines.append(
@@ -214,14 +236,15 @@ def matches_figure(preds: pl.DataFrame, reader, head: str, path: Path, top: int 
     _save(fig, path)
 
 
-def crn_figure(cfg: Config, layout: Layout, reader, query_ids: list[int], path: Path) -> None:
+def mask_figure_of(head: str, cfg: Config, layout: Layout, reader, query_ids: list[int], path: Path) -> None:
+    """A mask head's context masks over query images (brighter = weighted more)."""
     import torch
     import torch.nn.functional as F
 
     from vpr.checkpoints import load_model
     from vpr.descriptors import eval_transform
 
-    model, _ = load_model(layout.checkpoint("crn"), "cpu")
+    model, _ = load_model(layout.checkpoint(head), "cpu")
     tf = eval_transform(cfg.shards, cfg.train.image_scale)
     images = [reader.load(i) for i in query_ids]
     with torch.inference_mode():
@@ -229,7 +252,7 @@ def crn_figure(cfg: Config, layout: Layout, reader, query_ids: list[int], path: 
         masks = model.head.context_mask(model.features(batch))
         masks = F.interpolate(masks, size=batch.shape[-2:], mode="bilinear", align_corners=False)[:, 0].numpy()
     fig = Figure(figsize=(2.4 * len(images), 2.2), layout="constrained")
-    fig.suptitle("CRN context masks (brighter = weighted more)", fontsize=9)
+    fig.suptitle(f"{head} context masks (brighter = weighted more)", fontsize=9)
     axes = fig.subplots(1, len(images), squeeze=False)[0]
     for ax, im, mask in zip(axes, images, masks):
         ax.imshow(np.asarray(im.convert("L").resize((batch.shape[-1], batch.shape[-2]))), cmap="gray")
@@ -295,10 +318,10 @@ def write_report(cfg: Config, layout: Layout) -> Path:
     notes: list[str] = []
 
     recall_figure(metrics, figdir / FIGURES["recall"])
-    made["recall"] = "Recall@N curves for every head and the untrained baseline"
+    made[FIGURES["recall"]] = "Recall@N curves for every head and the untrained baseline"
     reader = ShardReader(layout.shards_dir)
     positions_figure(reader.index, figdir / FIGURES["positions"])
-    made["positions"] = "Map of database and query positions (UTM), all splits"
+    made[FIGURES["positions"]] = "Map of database and query positions (UTM), all splits"
 
     trained = [k for k in metrics if k != BASELINE]
     best = max(trained or [BASELINE], key=lambda k: (metrics[k]["recall@1"], k))
@@ -307,22 +330,23 @@ def write_report(cfg: Config, layout: Layout) -> Path:
     if preds_path.exists():
         preds = pl.read_parquet(preds_path)
         matches_figure(preds, reader, best, figdir / FIGURES["matches"])
-        made["matches"] = f"Qualitative matches of the best head (`{best}`): query + top-5, green = correct"
+        made[FIGURES["matches"]] = f"Qualitative matches of the best head (`{best}`): query + top-5, green = correct"
         query_ids = _pick_queries(preds)["query_id"].to_list()
     else:
         notes.append(f"qualitative matches skipped: {preds_path} missing")
-    if layout.checkpoint("crn").exists():
+    for head in [h for h in cfg.train.heads if head_spec(h).mask]:
+        if not layout.checkpoint(head).exists():
+            notes.append(f"{head} context masks skipped: no {head} checkpoint")
+            continue
         if not query_ids:
             query_ids = (
                 reader.index.filter((pl.col("split") == "test") & (pl.col("role") == "queries"))["id"].head(4).to_list()
             )
-        crn_figure(cfg, layout, reader, query_ids, figdir / FIGURES["crn"])
-        made["crn"] = "CRN context masks over query images"
-    else:
-        notes.append("CRN context masks skipped: no CRN checkpoint")
-    for key, name in FIGURES.items():  # a figure this run could not make must not linger from an older one
-        if key not in made:
-            (figdir / name).unlink(missing_ok=True)
+        mask_figure_of(head, cfg, layout, reader, query_ids, figdir / mask_figure(head))
+        made[mask_figure(head)] = f"{head} context masks over query images"
+    for stale in figdir.glob("*.png"):  # a figure this run could not make must not linger from an older one
+        if stale.name not in made:
+            stale.unlink()
 
     wide, per_model = _recall_tables(metrics, cfg.train.heads)
     write_bytes_atomic(layout.reports / "recall_at_n.csv", wide.encode())
@@ -352,16 +376,16 @@ def write_report(cfg: Config, layout: Layout) -> Path:
         "",
         f"- Images {cfg.shards.width}×{cfg.shards.height} × scale {cfg.train.image_scale}; backbone weights "
         f"{_weights_note(cfg)}; {_budget_note(cfg)}, "
-        f"lr {cfg.train.lr}, {cfg.train.mining} mining; NetVLAD/CRN with {cfg.model.netvlad_clusters} clusters.",
+        f"lr {cfg.train.lr}, {cfg.train.mining} mining; VLAD heads with {cfg.model.netvlad_clusters} clusters.",
         "- ms/image: descriptor extraction wall time (decode + transform + model) per image during evaluation.",
         "- Sources: `metrics/*.json` (`dvc metrics show`), predictions in `artifacts/predictions/`.",
         "",
         "## Figures",
         "",
-        *(f"- [{desc}](figures/{FIGURES[key]})" for key, desc in made.items()),
+        *(f"- [{desc}](figures/{name})" for name, desc in made.items()),
         *(f"- ({n})" for n in notes),
         "",
-        *(f"![{desc}](figures/{FIGURES[key]})\n" for key, desc in made.items()),
+        *(f"![{desc}](figures/{name})\n" for name, desc in made.items()),
     ]
     out = layout.reports / "results.md"
     write_text_atomic(out, "\n".join(lines))

@@ -3,8 +3,8 @@
 Module constructors and torchvision's random transforms draw from torch's single global generator.
 Prefect runs tasks as threads of one process (``train-avg`` beside ``train-gem`` beside the untrained
 baseline), so unguarded, one thread's draws or re-seeding land in the middle of another's model
-construction, and the same params give different initial weights from run to run (measured: the
-untrained avg baseline scored 4.5 R@1 in the flow and 11.5 under ``dvc repro``). Every vpr use of the
+construction, and the same params give different initial weights from run to run (the untrained
+baseline then scored differently in the flow and under ``dvc repro``). Every vpr use of the
 global generator goes through this lock; DataLoaders get private generators (``loader_kwargs``).
 """
 

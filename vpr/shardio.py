@@ -269,7 +269,7 @@ def stream_samples(plan: ShardPlan) -> Iterator[tuple[int, bytes, bytes]]:
     Every sample is checked against the index (key order, members, CRC-32) before it is yielded, and
     the shard must hold exactly the samples the index names.
     """
-    import webdataset as wds  # imports torch (~1.5 s): keep it out of the resize workers' start-up
+    import webdataset as wds  # imports torch (slow to import): keep it out of the resize workers' start-up
 
     url, expected = plan.url, plan.keys
     if isinstance(url, Path) and not url.exists():

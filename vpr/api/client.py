@@ -1,7 +1,7 @@
 """``vpr locate --api URL``: the same answers from a running service, without loading torch or a model.
 
-A one-shot ``vpr locate`` spends ~99 % of a one-image call starting up (imports, model, index:
-BENCHMARKS.md); asking the service costs an HTTP round trip. Files are read like everywhere else
+A one-shot ``vpr locate`` spends nearly all of a one-image call starting up (imports, model, index:
+BENCHMARKS.md, "`vpr locate`"); asking the service costs an HTTP round trip. Files are read like everywhere else
 (regular files only, bounded by ``locate.max_file_mb``); an unreadable one gets its own error entry
 without being sent. Connecting is bounded by 2 s, each read by 120 s.
 """

@@ -1,4 +1,4 @@
-"""VPR models: ResNet-18 conv4 backbone + one descriptor head (avg, gem, netvlad, crn)."""
+"""VPR models: ResNet-18 conv4 backbone + one descriptor head (the heads of ``vpr.registry``)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,10 @@ from torch import Tensor, nn
 
 from vpr.config import ModelConfig
 from vpr.models.backbone import BACKBONE_CHANNELS, ResNetConv4, build_backbone, imagenet_weights_path
-from vpr.models.heads import AvgHead, CRNHead, GeMHead, NetVLADHead
+from vpr.registry import head_spec
 from vpr.rng import seeded_torch_rng
 
-HEAD_NAMES = ("avg", "gem", "netvlad", "crn")
-
 __all__ = [
-    "HEAD_NAMES",
-    "AvgHead",
-    "CRNHead",
-    "GeMHead",
-    "NetVLADHead",
     "ResNetConv4",
     "VPRModel",
     "build_backbone",
@@ -27,16 +20,8 @@ __all__ = [
 
 
 def build_head(head: str, cfg: ModelConfig, dim: int = BACKBONE_CHANNELS) -> nn.Module:
-    """One descriptor head by name; unknown names raise ``ValueError`` naming the head."""
-    if head == "avg":
-        return AvgHead(dim)
-    if head == "gem":
-        return GeMHead(dim, out_dim=cfg.gem_dim, p=cfg.gem_p)
-    if head == "netvlad":
-        return NetVLADHead(clusters=cfg.netvlad_clusters, dim=dim)
-    if head == "crn":
-        return CRNHead(clusters=cfg.netvlad_clusters, dim=dim)
-    raise ValueError(f"unknown head {head!r}; expected one of {', '.join(HEAD_NAMES)}")
+    """One descriptor head by its registered name; unknown names raise ``ValueError`` naming the head."""
+    return head_spec(head).load().from_config(cfg, dim)
 
 
 class VPRModel(nn.Module):
