@@ -16,15 +16,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/x.py`: make `tests.micro` importable
-    sys.path.insert(0, str(ROOT))
+import torch
+import yaml
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CACHE = Path(os.environ.get("VPR_BENCH_CACHE", "/tmp/vpr-bench"))
-PROJECT_CODE = ("synth", "imageio.py", "catalog.py", "shards.py", "shardio.py", "mining.py", "config.py")
+PROJECT_CODE = ("synth", "imageio.py", "catalog.py", "shards.py", "shardio.py", "mining", "config.py")
 
 
 def cpu_name() -> str:
@@ -79,9 +77,9 @@ def project(height: int = 120, width: int = 160, *, root: Path | None = None, ci
     ``$VPR_BENCH_CACHE`` (default /tmp/vpr-bench), keyed by the code that writes it, and reused.
     Returns (cfg, layout).
     """
-    from tests.micro import build_micro_project
     from vpr.config import load_config
     from vpr.layout import Layout
+    from vpr.synth.project import build_micro_project
 
     raw = default_params()
     raw["synth"].update(height=height, width=width)

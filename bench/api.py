@@ -33,8 +33,8 @@ import httpx
 import numpy as np
 import polars as pl
 
-from tests.apikit import running
 from vpr.api.app import create_app
+from vpr.api.background import running
 from vpr.api.live import LiveRelease
 from vpr.config import load_config
 from vpr.index import CURRENT, add_to_release, current_version, load_release

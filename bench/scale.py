@@ -129,8 +129,8 @@ def _project(root: str):
 
 @stage
 def render(root: str, n: int) -> dict:
-    from tests.micro import write_params
     from vpr.synth import generate_city
+    from vpr.synth.project import write_params
 
     Path(root).mkdir(parents=True, exist_ok=True)
     cfg = write_params(Path(root), real_params(n))
@@ -446,7 +446,7 @@ def make_release(folder: str, n: int) -> dict:
 
     from vpr.checkpoints import save_checkpoint, untrained_model
     from vpr.config import ModelConfig
-    from vpr.index import IDS_FILE, INDEX_FILE, MODEL_FILE, _metadata, _write_manifest
+    from vpr.index import IDS_FILE, INDEX_FILE, MODEL_FILE, release_metadata, write_manifest
     from vpr.versions import base_segment, commit_version
 
     model_cfg = ModelConfig(weights="none", gem_dim=256)
@@ -459,7 +459,7 @@ def make_release(folder: str, n: int) -> dict:
         rng = np.random.default_rng(s)
         x = rng.standard_normal((min(n, s + 100_000) - s, 256), dtype=np.float32)
         index.add_with_ids(x / np.linalg.norm(x, axis=1, keepdims=True), ids[s : s + len(x)])
-    rows = _metadata(pl.DataFrame({"id": ids, "path": [f"db/{i:09d}.jpg" for i in ids], "split": "test"}))
+    rows = release_metadata(pl.DataFrame({"id": ids, "path": [f"db/{i:09d}.jpg" for i in ids], "split": "test"}))
 
     def build(version: Path, number: int) -> None:
         faiss.write_index(index, str(version / INDEX_FILE))
@@ -467,7 +467,7 @@ def make_release(folder: str, n: int) -> dict:
         shutil.copyfile(checkpoint, version / MODEL_FILE)
         manifest = {"head": "gem", "version": number, "parent": None, "count": n, "added": n}
         manifest.update(descriptor_dim=256, index_kind="exact", segments=[base_segment(n, ids)])
-        _write_manifest(version, manifest)
+        write_manifest(version, manifest)
 
     commit_version(Path(folder) / "release", build)
     return {"items": n}

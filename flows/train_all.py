@@ -4,9 +4,9 @@ DVC record.
 The graph is DVC's (a stage waits for the stages whose outputs it reads: ingest → shard ∥ mine → train
 each head → evaluate ∥ baseline → index → report; CRN after NetVLAD, whose checkpoint it starts from),
 plus one ordering that is not data: heads train in ``orchestration.train_lanes`` lanes (default 1: one
-after another, since one training fills the machine's cores or its GPU). Every step is a ``tasks``
-wrapper of the same ``vpr`` function that the matching ``dvc.yaml`` stage runs through the CLI, writing
-the same files. A stage that reads descriptors (evaluate, baseline, index) is preceded by one
+after another, since one training fills the machine's cores or its GPU). Every stage is the one task
+``tasks.run_stage``, which runs the step of ``vpr.steps`` that the matching ``dvc.yaml`` stage runs
+through the CLI, writing the same files. A stage that reads descriptors (evaluate, baseline, index) is preceded by one
 ``encode-shard`` task per shard it reads (``tasks.encode``), so extraction spreads over the task
 runner's workers (Dask: all of them) and the stage finds its shards encoded.
 The flow ends with ``dvc commit --force`` of those stages, so ``dvc status`` is clean afterwards and
@@ -33,19 +33,8 @@ from flows.common import resolve
 from flows.runners import make_task_runner
 from vpr.datalock import data_lock
 from vpr.layout import Layout
+from vpr.steps import STEPS
 from vpr.tables import text_table
-
-# The task that runs each stage group of dvc.yaml (``train@avg`` → ``tasks.train`` with head ``avg``).
-STAGE_TASKS = {
-    "ingest": tasks.ingest,
-    "shard": tasks.shard,
-    "mine": tasks.mine,
-    "train": tasks.train,
-    "evaluate": tasks.evaluate,
-    "baseline": tasks.baseline,
-    "index": tasks.index,
-    "report": tasks.report,
-}
 
 
 def lane_order(specs: dict[str, tasks.StageSpec], lanes: int) -> dict[str, list[str]]:
@@ -105,19 +94,18 @@ def train_all_steps(params: str, root: str, record_dvc: bool = True) -> dict:
     cfg, root_path, _ = resolve(params, root)
     root = str(root_path)
     specs = tasks.stage_specs(root)
-    unknown = sorted({name.partition("@")[0] for name in specs} - set(STAGE_TASKS))
+    unknown = sorted({name.partition("@")[0] for name in specs} - set(STEPS))
     if unknown:
-        raise RuntimeError(f"dvc.yaml stage(s) with no task in flows/train_all.py STAGE_TASKS: {unknown}")
+        raise RuntimeError(f"dvc.yaml stage(s) with no step in vpr/steps.py: {unknown}")
     graph = task_graph(specs, cfg.orchestration.train_lanes)
 
     def submit(stage: str, upstream: list):
-        group, _, key = stage.partition("@")
         encodes = [  # stages that read descriptors: their shards first, one task each, on every worker
             tasks.configure(tasks.encode_shard, cfg, root, stage).submit(cfg, root, stage, shard, wait_for=upstream)
             for shard in tasks.stage_shards(cfg, root, stage)
         ]
-        step = tasks.configure(STAGE_TASKS[group], cfg, root, stage)
-        return step.submit(cfg, root, *([key] if key else []), wait_for=upstream + encodes)
+        step = tasks.configure(tasks.run_stage, cfg, root, stage)
+        return step.submit(cfg, root, stage, wait_for=upstream + encodes)
 
     submitted = run_when_ready(list(specs), graph, submit)
     steps = {stage: submitted[stage].state.name if stage in submitted else "NotRun" for stage in specs}

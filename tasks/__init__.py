@@ -5,7 +5,7 @@ from tasks.cache import StageInputs, StageSpec, outputs_present, stage_key, stag
 from tasks.dvc import record_in_dvc, stages_writing
 from tasks.encode import encode_shard, stage_shards
 from tasks.logs import show_vpr_logs
-from tasks.pipeline import baseline, configure, evaluate, index, ingest, mine, report, shard, train
+from tasks.pipeline import configure, run_stage
 from tasks.reindex import reindex_batch
 
 show_vpr_logs()  # wherever tasks run (threads, Dask workers), vpr's messages go to the run's log
@@ -13,24 +13,17 @@ show_vpr_logs()  # wherever tasks run (threads, Dask workers), vpr's messages go
 __all__ = [
     "StageInputs",
     "StageSpec",
-    "baseline",
     "configure",
     "encode_shard",
-    "evaluate",
-    "index",
-    "ingest",
-    "mine",
     "outputs_present",
     "publish_reindex_summary",
     "publish_results",
     "record_in_dvc",
     "reindex_batch",
-    "report",
-    "shard",
+    "run_stage",
     "show_vpr_logs",
     "stage_key",
     "stage_shards",
     "stage_specs",
     "stages_writing",
-    "train",
 ]

@@ -17,6 +17,8 @@ from prefect import task
 from tasks.cache import StageInputs
 from vpr.config import Config
 from vpr.layout import Layout
+from vpr.steps import stage_model
+from vpr.steps import stage_shards as shards_of
 
 
 @task(
@@ -34,27 +36,6 @@ def encode_shard(cfg: Config, root: str, stage: str, shard: str) -> dict:
     return {"shard": shard, "stage": stage, "encoded": part.encoded, "images": len(part.ids)}
 
 
-def stage_model(cfg: Config, stage: str) -> tuple[str, bool]:
-    """(head, untrained) of the model a descriptor-reading stage encodes with."""
-    group, _, key = stage.partition("@")
-    if group == "evaluate":
-        return key, False
-    if group == "baseline":
-        return "avg", True
-    if group == "index":
-        return cfg.index.head, False
-    raise ValueError(f"stage {stage!r} reads no descriptors")
-
-
 def stage_shards(cfg: Config, root: str | Path, stage: str) -> list[str]:
-    """The shards a descriptor-reading stage encodes (empty for any other stage)."""
-    from vpr.evaluate import evaluation_shards
-    from vpr.index import release_shards
-
-    layout = Layout.from_config(cfg, Path(root))
-    group = stage.partition("@")[0]
-    if group in ("evaluate", "baseline"):
-        return evaluation_shards(layout)
-    if group == "index":
-        return release_shards(cfg, layout)
-    return []
+    """The shards a descriptor-reading stage encodes (empty for any other stage): ``vpr.steps`` says."""
+    return shards_of(cfg, Layout.from_config(cfg, Path(root)), stage)

@@ -1,17 +1,20 @@
-"""The shape of ``vpr/``: layers that import downward only, no cycles, no reaching into private names.
+"""The shape of the code: layers that import downward only, no cycles, no reaching into private names.
 
 Every ``import`` counts, including those inside functions (a function-level import hides a cycle from
-Python, not from a reader). Layers, bottom to top:
+Python, not from a reader). Layers of ``vpr/``, bottom to top (docs/architecture.md draws them):
 
-0. foundations: config, atomic, geo, rng, procs, layout, imageio, progress, profiles, dvcrun, tables, datalock
-1. shared parts: models, shardio, retrieval, checkpoints, descriptors, descstore, versions, splits, triplets,
-   history
-2. pipeline steps: catalog, shards, mining, train, evaluate, index, locate, inbox, batch, check, reindex, report,
-   ablation, synth
-3. the command line: cli
+0. foundations: config, registry, atomic, geo, rng, procs, layout, imageio, progress, profiles, dvcrun,
+   tables, datalock
+1. shared parts: models, shardio, retrieval, checkpoints, descriptors, descstore, versions, release,
+   splits, triplets, history, trunk, distributed
+2. pipeline steps: catalog, shards, mining, initialise, train, evaluate, index, locate, inbox, batch,
+   check, reindex, report, figures, ablation, api, launch, synth
+3. the step table: steps
+4. the command line: cli
 
 A module may import its own layer or any layer below; steps may use each other's public functions
-(``reindex`` appends through ``catalog``, ``shards`` and ``index``), never a private one.
+(``reindex`` appends through ``catalog``, ``shards`` and ``index``), never a private one. Above the
+library, ``tasks/`` may import ``vpr``, ``flows/`` also ``tasks``, and ``bench/`` all three, never the tests.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ LAYERS = {
             "distributed",
             "descstore",
             "versions",
+            "release",
         ],
         1,
     ),
@@ -74,6 +78,7 @@ LAYERS = {
             "check",
             "reindex",
             "report",
+            "figures",
             "ablation",
             "api",
             "launch",
@@ -82,9 +87,10 @@ LAYERS = {
         2,
     ),
     "synth": 2,
-    "cli": 3,
+    "steps": 3,
+    "cli": 4,
 }
-MAX_LINES = 450  # "about 400": one cohesive module may run a little over
+MAX_LINES = 400  # a module past this does two things: split it
 
 
 def module_name(path: Path) -> str:
@@ -185,3 +191,97 @@ def test_library_never_imports_prefect():
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{path}: {n}" for n in names if n.split(".")[0] == "prefect"]
     assert not offenders, offenders
+
+
+# --------------------------------------------------------------------------- the four code packages
+
+REPO = VPR.parent
+PACKAGES = ("vpr", "tasks", "flows", "bench")
+# which packages each may import: the library at the bottom, Prefect wrappers above it, flows on top;
+# benchmarks use the library (and the flows they time), never the tests
+MAY_IMPORT = {
+    "vpr": {"vpr"},
+    "tasks": {"vpr", "tasks"},
+    "flows": {"vpr", "tasks", "flows"},
+    "bench": {"vpr", "tasks", "flows", "bench"},
+}
+
+
+def package_files() -> list[Path]:
+    return sorted(p for package in PACKAGES for p in (REPO / package).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def dotted(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports(path: Path) -> list[tuple[str, list[str], dict[str, str], int]]:
+    """(module, names taken, {local alias: module} for module bindings, line) for each import of project
+    code (the four packages, the tests, and bench's own helper modules such as ``_common``)."""
+    local = {p.stem for p in path.parent.glob("*.py")} if path.parts[-2] == "bench" else set()
+    ours = {*PACKAGES, "tests", *local}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] in ours:
+            aliases = {a.asname or a.name: f"{node.module}.{a.name}" for a in node.names}
+            found.append((node.module, [a.name for a in node.names], aliases, node.lineno))
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] in ours:
+                    found.append(
+                        (a.name, [], {a.asname or a.name.split(".")[0]: a.asname and a.name or a.name}, node.lineno)
+                    )
+    return found
+
+
+def test_packages_import_only_what_sits_below_them():
+    bad = []
+    for path in package_files():
+        package = path.relative_to(REPO).parts[0]
+        for module, _, _, line in project_imports(path):
+            top = module.split(".")[0]
+            if package == "bench" and (REPO / "bench" / f"{top}.py").exists():
+                continue  # bench's own helpers
+            if top not in MAY_IMPORT[package]:
+                bad.append(f"{path.relative_to(REPO)}:{line} ({package}) imports {module}")
+    assert not bad, "\n".join(bad)
+
+
+def private_uses(path: Path, me: str) -> list[str]:
+    """``from x import _y`` and ``x._y`` on project modules other than ``me`` in one file."""
+    bad = []
+    aliases: dict[str, str] = {}
+    for module, names, bound, line in project_imports(path):
+        if module != me:
+            bad += [f"{path.name}:{line} takes {n} from {module}" for n in names if n.startswith("_")]
+        aliases.update({k: v for k, v in bound.items() if v != me})
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            bad.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return bad
+
+
+def test_no_code_reaches_into_another_modules_private_names():
+    """Neither ``from x import _y`` nor ``x._y`` on another project module, in vpr/, tasks/, flows/, bench/."""
+    bad = [f"{p.parent.name}/{b}" for p in package_files() for b in private_uses(p, dotted(p))]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_private_name_check_catches_both_forms(tmp_path):
+    """What bench/ used to do (monkeypatching ``vt._mine_chunk``, importing ``_metadata``) is caught."""
+    probe = tmp_path / "bench" / "probe.py"
+    probe.parent.mkdir()
+    probe.write_text(
+        "import vpr.train as vt\nfrom vpr.index import _metadata, build_release\n\nvt._mine_chunk = None\n"
+    )
+    assert private_uses(probe, "bench.probe") == [
+        "probe.py:2 takes _metadata from vpr.index",
+        "probe.py:4 uses vt._mine_chunk",
+    ]

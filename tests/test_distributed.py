@@ -74,14 +74,14 @@ def test_two_rank_training_learns_writes_once_and_resumes_on_one_rank(micro_proj
     """The Prefect train task starts the ranks (``train.nproc: 2``); the CLI resumes the run on one."""
     from prefect import flow
 
-    from tasks import train as train_task
+    from tasks import run_stage
 
     root, cfg, layout = micro_project
     two_ranks = cfg.model_copy(update={"train": cfg.train.model_copy(update={"nproc": 2})})
 
     @flow(name="train-on-two-ranks")
     def train_on_two_ranks() -> dict:
-        return train_task(two_ranks, str(root), "netvlad")
+        return run_stage(two_ranks, str(root), "train@netvlad")
 
     summary = train_on_two_ranks()
     assert summary["ranks"] == 2 and summary["epochs"] == cfg.train.epochs

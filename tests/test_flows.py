@@ -408,7 +408,7 @@ def test_dask_runner_runs_the_shard_step_on_a_local_cluster(prefect_harness, mic
 
     @flow(task_runner=runner)
     def shard_on_dask() -> tuple[dict, int]:
-        shard = tasks.shard.submit(cfg, str(root), "test")
+        shard = tasks.run_stage.submit(cfg, str(root), "shard@test")
         return shard.result(), worker_pid.submit().result()
 
     result, pid = shard_on_dask()

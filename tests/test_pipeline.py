@@ -21,13 +21,41 @@ def specs():
     return stage_specs(REPO)
 
 
-def command_modules(subcommand: str) -> set[str]:
-    """Every ``vpr`` module the CLI sub-command imports, directly or through other modules."""
+def _imports(nodes) -> set[str]:
+    return {
+        n.module
+        for node in nodes
+        for n in ast.walk(node)
+        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("vpr")
+    }
+
+
+def stage_modules(group: str) -> set[str]:
+    """Every ``vpr`` module a stage's command imports, directly or through other modules: the CLI's and the
+    step table's own imports, plus those of the step's binder in ``vpr/steps.py`` (and the table's
+    functions it calls), so DVC's deps follow the step, not every step."""
+    from vpr.steps import STEPS
+
+    tree = ast.parse((REPO / "vpr/steps.py").read_text())
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    step = STEPS[group]
+    todo = [f.__name__ for f in (step.run, step.shards) if f is not None]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in functions:
+            continue
+        seen.add(name)
+        todo += [
+            c.func.id for c in ast.walk(functions[name]) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)
+        ]
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     cli = ast.parse((REPO / "vpr/cli.py").read_text())
-    func = next(n for n in cli.body if isinstance(n, ast.FunctionDef) and n.name == subcommand)
-    direct = {n.module for n in ast.walk(func) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("vpr.")}
+    cli_top = [n for n in cli.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    cli_step = [n for n in cli.body if isinstance(n, ast.FunctionDef) and n.name == "_step"]
+    direct = _imports([*top, *cli_top, *cli_step, *(functions[f] for f in seen)]) - {"vpr.steps"}
     graph = import_graph()
-    return direct | {m for d in direct if d in graph for m in nx.descendants(graph, d)}
+    return {"vpr.steps"} | direct | {m for d in direct if d in graph for m in nx.descendants(graph, d)}
 
 
 def covered(path: str, deps: tuple[str, ...]) -> bool:
@@ -38,12 +66,9 @@ def covered(path: str, deps: tuple[str, ...]) -> bool:
 def missing_code_deps(specs) -> dict[str, list[str]]:
     """Per stage, the modules its command imports that its dvc.yaml deps do not cover."""
     files = {name: str(path.relative_to(REPO)) for name, path in modules().items()}
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     missing = {}
     for name, spec in specs.items():
-        raw = stages[name.partition("@")[0]]
-        subcommand = (raw.get("do") or raw)["cmd"].split()[1]
-        needed = sorted(files[m] for m in command_modules(subcommand) if m in files)
+        needed = sorted(files[m] for m in stage_modules(name.partition("@")[0]) if m in files)
         lacking = [f for f in needed if not covered(f, spec.deps)]
         if lacking:
             missing[name] = lacking
@@ -79,9 +104,10 @@ def test_paths_come_from_params_and_heads_from_train_heads(specs):
 
 
 def test_flow_graph_is_dvcs_graph_plus_training_lanes(specs):
-    from flows.train_all import STAGE_TASKS, lane_order, task_graph
+    from flows.train_all import lane_order, task_graph
+    from vpr.steps import STEPS
 
-    assert {name.partition("@")[0] for name in specs} <= set(STAGE_TASKS)
+    assert {name.partition("@")[0] for name in specs} <= set(STEPS)
     dvc_edges = {(s, u) for s, spec in specs.items() for u in spec.upstream}
     assert ("train@crn", "train@netvlad") in dvc_edges and ("shard@test", "ingest") in dvc_edges
     assert ("report", "evaluate@gem") in dvc_edges and ("train@avg", "mine@train") in dvc_edges
@@ -105,3 +131,17 @@ def test_data_dependencies_are_as_fine_as_the_splits(specs):
         deps = specs[f"train@{head}"].deps
         assert not any("test" in d for d in deps), deps  # training never reads the test split
     assert "data/images/test" in specs["shard@test"].deps and "data" not in specs["shard@test"].deps
+
+
+def test_every_path_the_step_table_writes_is_the_dvc_out_and_back(specs):
+    """vpr.layout (through each step's ``outputs``) and dvc.yaml name the same files, stage by stage."""
+    from vpr.config import load_config
+    from vpr.layout import Layout
+    from vpr.steps import STEPS, stage_outputs
+
+    cfg = load_config(REPO / "params.yaml")
+    layout = Layout.from_config(cfg, REPO)
+    assert {name.partition("@")[0] for name in specs} == set(STEPS)
+    for name, spec in specs.items():
+        ours = sorted(p.relative_to(REPO).as_posix() for p in stage_outputs(name, cfg, layout))
+        assert ours == sorted(spec.outs), name

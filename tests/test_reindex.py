@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import vpr.inbox as vi
 import vpr.reindex as rx
 from tests.flowkit import exif_photo, jpeg_bytes, truncated_jpeg
 from vpr.catalog import ingest, read_catalog
@@ -79,7 +80,7 @@ def test_check_file_reads_names_and_exif_like_ingest(project, tmp_path):
     (layout.inbox / "notes.txt").write_text("hello")
     (layout.inbox / "no-gps.jpg").write_bytes(jpeg_bytes())
     check = {
-        p.name: rx.check_file(layout.inbox, p.name, "test", cfg.ingest.max_pixels, cfg.ingest.max_file_bytes)
+        p.name: vi.check_file(layout.inbox, p.name, "test", cfg.ingest.max_pixels, cfg.ingest.max_file_bytes)
         for p in layout.inbox.iterdir()
     }
     named = check[files["named"].name]
@@ -104,8 +105,8 @@ def test_scan_skips_hidden_files_and_the_quarantine(tmp_path):
     (inbox / "batch").mkdir()
     (inbox / "batch" / "a.jpg").write_bytes(b"x")
     (inbox / "b.jpg").write_bytes(b"x")
-    assert rx.scan_inbox(inbox) == ["b.jpg", "batch/a.jpg"]
-    assert rx.scan_inbox(tmp_path / "missing") == []
+    assert vi.scan_inbox(inbox) == ["b.jpg", "batch/a.jpg"]
+    assert vi.scan_inbox(tmp_path / "missing") == []
 
 
 def test_quarantine_never_overwrites(tmp_path):
@@ -113,7 +114,7 @@ def test_quarantine_never_overwrites(tmp_path):
     inbox.mkdir()
     for n in range(2):
         (inbox / "x.jpg").write_bytes(bytes([n]))
-        rx.quarantine(inbox, "x.jpg", f"reason {n}")
+        vi.quarantine(inbox, "x.jpg", f"reason {n}")
     q = inbox / "quarantine"
     assert sorted(p.name for p in q.iterdir()) == ["x.1.jpg", "x.1.jpg.reason.txt", "x.jpg", "x.jpg.reason.txt"]
     assert (q / "x.1.jpg").read_bytes() == b"\x01" and (q / "x.1.jpg.reason.txt").read_text().startswith("reason 1")
@@ -168,7 +169,7 @@ def test_names_already_indexed_duplicated_or_in_another_zone_are_quarantined(pro
     result = rx.run_reindex(cfg, layout)
     assert len(result.added) == 1
     reasons = sorted(r["reason"].split(":")[0] for r in result.rejected)
-    assert reasons == [rx.REASON_ALREADY_INDEXED, rx.REASON_DUPLICATE_NAME, rx.REASON_OTHER_ZONE]
+    assert reasons == [vi.REASON_ALREADY_INDEXED, vi.REASON_DUPLICATE_NAME, rx.REASON_OTHER_ZONE]
 
 
 def test_empty_inbox_writes_nothing(project):

@@ -1,11 +1,14 @@
-"""The ``vpr`` command line: one sub-command per pipeline step (DVC stages call these)."""
+"""The ``vpr`` command line: one sub-command per pipeline step (DVC stages call these), made from the
+step table (``vpr.steps``), plus the commands around the pipeline (synth, locate, api, reindex, ...)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 
 import typer
@@ -13,6 +16,7 @@ import typer
 from vpr.config import ConfigError, load_config
 from vpr.layout import SPLITS
 from vpr.registry import head_names, head_spec
+from vpr.steps import STEPS, Step
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -23,8 +27,10 @@ ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yam
 def _show_logs(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug messages too"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="warnings and errors only"),
+    summary: bool = typer.Option(True, "--summary/--no-summary", hidden=True),  # off in launched ranks
 ) -> None:
     """The package logger ``vpr`` on stderr (stdout carries results only)."""
+    _SUMMARY["print"] = summary
     logger = logging.getLogger("vpr")
     if not any(getattr(h, "vpr_cli", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
@@ -58,6 +64,83 @@ def _known_head(head: str) -> None:
 HEAD_CHOICES = " | ".join(head_names())
 
 
+_SUMMARY = {"print": True}  # ``--no-summary``: the ranks a launcher started leave the summary to it
+
+
+def _splits(values: list[str]) -> list[str]:
+    bad = [v for v in values if v not in SPLITS]
+    if bad:
+        raise typer.BadParameter(f"unknown split {bad[0]!r} (expected {', '.join(SPLITS)})")
+    return values
+
+
+def _step_command(step: Step):
+    """A sub-command for a step of ``vpr.steps``: its options are the binder's keyword-only parameters,
+    its help the binder's docstring, and ``--split``/``--head`` name the stage's key."""
+    binder = inspect.signature(step.run)
+    hints = typing.get_type_hints(step.run)
+    params: list[inspect.Parameter] = []
+    annotations: dict[str, object] = {}
+
+    def add(name: str, annotation: object, default: object) -> None:
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+        annotations[name] = annotation
+
+    if step.key == "split":
+        add("split", list[str], typer.Option(list(SPLITS), "--split", help="split(s) to process", callback=_splits))
+    elif step.key == "head":
+        add("head", str, typer.Option(..., "--head", help=HEAD_CHOICES))
+    for name, p in binder.parameters.items():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        help_text = step.help.get(name)
+        flag = f"--{name.replace('_', '-')}"
+        maker = typer.Argument(p.default, help=help_text) if name in step.arguments else None
+        add(name, hints[name], maker or typer.Option(p.default, flag, help=help_text))
+    add("params", Path, ParamsOpt)
+
+    def command(**kwargs) -> None:
+        params_path = kwargs.pop("params")
+        keys = kwargs.pop("split", None) or [kwargs.pop("head", "")]
+        for key in keys:
+            if step.key == "head":
+                _known_head(key)
+            stage = f"{step.name}@{key}" if step.key else step.name
+            if kwargs.get("head"):
+                _known_head(kwargs["head"])
+            summary = _step(stage, params_path, **kwargs)
+            if not _SUMMARY["print"] or os.environ.get("RANK", "0") != "0":
+                continue  # one summary: the launcher's, or rank 0's
+            if step.say is None:
+                typer.echo(json.dumps(summary))
+            else:
+                typer.echo(f"{key}: {step.say(summary)}" if step.key == "split" else step.say(summary), err=True)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = annotations
+    command.__doc__ = step.run.__doc__
+    command.__name__ = step.name
+    return command
+
+
+def _step(stage: str, params: Path, **options) -> dict:
+    """Run a stage of the step table (``vpr.steps``) on this project; a refused input exits 1."""
+    cfg = _config(params)
+    from vpr.layout import Layout
+    from vpr.steps import StepError, run_step
+
+    try:
+        return run_step(stage, cfg, Layout.from_config(cfg), **options)
+    except StepError as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
+
+
+for _one in STEPS.values():
+    if _one.name != "baseline":  # the baseline is `vpr evaluate --head avg --untrained`
+        app.command(name=_one.name)(_step_command(_one))
+
+
 @app.command()
 def synth(
     out_root: Path = typer.Argument(..., help="datasets_vg root to create"),
@@ -72,134 +155,6 @@ def synth(
         cfg = cfg.model_copy(update={"seed": seed})
     summary = generate_city(out_root, cfg)
     typer.echo(json.dumps(summary))
-
-
-@app.command()
-def ingest(
-    root: Path | None = typer.Argument(None, help="datasets_vg root (images/{split}/{role}/; default: paths.data)"),
-    out: Path | None = typer.Option(None, "--out", help="catalog folder ({split}.parquet, rejected.parquet)"),
-    params: Path = ParamsOpt,
-) -> None:
-    """Validate every image once and write the catalog and the rejected list."""
-    cfg = _config(params)
-    from vpr.catalog import IngestError
-    from vpr.catalog import ingest as run_ingest
-    from vpr.layout import Layout
-
-    layout = Layout.from_config(cfg)
-    out = out or layout.catalog_dir
-    try:
-        result = run_ingest(root or layout.data, out, cfg.ingest)
-    except IngestError as exc:
-        _fail(str(exc))
-    typer.echo(f"catalog: {result.accepted} images, {result.rejected} rejected → {out}", err=True)
-
-
-SplitOpt = typer.Option(list(SPLITS), "--split", help="split(s) to process (repeatable)", callback=lambda v: _splits(v))
-
-
-def _splits(values: list[str]) -> list[str]:
-    bad = [v for v in values if v not in SPLITS]
-    if bad:
-        raise typer.BadParameter(f"unknown split {bad[0]!r} (expected {', '.join(SPLITS)})")
-    return values
-
-
-@app.command()
-def shard(split: list[str] = SplitOpt, params: Path = ParamsOpt) -> None:
-    """Pack each split's cataloged images into deterministic WebDataset tars plus an id → shard table."""
-    cfg = _config(params)
-    from vpr.layout import Layout
-    from vpr.shardio import ShardError
-    from vpr.shards import write_shards
-
-    layout = Layout.from_config(cfg)
-    for s in split:
-        try:
-            index = write_shards(layout.catalog(s), layout.data, layout.split_shards(s), cfg.shards)
-        except ShardError as exc:
-            _fail(str(exc))
-        typer.echo(f"{s}: shard index → {index}", err=True)
-
-
-@app.command()
-def mine(split: list[str] = SplitOpt, params: Path = ParamsOpt) -> None:
-    """UTM positives per query: hard (≤ train_positive_m) and soft (≤ test_positive_m)."""
-    cfg = _config(params)
-    from vpr.layout import Layout
-    from vpr.mining import mine_all
-
-    layout = Layout.from_config(cfg)
-    for s in split:
-        for name, path in mine_all(layout.catalog(s), layout.mining_dir, cfg.mining, (s,)).items():
-            typer.echo(f"{name} → {path}", err=True)
-
-
-@app.command()
-def train(
-    head: str = typer.Option(..., "--head", help=HEAD_CHOICES),
-    resume: bool = typer.Option(False, "--resume", help="continue from the last epoch checkpoint"),
-    nproc: int | None = typer.Option(None, "--nproc", min=1, help="data-parallel ranks (default train.nproc)"),
-    summary_out: bool = typer.Option(True, "--summary/--no-summary", hidden=True),  # off in launched ranks
-    params: Path = ParamsOpt,
-) -> None:
-    """Train one head with triplets (UTM positives, descriptor-mined hard negatives)."""
-    cfg = _config(params)
-    from vpr.checkpoints import CheckpointError
-    from vpr.launch import LaunchError, train_head_ranks
-    from vpr.layout import Layout
-    from vpr.shardio import ShardError
-
-    _known_head(head)
-    try:
-        summary = train_head_ranks(head, cfg, Layout.from_config(cfg), nproc=nproc, resume=resume)
-    except (ShardError, CheckpointError, LaunchError) as exc:
-        _fail(str(exc))
-    if summary_out and os.environ.get("RANK", "0") == "0":  # one summary: the launcher's, or rank 0's
-        typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
-
-
-@app.command()
-def evaluate(
-    head: str = typer.Option(..., "--head", help=HEAD_CHOICES),
-    untrained: bool = typer.Option(
-        False, "--untrained", help="evaluate the head as built, without training (the baseline)"
-    ),
-    params: Path = ParamsOpt,
-) -> None:
-    """Recall@1/5/10/20 on the test split → metrics/HEAD.json and the top-20 predictions table."""
-    cfg = _config(params)
-    from vpr.evaluate import evaluate_head
-    from vpr.layout import Layout
-    from vpr.shardio import ShardError
-
-    _known_head(head)
-    try:
-        metrics = evaluate_head(head, cfg, Layout.from_config(cfg), untrained=untrained)
-    except (FileNotFoundError, ValueError, ShardError) as exc:
-        _fail(str(exc))
-    typer.echo(json.dumps(metrics))
-
-
-@app.command()
-def index(
-    head: str | None = typer.Option(None, "--head", help="head to release (default: index.head)"),
-    params: Path = ParamsOpt,
-) -> None:
-    """Build a release: FAISS IndexIDMap2 of the database, id → metadata table, model (atomic switch)."""
-    cfg = _config(params)
-    from vpr.checkpoints import CheckpointError
-    from vpr.index import ReleaseError, build_release
-    from vpr.layout import Layout
-    from vpr.shardio import ShardError
-
-    head = head or cfg.index.head
-    _known_head(head)
-    try:
-        version = build_release(head, cfg, Layout.from_config(cfg))
-    except (FileNotFoundError, ReleaseError, ShardError, CheckpointError) as exc:
-        _fail(str(exc))
-    typer.echo(f"release {head} → {version}", err=True)
 
 
 @app.command()
@@ -228,9 +183,9 @@ def locate(
         except ApiError as exc:
             _fail(str(exc))
     from vpr.checkpoints import CheckpointError
-    from vpr.index import ReleaseError
     from vpr.layout import Layout
     from vpr.locate import locate as run_locate
+    from vpr.release import ReleaseError
 
     release_dir = release or Layout.from_config(cfg).release_dir(head or cfg.index.head)
     try:
@@ -273,17 +228,6 @@ def api(
         serve(_config(params), head=head, host=host, port=port)
     except ReleaseError as exc:
         _fail(str(exc))
-
-
-@app.command()
-def report(params: Path = ParamsOpt) -> None:
-    """reports/results.md (the study's table, all heads + untrained baseline) and PNG figures."""
-    cfg = _config(params)
-    from vpr.layout import Layout
-    from vpr.report import write_report
-
-    path = write_report(cfg, Layout.from_config(cfg))
-    typer.echo(f"report → {path}", err=True)
 
 
 @app.command()

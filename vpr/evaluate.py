@@ -25,6 +25,7 @@ from vpr.descstore import (
     shards_of,
 )
 from vpr.layout import Layout
+from vpr.registry import baseline_name
 from vpr.retrieval import approximate_recall, chunked_search, recall_at_n, rows_within
 from vpr.shardio import ShardReader
 from vpr.splits import SplitData, load_split
@@ -36,11 +37,6 @@ TOP_PREDICTIONS = 20  # ranked matches kept per query in the predictions table
 
 
 # --------------------------------------------------------------------------- the evaluate step
-
-
-def baseline_name(head: str) -> str:
-    """Metrics/predictions name of an untrained head (``avg`` → ``avg-untrained``)."""
-    return f"{head}-untrained"
 
 
 PREDICTION_SCHEMA = {

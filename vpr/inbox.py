@@ -17,14 +17,20 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+import polars as pl
+
 from vpr.atomic import write_text_atomic
-from vpr.catalog import REASON_BAD_NAME, name_fields, printable_path, read_candidate
+from vpr.catalog import REASON_BAD_NAME, catalog_zone, name_fields, other_zone_reason, printable_path, read_candidate
+from vpr.config import Config
 from vpr.geo import format_name, latlon_to_utm
 from vpr.imageio import REASON_LINK, decode_facts, exif_gps, strict_pillow
+from vpr.layout import Layout
 
 QUARANTINE = "quarantine"
 ROLE = "database"  # new imagery is always database imagery (what locate searches)
 
+REASON_ALREADY_INDEXED = "already indexed"
+REASON_DUPLICATE_NAME = "duplicate name in batch"
 REASON_NO_POSITION = "no position"  # full: "no position: not a datasets_vg name (...) and no EXIF GPS"
 
 
@@ -156,3 +162,35 @@ def move_file(src: Path, dst: Path) -> None:
         finally:
             Path(tmp).unlink(missing_ok=True)
         src.unlink()
+
+
+def validate_inbox(cfg: Config, layout: Layout, catalog: pl.DataFrame) -> tuple[list[dict], list[dict]]:
+    """Check every inbox file against the catalog; quarantine the bad ones; (accepted rows, rejected)."""
+    inbox, split = layout.inbox, cfg.orchestration.reindex_split
+    rejected: list[dict] = []
+    known = set(catalog["path"].to_list())
+    zone = catalog_zone(catalog["utm_zone"].to_list())
+    accepted, seen = [], set()
+    for rel in scan_inbox(inbox):
+        row = check_file(inbox, rel, split, cfg.ingest.max_pixels, cfg.ingest.max_file_bytes)
+        reason = row["reason"]
+        if reason is None:
+            if row["path"] in known or (layout.data / row["path"]).exists():
+                reason = f"{REASON_ALREADY_INDEXED}: {row['path']} is in the data tree"
+            elif row["path"] in seen:
+                reason = f"{REASON_DUPLICATE_NAME}: another inbox file becomes {row['path']}"
+            else:
+                reason = other_zone_reason(row["utm_zone"], zone)
+        if reason is not None:
+            target = quarantine(inbox, rel, reason)
+            rejected.append(
+                {
+                    "inbox": printable_path(rel),
+                    "reason": reason,
+                    "quarantined": target.relative_to(layout.inbox).as_posix(),
+                }
+            )
+            continue
+        seen.add(row["path"])
+        accepted.append(row)
+    return accepted, rejected

@@ -25,15 +25,29 @@ class LaunchError(RuntimeError):
     """The ranks did not all finish."""
 
 
-def train_head_ranks(head: str, cfg: Config, layout: Layout, *, nproc: int | None = None, resume: bool = False) -> dict:
-    """``train_head`` on ``nproc`` ranks (default ``train.nproc``); in-process when 1 or already a rank."""
+def train_head_ranks(
+    head: str,
+    cfg: Config,
+    layout: Layout,
+    *,
+    nproc: int | None = None,
+    resume: bool = False,
+    rank_argv: list[str] | None = None,
+) -> dict:
+    """``train_head`` on ``nproc`` ranks (default ``train.nproc``); in-process when 1 or already a rank.
+
+    Each rank runs ``python -m vpr.cli --no-summary RANK_ARGV --params <this config>`` (the caller's
+    command line for this training: ``vpr.steps`` gives it).
+    """
     nproc = nproc or cfg.train.nproc
     if nproc <= 1 or "WORLD_SIZE" in os.environ:
         return train_head(head, cfg, layout, resume=resume)
     with tempfile.TemporaryDirectory(prefix="vpr-ranks-") as tmp:
         params = Path(tmp) / "params.yaml"
         params.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-        argv = ["train", "--head", head, *(["--resume"] * resume), "--no-summary", "--params", str(params)]
+        if rank_argv is None:
+            raise LaunchError(f"training {head} on {nproc} ranks needs the command each rank runs")
+        argv = ["--no-summary", *rank_argv, "--params", str(params)]
         code = launch(nproc, argv, cwd=layout.root)
     if code != 0:
         raise LaunchError(f"training {head} on {nproc} ranks failed: torchrun exited with status {code}")

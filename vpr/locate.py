@@ -18,8 +18,10 @@ scatter over the city, or whose best match is barely nearer than a far-away one,
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import polars as pl
@@ -34,7 +36,9 @@ from vpr.imageio import (
     shard_rendition,
     strict_pillow,
 )
-from vpr.index import Release, load_release
+from vpr.release import Release, load_release
+
+T = TypeVar("T")
 
 _EPS = 1e-6
 
@@ -155,6 +159,52 @@ def answer(release: Release, distances: np.ndarray, ids: np.ndarray, radius_m: f
     return {"ok": True, "matches": matches, "estimate": estimate, "confidence": confidence}
 
 
+@dataclass
+class Answering:
+    """The answer path ``vpr locate`` and ``vpr api`` share: prepare each input (a bad one gets its own
+    error entry), encode the good ones together (directly, or through the service's batcher), search
+    the release once, and answer each in its input's place."""
+
+    results: list[dict]
+    ready: list[tuple[int, Image.Image]]
+
+    @classmethod
+    def prepare(cls, inputs: Iterable[tuple[str, T]], prepare: Callable[[T], Image.Image]) -> Answering:
+        """``inputs`` are (name, what ``prepare`` turns into the shard rendition of the image)."""
+        results: list[dict] = []
+        ready: list[tuple[int, Image.Image]] = []
+        for name, item in inputs:
+            try:
+                prepared = prepare(item)
+            except LocateInputError as exc:
+                results.append({"image": name, "ok": False, "error": str(exc)})
+                continue
+            results.append({"image": name})
+            ready.append((len(results) - 1, prepared))
+        return cls(results, ready)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [im for _, im in self.ready]
+
+    def answer(
+        self,
+        release: Release,
+        descriptors: np.ndarray | None,
+        top_k: int,
+        *,
+        allowed: np.ndarray | None = None,
+        radius_m: float | None = None,
+    ) -> list[dict]:
+        """Search ``descriptors`` (one row per ready image; None when none is ready) and fill the answers."""
+        if self.ready:
+            radius = float(radius_m if radius_m is not None else release.manifest.get("test_positive_m", 25.0))
+            distances, ids = release.search(descriptors, max(1, min(top_k, release.index.ntotal)), allowed)
+            for (slot, _), d, i in zip(self.ready, distances, ids):
+                self.results[slot].update(answer(release, d, i, radius))
+        return self.results
+
+
 def locate(
     images: Sequence[str | Path],
     release_dir: str | Path,
@@ -180,22 +230,10 @@ def locate(
         raise ValueError("top_k must be positive")
     release = release or load_release(release_dir, device)
     img = release.manifest["image"]
-    radius = float(radius_m if radius_m is not None else release.manifest.get("test_positive_m", 25.0))
-    results: list[dict] = []
-    ready: list[tuple[int, Image.Image]] = []
-    for path in images:
-        try:
-            prepared = prepare_image(
-                path, img["height"], img["width"], img.get("jpeg_quality", 90), max_pixels, max_bytes
-            )
-        except LocateInputError as exc:
-            results.append({"image": str(path), "ok": False, "error": str(exc)})
-            continue
-        results.append({"image": str(path)})
-        ready.append((len(results) - 1, prepared))
-    if ready:
-        desc = release.encode_images([im for _, im in ready], batch_size=batch_size)
-        distances, ids = release.search(desc, max(1, min(top_k, release.index.ntotal)))
-        for (slot, _), d, i in zip(ready, distances, ids):
-            results[slot].update(answer(release, d, i, radius))
-    return results
+
+    def prepare(path: str | Path) -> Image.Image:
+        return prepare_image(path, img["height"], img["width"], img.get("jpeg_quality", 90), max_pixels, max_bytes)
+
+    batch = Answering.prepare(((str(p), p) for p in images), prepare)
+    desc = release.encode_images(batch.images, batch_size=batch_size) if batch.ready else None
+    return batch.answer(release, desc, top_k, radius_m=radius_m)

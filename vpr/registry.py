@@ -151,3 +151,11 @@ register(
         study=StudyFigures({1: 81.8, 5: 90.7, 10: 93.2, 20: 95.2}, 28.5),
     )
 )
+
+# the study's base line: this head as built, with no VPR training (its metrics are ``avg-untrained``)
+BASELINE_HEAD = "avg"
+
+
+def baseline_name(head: str = BASELINE_HEAD) -> str:
+    """Metrics/predictions name of an untrained head (``avg`` → ``avg-untrained``)."""
+    return f"{head}-untrained"

@@ -67,14 +67,12 @@ from vpr.catalog import REASON_OTHER_ZONE as REASON_OTHER_ZONE  # the catalog's 
 from vpr.catalog import (
     IngestError,
     append_to_catalog,
-    catalog_zone,
-    other_zone_reason,
     printable_path,
     read_catalog,
 )
 from vpr.config import Config
 from vpr.datalock import DataBusy, data_lock
-from vpr.inbox import QUARANTINE, check_file, move_file, quarantine, scan_inbox, utc_now
+from vpr.inbox import QUARANTINE, move_file, scan_inbox, utc_now, validate_inbox
 from vpr.layout import Layout
 from vpr.shardio import read_index
 from vpr.shards import append_to_index
@@ -84,8 +82,6 @@ logger = logging.getLogger(__name__)
 PENDING = "pending.json"
 HISTORY = "history.jsonl"
 
-REASON_ALREADY_INDEXED = "already indexed"
-REASON_DUPLICATE_NAME = "duplicate name in batch"
 REASON_VANISHED = "vanished"  # a file of an interrupted batch was removed before the batch was published
 
 
@@ -178,38 +174,6 @@ def _release_dirs(cfg: Config, layout: Layout) -> list[Path]:
             "(run train-all or `vpr index` first); inbox files are left where they are"
         )
     return live
-
-
-def _validate_inbox(cfg: Config, layout: Layout, result: ReindexResult) -> list[dict]:
-    """Check every inbox file; quarantine the bad ones; return the accepted rows."""
-    inbox, split = layout.inbox, cfg.orchestration.reindex_split
-    catalog = _catalog(layout)
-    known = set(catalog["path"].to_list())
-    zone = catalog_zone(catalog["utm_zone"].to_list())
-    accepted, seen = [], set()
-    for rel in scan_inbox(inbox):
-        row = check_file(inbox, rel, split, cfg.ingest.max_pixels, cfg.ingest.max_file_bytes)
-        reason = row["reason"]
-        if reason is None:
-            if row["path"] in known or (layout.data / row["path"]).exists():
-                reason = f"{REASON_ALREADY_INDEXED}: {row['path']} is in the data tree"
-            elif row["path"] in seen:
-                reason = f"{REASON_DUPLICATE_NAME}: another inbox file becomes {row['path']}"
-            else:
-                reason = other_zone_reason(row["utm_zone"], zone)
-        if reason is not None:
-            target = quarantine(inbox, rel, reason)
-            result.rejected.append(
-                {
-                    "inbox": printable_path(rel),
-                    "reason": reason,
-                    "quarantined": target.relative_to(layout.inbox).as_posix(),
-                }
-            )
-            continue
-        seen.add(row["path"])
-        accepted.append(row)
-    return accepted
 
 
 # --------------------------------------------------------------------------- applying a plan
@@ -390,7 +354,8 @@ def _run_locked(cfg: Config, layout: Layout, result: ReindexResult, pending_path
         _release_dirs(cfg, layout)  # fail before touching the inbox when there is no release
         split = cfg.orchestration.reindex_split
         remove_unreferenced_tars(layout.split_shards(split), _split_index(layout, split))  # carried tails
-        accepted = _validate_inbox(cfg, layout, result)
+        accepted, rejected = validate_inbox(cfg, layout, _catalog(layout))
+        result.rejected += rejected
         if not accepted:
             result.note = "no usable new images" if result.rejected else "inbox empty: nothing to do"
             if result.rejected:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vpr.api.batcher import MicroBatcher
 from vpr.api.live import LiveRelease
 from vpr.config import ApiConfig, LocateConfig
-from vpr.index import ReleaseError
-from vpr.locate import LocateInputError, answer, prepare_bytes
+from vpr.locate import Answering, LocateInputError, prepare_bytes
+from vpr.release import ReleaseError
 
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
@@ -86,7 +87,7 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def _prepare(data: bytes, name: str, img: dict, limits: LocateConfig):
+def _prepare(data: bytes, *, img: dict, limits: LocateConfig):
     if len(data) > limits.max_file_bytes:
         raise LocateInputError(f"file is over {limits.max_file_mb:g} MB (locate.max_file_mb); not read")
     return prepare_bytes(data, img["height"], img["width"], img.get("jpeg_quality", 90), limits.max_pixels)
@@ -172,23 +173,9 @@ def create_app(live: LiveRelease, api: ApiConfig, limits: LocateConfig, *, watch
         finally:
             await form.close()  # the spooled upload files
         img = release.manifest["image"]
-        results: list[dict] = []
-        ready = []
-        for name, data in files:
-            try:
-                prepared = await asyncio.to_thread(_prepare, data, name, img, limits)
-            except LocateInputError as exc:
-                results.append({"image": name, "ok": False, "error": str(exc)})
-                continue
-            results.append({"image": name})
-            ready.append((len(results) - 1, prepared))
-        if ready:
-            desc = await asyncio.wrap_future(batcher.submit(release, [im for _, im in ready]))
-            k = max(1, min(top_k, release.index.ntotal))
-            distances, ids = await asyncio.to_thread(release.search, desc, k, allowed)
-            radius = float(release.manifest.get("test_positive_m", 25.0))
-            for (slot, _), d, i in zip(ready, distances, ids):
-                results[slot].update(answer(release, d, i, radius))
+        batch = await asyncio.to_thread(Answering.prepare, files, partial(_prepare, img=img, limits=limits))
+        desc = await asyncio.wrap_future(batcher.submit(release, batch.images)) if batch.ready else None
+        results = await asyncio.to_thread(batch.answer, release, desc, top_k, allowed=allowed)
         prior = None if lat is None else {"lat": lat, "lon": lon, "radius_m": radius_m or 100.0}
         return {
             "version": served.version,

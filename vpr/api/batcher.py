@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from vpr.index import Release
+from vpr.release import Release
 
 
 @dataclass

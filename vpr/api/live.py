@@ -22,8 +22,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from vpr.index import Release, current_version, load_release
+from vpr.release import Release, load_release
 from vpr.shardio import ShardError, ShardReader
+from vpr.versions import current_version
 
 logger = logging.getLogger(__name__)
 MAP_POINTS = 20_000  # database positions sent to the page's map, at most (an even subsample)

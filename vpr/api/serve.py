@@ -7,8 +7,8 @@ import logging
 from vpr.api.app import create_app
 from vpr.api.live import LiveRelease
 from vpr.config import Config
-from vpr.index import ReleaseError as ReleaseError  # what `vpr api` reports without a release
 from vpr.layout import Layout
+from vpr.release import ReleaseError as ReleaseError  # what `vpr api` reports without a release
 
 logger = logging.getLogger(__name__)
 
