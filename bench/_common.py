@@ -22,7 +22,15 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 CACHE = Path(os.environ.get("VPR_BENCH_CACHE", "/tmp/vpr-bench"))
-PROJECT_CODE = ("synth", "imageio.py", "catalog.py", "shards.py", "shardio.py", "mining", "config.py")
+PROJECT_CODE = (
+    "steps/synth",
+    "foundations/imageio.py",
+    "steps/catalog.py",
+    "steps/shards.py",
+    "shared/shardio.py",
+    "steps/mining",
+    "foundations/config.py",
+)
 
 
 def cpu_name() -> str:
@@ -49,7 +57,7 @@ def machine(device: torch.device | None = None) -> str:
 
 def resolve(device: str) -> torch.device:
     """``--device`` as the library resolves ``train.device``; a missing GPU ends the benchmark."""
-    from vpr.descriptors import resolve_device
+    from vpr.shared.descriptors import resolve_device
 
     try:
         return resolve_device(device)
@@ -77,9 +85,9 @@ def project(height: int = 120, width: int = 160, *, root: Path | None = None, ci
     ``$VPR_BENCH_CACHE`` (default /tmp/vpr-bench), keyed by the code that writes it, and reused.
     Returns (cfg, layout).
     """
-    from vpr.config import load_config
-    from vpr.layout import Layout
-    from vpr.synth.project import build_micro_project
+    from vpr.foundations.config import load_config
+    from vpr.foundations.layout import Layout
+    from vpr.steps.synth.project import build_micro_project
 
     raw = default_params()
     raw["synth"].update(height=height, width=width)

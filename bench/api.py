@@ -33,14 +33,14 @@ import httpx
 import numpy as np
 import polars as pl
 
-from vpr.api.app import create_app
-from vpr.api.background import running
-from vpr.api.live import LiveRelease
-from vpr.config import load_config
-from vpr.index import CURRENT, add_to_release, current_version, load_release
-from vpr.layout import Layout
-from vpr.locate import prepare_image
-from vpr.shardio import ShardReader
+from vpr.foundations.config import load_config
+from vpr.foundations.layout import Layout
+from vpr.shared.shardio import ShardReader
+from vpr.steps.api.app import create_app
+from vpr.steps.api.background import running
+from vpr.steps.api.live import LiveRelease
+from vpr.steps.index import CURRENT, add_to_release, current_version, load_release
+from vpr.steps.locate import prepare_image
 
 
 def query_photos(layout: Layout) -> list[tuple[str, bytes]]:

@@ -152,7 +152,7 @@ def run_cli(root: Path, prefect_home: Path) -> tuple[float, list[tuple[str, floa
     wall = time.time() - t_start
     t0 = time.time()
     subprocess.run(
-        [sys.executable, "-c", "import vpr.cli, vpr.train, vpr.evaluate"],
+        [sys.executable, "-c", "import vpr.cli, vpr.steps.train, vpr.steps.evaluate"],
         cwd=root,
         env=env(prefect_home),
         check=True,
@@ -214,7 +214,7 @@ def main() -> None:
         )
     else:
         print(
-            f"start-up of a command that loads a model (python, import vpr.cli + vpr.train + vpr.evaluate): "
+            f"start-up of a command that loads a model (python, import vpr.cli + steps train + evaluate): "
             f"{extra['cli_startup']:.1f} s"
         )
 

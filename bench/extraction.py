@@ -1,11 +1,11 @@
 """Extraction benchmark: evaluate's descriptor extraction vs the inference bound, per head.
 
-``extract`` (``vpr.descriptors``, what ``vpr evaluate``, ``vpr index``, validation and mining
+``extract`` (``vpr.shared.descriptors``, what ``vpr evaluate``, ``vpr index``, validation and mining
 refreshes run) on the test split's images — shards → decode → transform → batch → model → host
 array — against the bound: the same model and batch size on a synthetic tensor already on the
 device (no loading, no copies). CPU: fp32; CUDA: bf16 autocast + channels_last, as ``extract``
 does there. Also, for the record, ``extract`` with torchvision's ``ToDtype`` + ``Normalize`` (the
-transform before ``vpr.descriptors.normalize_uint8``). Target on GPU: extraction ≥ 0.8 of the bound.
+transform before ``vpr.shared.descriptors.normalize_uint8``). Target on GPU: extraction ≥ 0.8 of the bound.
 
     .venv/bin/python bench/extraction.py                   # CPU here: 120x160, workers 0 and 2, avg + netvlad
     .venv/bin/python bench/extraction.py --device cuda --height 480 --width 640 --workers 16 --batch-size 64
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from loader import legacy_transform
 
-from vpr.checkpoints import untrained_model
-from vpr.descriptors import autocast, extract, image_transform
-from vpr.shardio import ShardReader
+from vpr.shared.checkpoints import untrained_model
+from vpr.shared.descriptors import autocast, extract, image_transform
+from vpr.shared.shardio import ShardReader
 
 
 @torch.inference_mode()

@@ -1,15 +1,15 @@
 """Loader benchmark: images/s from the WebDataset shards into training tensors vs the JPEG folders.
 
 Same images, same resolution (the synthetic city rendered at the shard size), same transform
-(``vpr.descriptors.image_transform``), same batch size and DataLoader workers:
+(``vpr.shared.descriptors.image_transform``), same batch size and DataLoader workers:
 
 - ``shards random``: ``ShardReader`` random access (one ``pread`` per image) in shuffled order: the
-  path triplet batches take (``vpr.triplets.TripletImages``);
-- ``shards stream``: ``vpr.descriptors.ShardStream`` (WebDataset, shard by shard, shards dealt out to
+  path triplet batches take (``vpr.shared.triplets.TripletImages``);
+- ``shards stream``: ``vpr.shared.descriptors.ShardStream`` (WebDataset, shard by shard, shards dealt out to
   the workers): the path every sequential read takes (extraction, trunk cache, k-means sample);
 - ``jpeg folders``: ``PIL.Image.open`` on the datasets_vg files, same shuffled order;
 - ``... torchvision normalise``: ``shards random`` with torchvision's ``ToDtype`` + ``Normalize``
-  (the transform before the fix in ``vpr.descriptors.normalize_uint8``), for the record;
+  (the transform before the fix in ``vpr.shared.descriptors.normalize_uint8``), for the record;
 - on CUDA also ``shards random, GPU decode``: the workers only read JPEG bytes, nvJPEG decodes the
   batch on the GPU (``torchvision.io.decode_jpeg``) and normalises it there.
 
@@ -34,8 +34,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from vpr.descriptors import IMAGENET_MEAN, IMAGENET_STD, ShardStream, image_transform, loader_kwargs
-from vpr.shardio import ShardReader
+from vpr.shared.descriptors import IMAGENET_MEAN, IMAGENET_STD, ShardStream, image_transform, loader_kwargs
+from vpr.shared.shardio import ShardReader
 
 
 class FolderImages(Dataset):

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from vpr.mining import utm_positives
+from vpr.steps.mining import utm_positives
 
 
 def brute_force_counts(db: np.ndarray, q: np.ndarray, radius: float, chunk: int = 256) -> np.ndarray:

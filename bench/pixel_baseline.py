@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vpr.config import load_config
-from vpr.geo import parse_name
-from vpr.synth import generate_city
+from vpr.foundations.config import load_config
+from vpr.foundations.geo import parse_name
+from vpr.steps.synth import generate_city
 
 THUMB = (16, 12)
 RECALL_AT = (1, 5, 10, 20)

@@ -17,10 +17,10 @@ import warnings
 import _common
 import torch
 
-import vpr.train as vt
-from vpr.config import Config
-from vpr.descriptors import autocast
-from vpr.models import build_model
+import vpr.steps.train as vt
+from vpr.foundations.config import Config
+from vpr.shared.descriptors import autocast
+from vpr.shared.models import build_model
 
 
 def rate(fn, images: int, repeats: int) -> float:

@@ -120,8 +120,8 @@ def real_params(n: int) -> dict:
 
 
 def _project(root: str):
-    from vpr.config import load_config
-    from vpr.layout import Layout
+    from vpr.foundations.config import load_config
+    from vpr.foundations.layout import Layout
 
     cfg = load_config(Path(root) / "params.yaml")
     return cfg, Layout.from_config(cfg, Path(root))
@@ -129,8 +129,8 @@ def _project(root: str):
 
 @stage
 def render(root: str, n: int) -> dict:
-    from vpr.synth import generate_city
-    from vpr.synth.project import write_params
+    from vpr.steps.synth import generate_city
+    from vpr.steps.synth.project import write_params
 
     Path(root).mkdir(parents=True, exist_ok=True)
     cfg = write_params(Path(root), real_params(n))
@@ -140,7 +140,7 @@ def render(root: str, n: int) -> dict:
 
 @stage
 def ingest(root: str) -> dict:
-    from vpr.catalog import ingest as run
+    from vpr.steps.catalog import ingest as run
 
     cfg, layout = _project(root)
     result = run(layout.data, layout.catalog_dir, cfg.ingest)
@@ -149,7 +149,7 @@ def ingest(root: str) -> dict:
 
 @stage
 def shard(root: str) -> dict:
-    from vpr.shards import write_shards
+    from vpr.steps.shards import write_shards
 
     cfg, layout = _project(root)
     for split in ("train", "val", "test"):
@@ -159,7 +159,7 @@ def shard(root: str) -> dict:
 
 @stage
 def mine(root: str) -> dict:
-    from vpr.mining import mine_all
+    from vpr.steps.mining import mine_all
 
     cfg, layout = _project(root)
     mine_all(layout.catalog("test"), layout.mining_dir, cfg.mining, ("test",))
@@ -170,10 +170,10 @@ def _test_sets(root: str):
     import polars as pl
     import torch
 
-    from vpr.checkpoints import untrained_model
-    from vpr.descstore import DescriptorStore, encode_plans, encoder_for, plans_for
-    from vpr.shardio import ShardReader
-    from vpr.splits import load_split
+    from vpr.shared.checkpoints import untrained_model
+    from vpr.shared.descstore import DescriptorStore, encode_plans, encoder_for, plans_for
+    from vpr.shared.shardio import ShardReader
+    from vpr.shared.splits import load_split
 
     cfg, layout = _project(root)
     reader = ShardReader(layout.shards_dir, ("test",))
@@ -196,7 +196,7 @@ def extract(root: str) -> dict:
 def index(root: str) -> dict:
     import faiss
 
-    from vpr.index import index_from_set
+    from vpr.steps.index import index_from_set
 
     cfg, db, _, _ = _test_sets(root)  # store warm: nothing encoded
     t0 = time.perf_counter()
@@ -207,7 +207,7 @@ def index(root: str) -> dict:
 
 @stage
 def evaluate(root: str) -> dict:
-    from vpr.evaluate import evaluate_head
+    from vpr.steps.evaluate import evaluate_head
 
     cfg, layout = _project(root)
     metrics = evaluate_head("netvlad", cfg, layout, untrained=True)
@@ -257,7 +257,7 @@ def _views(rng, proj, places, place_ids, iso: float = 0.1) -> np.ndarray:
 @stage
 def generate(folder: str, n: int, dim: int, dtype: str, rows: int = SHARD_ROWS) -> dict:
     """Store entries of ``n`` database descriptors (``rows`` per file) and 1,000 queries with their places."""
-    from vpr.descstore import DescriptorStore
+    from vpr.shared.descstore import DescriptorStore
 
     store, folder_p = DescriptorStore(Path(folder) / "store"), Path(folder)
     proj, places = _places(n, dim, 0)
@@ -277,7 +277,7 @@ def generate(folder: str, n: int, dim: int, dtype: str, rows: int = SHARD_ROWS) 
 
 
 def _stored(folder: str):
-    from vpr.descstore import DescriptorSet, DescriptorStore, ShardDescriptors
+    from vpr.shared.descstore import DescriptorSet, DescriptorStore, ShardDescriptors
 
     meta = json.loads((Path(folder) / "parts.json").read_text())
     parts = [
@@ -288,7 +288,7 @@ def _stored(folder: str):
 
 
 def _index_params(kind: str):
-    from vpr.config import IndexConfig
+    from vpr.foundations.config import IndexConfig
 
     return IndexConfig(kind=kind, nlist=1024, nprobe=8, pq_m=32, pq_bits=8)
 
@@ -297,7 +297,7 @@ def _index_params(kind: str):
 def build_index(folder: str, kind: str, memory_gb: float = 8) -> dict:
     import faiss
 
-    from vpr.index import index_from_set
+    from vpr.steps.index import index_from_set
 
     descriptors = _stored(folder)
     built = index_from_set(descriptors, _index_params(kind), kind, memory_gb)
@@ -306,7 +306,7 @@ def build_index(folder: str, kind: str, memory_gb: float = 8) -> dict:
 
 
 def _recalls(ranked: np.ndarray, folder: str, n: int) -> dict:
-    from vpr.retrieval import recall_at_n
+    from vpr.shared.retrieval import recall_at_n
 
     q_place = np.load(Path(folder) / "q_place.npy")
     positives = [np.arange(p * VIEWS, min(n, (p + 1) * VIEWS)) for p in q_place]
@@ -316,7 +316,7 @@ def _recalls(ranked: np.ndarray, folder: str, n: int) -> dict:
 @stage
 def search_store(folder: str, memory_gb: float = 8) -> dict:
     """Exact top-20 of the 1,000 queries over the store, chunked within ``memory_gb`` (``vpr evaluate``)."""
-    from vpr.evaluate import search_set
+    from vpr.steps.evaluate import search_set
 
     descriptors, q = _stored(folder), np.load(Path(folder) / "queries.npy")
     t0 = time.perf_counter()
@@ -328,7 +328,7 @@ def search_store(folder: str, memory_gb: float = 8) -> dict:
 @stage
 def search_in_memory(folder: str) -> dict:
     """The pre-store way: every database descriptor in one array, then one flat index."""
-    from vpr.retrieval import exact_search
+    from vpr.shared.retrieval import exact_search
 
     descriptors, q = _stored(folder), np.load(Path(folder) / "queries.npy")
     t0 = time.perf_counter()
@@ -370,8 +370,8 @@ def synthetic_catalog(n: int, seed: int = 0):
 
 @stage
 def mine_coordinates(n: int, folder: str) -> dict:
-    from vpr.config import MiningConfig
-    from vpr.mining import mine_batches, write_mining_batches
+    from vpr.foundations.config import MiningConfig
+    from vpr.steps.mining import mine_batches, write_mining_batches
 
     catalog = synthetic_catalog(n)
     t0 = time.perf_counter()
@@ -444,10 +444,10 @@ def make_release(folder: str, n: int) -> dict:
     import faiss
     import polars as pl
 
-    from vpr.checkpoints import save_checkpoint, untrained_model
-    from vpr.config import ModelConfig
-    from vpr.index import IDS_FILE, INDEX_FILE, MODEL_FILE, release_metadata, write_manifest
-    from vpr.versions import base_segment, commit_version
+    from vpr.foundations.config import ModelConfig
+    from vpr.shared.checkpoints import save_checkpoint, untrained_model
+    from vpr.shared.versions import base_segment, commit_version
+    from vpr.steps.index import IDS_FILE, INDEX_FILE, MODEL_FILE, release_metadata, write_manifest
 
     model_cfg = ModelConfig(weights="none", gem_dim=256)
     model = untrained_model("gem", model_cfg, 0)
@@ -478,7 +478,7 @@ def append(folder: str, n: int, new: int, round: int) -> dict:
     """``open_for_append`` + ``add_to_release`` of ``new`` vectors: what ``vpr reindex`` does per batch."""
     import polars as pl
 
-    from vpr.index import add_to_release, open_for_append
+    from vpr.steps.index import add_to_release, open_for_append
 
     ids = np.arange(n + round * new, n + (round + 1) * new, dtype=np.int64)
     x = np.random.default_rng(round).standard_normal((new, 256), dtype=np.float32)
@@ -492,7 +492,7 @@ def append(folder: str, n: int, new: int, round: int) -> dict:
 
 @stage
 def load_whole(folder: str) -> dict:
-    from vpr.index import load_release
+    from vpr.steps.index import load_release
 
     t0 = time.perf_counter()
     release = load_release(Path(folder) / "release")
@@ -504,7 +504,7 @@ def catalog_append(folder: str, n: int, new: int) -> dict:
     """``append_to_catalog`` of ``new`` rows to an ``n``-row catalog (re-indexing rewrites it: O(N))."""
     import polars as pl
 
-    from vpr.catalog import CATALOG_SCHEMA, append_to_catalog
+    from vpr.steps.catalog import CATALOG_SCHEMA, append_to_catalog
 
     cat = synthetic_catalog(n)
     full = pl.DataFrame({k: cat[k] if k in cat.columns else None for k in CATALOG_SCHEMA}).cast(CATALOG_SCHEMA)

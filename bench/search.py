@@ -7,7 +7,7 @@ dimension, gets a little isotropic noise and is L2-normalised (like a PCA-reduce
 descriptor). A query is correct at 1 when its first match shows its place. Exact Recall@1 is about
 90 % at 1e5 (it drops with the database size: more look-alikes).
 
-Indexes are built by ``vpr.evaluate.make_index`` — the code ``vpr evaluate`` and ``vpr index`` run —
+Indexes are built by ``vpr.steps.evaluate.make_index`` — the code ``vpr evaluate`` and ``vpr index`` run —
 with the ``index:`` params given here. Speed-up = exact search time / index search time for the same
 queries, each the best of ``--repeats`` runs (exact is re-timed between all settings, so load from
 other processes cannot favour one side); both for one batch of ``--queries`` (``vpr evaluate``) and
@@ -31,8 +31,8 @@ import _common
 import faiss
 import numpy as np
 
-from vpr.config import IndexConfig
-from vpr.retrieval import make_index, pq_subquantizers
+from vpr.foundations.config import IndexConfig
+from vpr.shared.retrieval import make_index, pq_subquantizers
 
 LATENT, STYLES, VIEWS = 64, 32, 5
 

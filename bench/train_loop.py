@@ -1,6 +1,6 @@
 """Training-loop benchmark: the real loop's images/s vs the model-only bound, per head.
 
-Real loop: ``vpr.train.train_head`` for one epoch on the benchmark project — loading, mining
+Real loop: ``vpr.steps.train.train_head`` for one epoch on the benchmark project — loading, mining
 refreshes (amortised as configured) and the optimiser steps; its own ``images_per_s`` (the epoch
 loop, without validation and checkpointing). Model-only bound: the same model, batch
 (``batch_queries`` × (2 + ``negatives``) images), loss and optimiser on a synthetic batch already on
@@ -33,14 +33,14 @@ import _common
 import numpy as np
 import torch
 
-from vpr.config import parse_config
-from vpr.descriptors import autocast, image_transform, use_bf16
-from vpr.models import build_model
-from vpr.registry import head_names, head_spec
-from vpr.shardio import ShardReader
-from vpr.train import train_head
-from vpr.triplets import triplet_loss
-from vpr.trunk import open_trunk_cache
+from vpr.foundations.config import parse_config
+from vpr.foundations.registry import head_names, head_spec
+from vpr.shared.descriptors import autocast, image_transform, use_bf16
+from vpr.shared.models import build_model
+from vpr.shared.shardio import ShardReader
+from vpr.shared.triplets import triplet_loss
+from vpr.shared.trunk import open_trunk_cache
+from vpr.steps.train import train_head
 
 TRAIN_ID_SPLITS = ("train", "val")
 

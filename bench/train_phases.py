@@ -1,12 +1,12 @@
 """Where a training run's time goes: trunk cache, NetVLAD initialisation, mining, steps, validation.
 
-Whole ``vpr.train.train_head`` runs on the benchmark project (the default city); each phase is what the
-training reports in its summary's ``phases`` (``vpr.train.timed``):
+Whole ``vpr.steps.train.train_head`` runs on the benchmark project (the default city); each phase is what the
+training reports in its summary's ``phases`` (``vpr.steps.train.timed``):
 
 - ``trunk cache``: opening it — building it (the run's first head) or loading it (the others: every
-  head of a run shares it, ``vpr.trunk``);
+  head of a run shares it, ``vpr.shared.trunk``);
 - ``init``: building the model and starting it (NetVLAD: the k-means sample and centroids);
-- ``mining``: the refreshes (``vpr.mining.negatives.mine_triplets``); ``loading``: waiting for triplet
+- ``mining``: the refreshes (``vpr.steps.mining.negatives.mine_triplets``); ``loading``: waiting for triplet
   batches; ``steps``: forward, loss, backward, optimiser;
 - ``validation``: after each epoch; ``checkpoints``: the atomic saves and the history.
 
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import _common
 
-from vpr.layout import Layout
-from vpr.train import train_head
+from vpr.foundations.layout import Layout
+from vpr.steps.train import train_head
 
 
 def timed_run(cfg, layout: Layout, head: str) -> dict[str, float]:

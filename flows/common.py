@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vpr.config import Config, load_config
+from vpr.foundations.config import Config, load_config
 
 
 def resolve(params: str, root: str) -> tuple[Config, Path, Path]:

@@ -1,4 +1,4 @@
-"""Flow ``reindex``: add new inbox imagery to the shards, catalog and live release (logic: ``vpr.reindex``).
+"""Flow ``reindex``: add new inbox imagery to the shards, catalog and live release (logic: ``vpr.steps.reindex``).
 
 At most one run at a time: the flow holds a slot of the Prefect global concurrency limit
 ``vpr-reindex`` (limit 1, created on first use) for its whole body, and the served deployment also has
@@ -19,7 +19,7 @@ from prefect.concurrency.sync import concurrency
 
 import tasks
 from flows.common import resolve
-from vpr.layout import Layout
+from vpr.foundations.layout import Layout
 
 CONCURRENCY_LIMIT = "vpr-reindex"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from vpr.config import OrchestrationConfig
+from vpr.foundations.config import OrchestrationConfig
 
 
 def make_task_runner(orch: OrchestrationConfig):

@@ -5,14 +5,14 @@ The graph is DVC's (a stage waits for the stages whose outputs it reads: ingest 
 each head → evaluate ∥ baseline → index → report; CRN after NetVLAD, whose checkpoint it starts from),
 plus one ordering that is not data: heads train in ``orchestration.train_lanes`` lanes (default 1: one
 after another, since one training fills the machine's cores or its GPU). Every stage is the one task
-``tasks.run_stage``, which runs the step of ``vpr.steps`` that the matching ``dvc.yaml`` stage runs
+``tasks.run_stage``, which runs the step of ``vpr.pipeline`` that the matching ``dvc.yaml`` stage runs
 through the CLI, writing the same files. A stage that reads descriptors (evaluate, baseline, index) is preceded by one
 ``encode-shard`` task per shard it reads (``tasks.encode``), so extraction spreads over the task
 runner's workers (Dask: all of them) and the stage finds its shards encoded.
 The flow ends with ``dvc commit --force`` of those stages, so ``dvc status`` is clean afterwards and
 ``dvc repro`` has nothing to do.
 
-The whole run holds the project's data lock (``vpr.datalock``): a re-index started meanwhile leaves the
+The whole run holds the project's data lock (``vpr.foundations.datalock``): a re-index started meanwhile leaves the
 inbox for its next run, so the DVC record never covers a catalog the steps did not read.
 
 Run it: ``python -m flows.train_all`` (prints the results table), or through the served deployment:
@@ -31,10 +31,10 @@ from prefect.futures import PrefectFuture, as_completed
 import tasks
 from flows.common import resolve
 from flows.runners import make_task_runner
-from vpr.datalock import data_lock
-from vpr.layout import Layout
-from vpr.steps import STEPS
-from vpr.tables import text_table
+from vpr.foundations.datalock import data_lock
+from vpr.foundations.layout import Layout
+from vpr.foundations.tables import text_table
+from vpr.pipeline import STEPS
 
 
 def lane_order(specs: dict[str, tasks.StageSpec], lanes: int) -> dict[str, list[str]]:
@@ -96,7 +96,7 @@ def train_all_steps(params: str, root: str, record_dvc: bool = True) -> dict:
     specs = tasks.stage_specs(root)
     unknown = sorted({name.partition("@")[0] for name in specs} - set(STEPS))
     if unknown:
-        raise RuntimeError(f"dvc.yaml stage(s) with no step in vpr/steps.py: {unknown}")
+        raise RuntimeError(f"dvc.yaml stage(s) with no step in vpr/pipeline.py: {unknown}")
     graph = task_graph(specs, cfg.orchestration.train_lanes)
 
     def submit(stage: str, upstream: list):

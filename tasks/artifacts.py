@@ -12,9 +12,9 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from vpr.config import Config
-from vpr.layout import Layout
-from vpr.tables import markdown_table
+from vpr.foundations.config import Config
+from vpr.foundations.layout import Layout
+from vpr.foundations.tables import markdown_table
 
 RESULTS_KEY = "train-all-results"
 REPORT_KEY = "train-all-report"

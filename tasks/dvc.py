@@ -8,7 +8,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from tasks.cache import stage_specs
-from vpr.dvcrun import run_dvc
+from vpr.foundations.dvcrun import run_dvc
 
 
 def stages_writing(root: str | Path, paths: list[str | Path]) -> list[str]:

@@ -2,7 +2,7 @@
 
 A stage that reads descriptors (``evaluate@H``, ``baseline``, ``index``) is preceded by one
 ``encode_shard`` task per shard it reads; each writes its shard's entry of the descriptor store
-(``vpr.descstore``), so the stage itself finds every shard encoded and only searches or indexes. On the
+(``vpr.shared.descstore``), so the stage itself finds every shard encoded and only searches or indexes. On the
 Dask task runner (``orchestration.task_runner: dask``) the shards are encoded on all workers at once.
 A task's cache key is its stage's inputs plus the shard; the store is content-addressed as well, so an
 unchanged shard is never encoded twice either way.
@@ -15,10 +15,10 @@ from pathlib import Path
 from prefect import task
 
 from tasks.cache import StageInputs
-from vpr.config import Config
-from vpr.layout import Layout
-from vpr.steps import stage_model
-from vpr.steps import stage_shards as shards_of
+from vpr.foundations.config import Config
+from vpr.foundations.layout import Layout
+from vpr.pipeline import stage_model
+from vpr.pipeline import stage_shards as shards_of
 
 
 @task(
@@ -29,7 +29,7 @@ from vpr.steps import stage_shards as shards_of
 )
 def encode_shard(cfg: Config, root: str, stage: str, shard: str) -> dict:
     """The descriptors of one shard with the model of ``stage`` → the descriptor store."""
-    from vpr.descstore import encode_named_shards
+    from vpr.shared.descstore import encode_named_shards
 
     head, untrained = stage_model(cfg, stage)
     (part,) = encode_named_shards(head, cfg, Layout.from_config(cfg, Path(root)), [shard], untrained=untrained)
@@ -37,5 +37,5 @@ def encode_shard(cfg: Config, root: str, stage: str, shard: str) -> dict:
 
 
 def stage_shards(cfg: Config, root: str | Path, stage: str) -> list[str]:
-    """The shards a descriptor-reading stage encodes (empty for any other stage): ``vpr.steps`` says."""
+    """The shards a descriptor-reading stage encodes (empty for any other stage): ``vpr.pipeline`` says."""
     return shards_of(cfg, Layout.from_config(cfg, Path(root)), stage)

@@ -1,4 +1,4 @@
-"""One thin Prefect task for every stage of the pipeline — the step itself lives in ``vpr.steps``.
+"""One thin Prefect task for every stage of the pipeline — the step itself lives in ``vpr.pipeline``.
 
 The task takes the validated ``Config``, the project ``root`` and the stage name (``train@crn``): paths
 and config only, so objects such as tensors never travel between tasks and cache keys stay
@@ -16,16 +16,16 @@ from typing import Any
 from prefect import Task, task
 
 from tasks.cache import StageInputs, outputs_present
-from vpr.config import Config
-from vpr.layout import Layout
-from vpr.steps import run_step
+from vpr.foundations.config import Config
+from vpr.foundations.layout import Layout
+from vpr.pipeline import run_step
 
 RETRY_DELAY_S = [5, 30, 120]
 
 
 @task(name="stage", task_run_name="{stage}", cache_policy=StageInputs(stage="{stage}"), persist_result=True)
 def run_stage(cfg: Config, root: str, stage: str) -> dict:
-    """Run one ``dvc.yaml`` stage (``ingest``, ``shard@test``, ``train@crn``) as ``vpr.steps`` binds it.
+    """Run one ``dvc.yaml`` stage (``ingest``, ``shard@test``, ``train@crn``) as ``vpr.pipeline`` binds it.
 
     With ``train.nproc`` > 1 a training starts that many data-parallel ranks through torchrun and waits.
     """

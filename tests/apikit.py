@@ -1,5 +1,5 @@
-"""A real uvicorn server on a free loopback port, in a thread, for the service tests (``vpr.api.background``)."""
+"""A real uvicorn server on a free loopback port, in a thread, for the service tests (``vpr.steps.api.background``)."""
 
-from vpr.api.background import running
+from vpr.steps.api.background import running
 
 __all__ = ["running"]

@@ -31,8 +31,8 @@ def micro_template(tmp_path_factory):
 @pytest.fixture
 def micro_project(micro_template, tmp_path):
     """A private copy of the prepared micro project: (root, cfg, layout)."""
-    from vpr.config import load_config
-    from vpr.layout import Layout
+    from vpr.foundations.config import load_config
+    from vpr.foundations.layout import Layout
 
     root = tmp_path / "project"
     shutil.copytree(micro_template, root)

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 from PIL.TiffImagePlugin import IFDRational
 
-from vpr.config import Config
+from vpr.foundations.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW_OVERRIDES = {

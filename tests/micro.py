@@ -1,5 +1,5 @@
-"""The micro project the tests build on: ``vpr.synth.project`` (the benchmarks use it too)."""
+"""The micro project the tests build on: ``vpr.steps.synth.project`` (the benchmarks use it too)."""
 
-from vpr.synth.project import MICRO_PARAMS, build_micro_project, shard_and_mine, write_params
+from vpr.steps.synth.project import MICRO_PARAMS, build_micro_project, shard_and_mine, write_params
 
 __all__ = ["MICRO_PARAMS", "build_micro_project", "shard_and_mine", "write_params"]

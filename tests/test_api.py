@@ -18,12 +18,12 @@ from PIL import Image
 
 from tests.apikit import running
 from tests.test_evaluate import build_micro_release
-from vpr.api.app import create_app
-from vpr.api.batcher import MicroBatcher
-from vpr.api.live import LiveRelease
-from vpr.config import ApiConfig, LocateConfig
-from vpr.index import add_to_release, load_release
-from vpr.shardio import ShardReader
+from vpr.foundations.config import ApiConfig, LocateConfig
+from vpr.shared.shardio import ShardReader
+from vpr.steps.api.app import create_app
+from vpr.steps.api.batcher import MicroBatcher
+from vpr.steps.api.live import LiveRelease
+from vpr.steps.index import add_to_release, load_release
 
 API = ApiConfig(max_images=3, max_request_mb=2, max_top_k=10, poll_s=0.1, batch_wait_ms=20)
 
@@ -250,7 +250,7 @@ def test_vpr_locate_api_asks_the_service_without_loading_torch(micro, service, t
 
 
 def test_vpr_locate_api_splits_more_images_than_one_request_may_hold(micro, service):
-    from vpr.api.client import locate_remote
+    from vpr.steps.api.client import locate_remote
 
     root, cfg, layout = micro
     url, _ = service

@@ -13,7 +13,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from vpr.catalog import (
+from vpr.foundations.config import IngestConfig
+from vpr.foundations.geo import format_name
+from vpr.steps.catalog import (
     REASON_BAD_POSITION,
     REASON_EMPTY,
     REASON_NOT_IMAGE,
@@ -24,8 +26,6 @@ from vpr.catalog import (
     ingest,
     read_catalog,
 )
-from vpr.config import IngestConfig
-from vpr.geo import format_name
 
 CFG = IngestConfig(workers=1, max_pixels=10_000_000)
 DB = "images/train/database"

@@ -11,12 +11,12 @@ import polars as pl
 from typer.testing import CliRunner
 
 from tests.faults.conftest import snapshot
-from vpr.catalog import ingest
-from vpr.check import check_tree
 from vpr.cli import app
-from vpr.config import load_config
-from vpr.layout import SPLITS, Layout
-from vpr.mining import mine_split
+from vpr.foundations.config import load_config
+from vpr.foundations.layout import SPLITS, Layout
+from vpr.steps.catalog import ingest
+from vpr.steps.check import check_tree
+from vpr.steps.mining import mine_split
 
 
 def _found_by_ingest(data, tmp_path, cfg):

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vpr.config import ConfigError, load_config, parse_config
-from vpr.registry import head_names
+from vpr.foundations.config import ConfigError, load_config, parse_config
+from vpr.foundations.registry import head_names
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from vpr.checkpoints import load_checkpoint
-from vpr.distributed import Ranks, gather_descriptors, my_batches, my_share
+from vpr.shared.checkpoints import load_checkpoint
+from vpr.shared.distributed import Ranks, gather_descriptors, my_batches, my_share
 
 
 def test_shares_and_batches_cover_everything_once_with_equal_steps():

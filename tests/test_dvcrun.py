@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vpr.dvcrun import DvcError, run_dvc
+from vpr.foundations.dvcrun import DvcError, run_dvc
 
 
 def test_runs_this_environments_dvc(tmp_path):

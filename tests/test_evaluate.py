@@ -17,13 +17,13 @@ import torch
 from PIL import Image, ImageFilter
 
 from tests.micro import shard_and_mine
-from vpr.catalog import ingest
-from vpr.config import Config, EvalConfig, IndexConfig, IngestConfig, ModelConfig, ShardConfig, TrainConfig
-from vpr.evaluate import evaluate_head
-from vpr.geo import format_name
-from vpr.layout import Layout
-from vpr.models import build_model
-from vpr.retrieval import approximate_recall, exact_search, make_index, recall_at_n
+from vpr.foundations.config import Config, EvalConfig, IndexConfig, IngestConfig, ModelConfig, ShardConfig, TrainConfig
+from vpr.foundations.geo import format_name
+from vpr.foundations.layout import Layout
+from vpr.shared.models import build_model
+from vpr.shared.retrieval import approximate_recall, exact_search, make_index, recall_at_n
+from vpr.steps.catalog import ingest
+from vpr.steps.evaluate import evaluate_head
 
 PLACES = 8
 SPACING_M = 100.0
@@ -82,7 +82,7 @@ def build_micro(root: Path, heads=("avg",), cfg: Config | None = None) -> tuple[
 
 def build_micro_release(root: Path) -> tuple[Config, Layout]:
     """``build_micro`` with avg trained, and its release published (what locate and the service read)."""
-    from vpr.index import build_release
+    from vpr.steps.index import build_release
 
     cfg, layout = build_micro(root, heads=("avg",))
     build_release("avg", cfg, layout)

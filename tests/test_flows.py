@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from tests.flowkit import REPO, clone_project, exif_photo, make_dvc_project, run, truncated_jpeg
-from vpr.catalog import read_catalog
-from vpr.config import load_config
-from vpr.layout import Layout, first_id
-from vpr.registry import head_names
-from vpr.shardio import read_index
+from vpr.foundations.config import load_config
+from vpr.foundations.layout import Layout, first_id
+from vpr.foundations.registry import head_names
+from vpr.shared.shardio import read_index
+from vpr.steps.catalog import read_catalog
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -63,7 +63,7 @@ def test_train_all_completes_with_results_and_artifacts(trained):
         # the library's package logger reaches the task runs' logs (per-epoch lines of every head)
         logs = client.read_logs(LogFilter(text=LogFilterTextSearch(query="val R@1")))
     assert {"train-all-results", "train-all-report"} <= keys
-    epoch_logs = [log for log in logs if log.name == "vpr.train"]
+    epoch_logs = [log for log in logs if log.name == "vpr.steps.train"]
     assert epoch_logs and all(log.task_run_id for log in epoch_logs)
     assert {log.message.split()[0] for log in epoch_logs} == set(HEADS)
 
@@ -181,7 +181,7 @@ def test_missing_outputs_force_the_step_to_run(trained):
 
 def _drop_batch(root: Path) -> dict:
     """One datasets_vg image, one EXIF-GPS photo, one broken file, from the test split's queries."""
-    from vpr.geo import parse_name
+    from vpr.foundations.geo import parse_name
 
     queries = sorted((root / "data/images/test/queries").iterdir())
     inbox = root / "inbox"
@@ -194,7 +194,7 @@ def _drop_batch(root: Path) -> dict:
 
 
 def _locate(layout: Layout, images: list[Path]) -> list[dict]:
-    from vpr.locate import locate
+    from vpr.steps.locate import locate
 
     return locate(images, layout.release_dir("netvlad"), top_k=5)
 
@@ -203,7 +203,7 @@ def test_reindex_adds_batch_quarantines_broken_and_repeats_as_noop(trained, tmp_
     from prefect.client.orchestration import get_client
 
     from flows.reindex import CONCURRENCY_LIMIT, reindex
-    from vpr.index import load_release
+    from vpr.steps.index import load_release
 
     root = clone_project(trained[0], tmp_path / "project")
     cfg = load_config(root / "params.yaml")
@@ -294,7 +294,7 @@ def test_reindexing_the_test_database_reruns_only_what_reads_it(prefect_harness,
 
 
 def test_crash_after_new_shards_keeps_previous_index_serving(trained, tmp_path, monkeypatch):
-    import vpr.reindex
+    import vpr.steps.reindex
     from flows.reindex import reindex
 
     root = clone_project(trained[0], tmp_path / "project")
@@ -309,7 +309,7 @@ def test_crash_after_new_shards_keeps_previous_index_serving(trained, tmp_path, 
         if step == "shards-written":
             raise RuntimeError("injected crash after the new shards were written")
 
-    monkeypatch.setattr(vpr.reindex, "_reached", crash)
+    monkeypatch.setattr(vpr.steps.reindex, "_reached", crash)
     with pytest.raises(RuntimeError, match="injected crash"):
         reindex(root=str(root), record_dvc=False)
     pending = json.loads((root / "artifacts/reindex/pending.json").read_text())
@@ -380,7 +380,7 @@ def test_task_runner_comes_from_params():
     from prefect_dask import DaskTaskRunner
 
     from flows.runners import make_task_runner
-    from vpr.config import OrchestrationConfig
+    from vpr.foundations.config import OrchestrationConfig
 
     threads = make_task_runner(OrchestrationConfig(max_workers=3))
     assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
@@ -394,8 +394,8 @@ def test_dask_runner_runs_the_shard_step_on_a_local_cluster(prefect_harness, mic
 
     import tasks
     from flows.runners import make_task_runner
-    from vpr.config import OrchestrationConfig
-    from vpr.shardio import ShardReader
+    from vpr.foundations.config import OrchestrationConfig
+    from vpr.shared.shardio import ShardReader
 
     root, cfg, layout = micro_project
     shutil.rmtree(layout.shards_dir)

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from vpr.geo import NameError_, format_name, latlon_to_utm, parse_name, utm_to_latlon
+from vpr.foundations.geo import NameError_, format_name, latlon_to_utm, parse_name, utm_to_latlon
 
 
 def test_fifteen_field_name():

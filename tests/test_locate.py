@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from tests.test_evaluate import build_micro_release
 from vpr.cli import app
-from vpr.index import CURRENT, add_to_release, build_release, current_version, load_release, release_images
-from vpr.locate import estimate_position, locate
-from vpr.shardio import ShardReader
+from vpr.shared.shardio import ShardReader
+from vpr.steps.index import CURRENT, add_to_release, build_release, current_version, load_release, release_images
+from vpr.steps.locate import estimate_position, locate
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_failed_write_keeps_previous_release_serving(micro, monkeypatch):
     image, _ = _db_image(root, layout)
     before = locate([image], release_dir, top_k=3)
 
-    import vpr.index as index_mod
+    import vpr.steps.index as index_mod
 
     def explode(*a, **k):
         raise OSError("disk full")

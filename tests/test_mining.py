@@ -4,8 +4,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from vpr.config import MiningConfig
-from vpr.mining import mine_all, mine_batches, mine_split, radius_neighbours, utm_positives, write_mining_batches
+from vpr.foundations.config import MiningConfig
+from vpr.steps.mining import mine_all, mine_batches, mine_split, radius_neighbours, utm_positives, write_mining_batches
 
 
 def brute_force(db: np.ndarray, q: np.ndarray, radius: float) -> list[list[int]]:

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import resnet18
 
-from vpr.config import ModelConfig
-from vpr.models import build_backbone, build_model
-from vpr.models.functional import gem, intra_normalize_flatten, vlad
-from vpr.models.heads.crn import CRNHead
-from vpr.models.heads.crn2 import CRN2Head
-from vpr.models.heads.netvlad import NetVLADHead
+from vpr.foundations.config import ModelConfig
+from vpr.shared.models import build_backbone, build_model
+from vpr.shared.models.functional import gem, intra_normalize_flatten, vlad
+from vpr.shared.models.heads.crn import CRNHead
+from vpr.shared.models.heads.crn2 import CRN2Head
+from vpr.shared.models.heads.netvlad import NetVLADHead
 
 CFG = ModelConfig(weights="none", freeze_early_layers=True, netvlad_clusters=64, gem_dim=128)
 

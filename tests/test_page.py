@@ -11,10 +11,10 @@ import pytest
 
 from tests.apikit import running
 from tests.test_evaluate import build_micro_release
-from vpr.api.app import create_app
-from vpr.api.live import LiveRelease
-from vpr.config import ApiConfig, LocateConfig
-from vpr.shardio import ShardReader
+from vpr.foundations.config import ApiConfig, LocateConfig
+from vpr.shared.shardio import ShardReader
+from vpr.steps.api.app import create_app
+from vpr.steps.api.live import LiveRelease
 
 SCREENSHOT = os.environ.get("VPR_PAGE_SCREENSHOT")  # set to docs/api-page.png to refresh the docs' picture
 

@@ -32,11 +32,11 @@ def _imports(nodes) -> set[str]:
 
 def stage_modules(group: str) -> set[str]:
     """Every ``vpr`` module a stage's command imports, directly or through other modules: the CLI's and the
-    step table's own imports, plus those of the step's binder in ``vpr/steps.py`` (and the table's
+    step table's own imports, plus those of the step's binder in ``vpr/pipeline.py`` (and the table's
     functions it calls), so DVC's deps follow the step, not every step."""
-    from vpr.steps import STEPS
+    from vpr.pipeline import STEPS
 
-    tree = ast.parse((REPO / "vpr/steps.py").read_text())
+    tree = ast.parse((REPO / "vpr/pipeline.py").read_text())
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     step = STEPS[group]
     todo = [f.__name__ for f in (step.run, step.shards) if f is not None]
@@ -53,9 +53,9 @@ def stage_modules(group: str) -> set[str]:
     cli = ast.parse((REPO / "vpr/cli.py").read_text())
     cli_top = [n for n in cli.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     cli_step = [n for n in cli.body if isinstance(n, ast.FunctionDef) and n.name == "_step"]
-    direct = _imports([*top, *cli_top, *cli_step, *(functions[f] for f in seen)]) - {"vpr.steps"}
+    direct = _imports([*top, *cli_top, *cli_step, *(functions[f] for f in seen)]) - {"vpr.pipeline"}
     graph = import_graph()
-    return {"vpr.steps"} | direct | {m for d in direct if d in graph for m in nx.descendants(graph, d)}
+    return {"vpr.pipeline"} | direct | {m for d in direct if d in graph for m in nx.descendants(graph, d)}
 
 
 def covered(path: str, deps: tuple[str, ...]) -> bool:
@@ -81,14 +81,14 @@ def test_every_stage_depends_on_every_module_its_command_imports(specs):
 
 
 def test_a_missing_code_dependency_is_caught(specs):
-    """The validation recall that picks train's checkpoint lives in vpr/retrieval.py: drop it, get told."""
+    """The validation recall that picks train's checkpoint lives in vpr/shared/retrieval.py: drop it, get told."""
     from dataclasses import replace
 
     broken = dict(specs)
     broken["train@avg"] = replace(
-        specs["train@avg"], deps=tuple(d for d in specs["train@avg"].deps if d != "vpr/retrieval.py")
+        specs["train@avg"], deps=tuple(d for d in specs["train@avg"].deps if d != "vpr/shared/retrieval.py")
     )
-    assert missing_code_deps(broken) == {"train@avg": ["vpr/retrieval.py"]}
+    assert missing_code_deps(broken) == {"train@avg": ["vpr/shared/retrieval.py"]}
 
 
 def test_paths_come_from_params_and_heads_from_train_heads(specs):
@@ -105,7 +105,7 @@ def test_paths_come_from_params_and_heads_from_train_heads(specs):
 
 def test_flow_graph_is_dvcs_graph_plus_training_lanes(specs):
     from flows.train_all import lane_order, task_graph
-    from vpr.steps import STEPS
+    from vpr.pipeline import STEPS
 
     assert {name.partition("@")[0] for name in specs} <= set(STEPS)
     dvc_edges = {(s, u) for s, spec in specs.items() for u in spec.upstream}
@@ -134,10 +134,10 @@ def test_data_dependencies_are_as_fine_as_the_splits(specs):
 
 
 def test_every_path_the_step_table_writes_is_the_dvc_out_and_back(specs):
-    """vpr.layout (through each step's ``outputs``) and dvc.yaml name the same files, stage by stage."""
-    from vpr.config import load_config
-    from vpr.layout import Layout
-    from vpr.steps import STEPS, stage_outputs
+    """vpr.foundations.layout (through each step's ``outputs``) and dvc.yaml name the same files, stage by stage."""
+    from vpr.foundations.config import load_config
+    from vpr.foundations.layout import Layout
+    from vpr.pipeline import STEPS, stage_outputs
 
     cfg = load_config(REPO / "params.yaml")
     layout = Layout.from_config(cfg, REPO)

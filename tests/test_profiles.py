@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from vpr.config import ConfigError, load_config
-from vpr.profiles import apply_profile
+from vpr.foundations.config import ConfigError, load_config
+from vpr.foundations.profiles import apply_profile
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 

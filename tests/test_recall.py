@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vpr.retrieval import exact_search, recall_at_n
+from vpr.shared.retrieval import exact_search, recall_at_n
 
 
 def test_recall_on_known_layout():

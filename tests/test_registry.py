@@ -1,4 +1,4 @@
-"""A head is declared once (vpr/registry.py): everything else reads the registry, and DVC's lists agree."""
+"""A head is declared once (vpr/foundations/registry.py): everything else reads the registry, and DVC's lists agree."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import yaml
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
-from vpr.config import ConfigError, ModelConfig, parse_config
-from vpr.models.functional import l2n
-from vpr.registry import HeadSpec, head_names, head_spec, register, registered
+from vpr.foundations.config import ConfigError, ModelConfig, parse_config
+from vpr.foundations.registry import HeadSpec, head_names, head_spec, register, registered
+from vpr.shared.models.functional import l2n
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_dvc_train_keys_params_heads_and_the_registry_agree():
     assert list(foreach) == list(head_names()) == params["train"]["heads"]
     for name, starts in foreach.items():
         spec = head_spec(name)
-        expected = f"${{paths.artifacts}}/models/{spec.starts_from}" if spec.starts_from else "vpr/models"
+        expected = f"${{paths.artifacts}}/models/{spec.starts_from}" if spec.starts_from else "vpr/shared/models"
         assert starts == expected, name
     profile = yaml.safe_load((REPO / "profiles/cpu.yaml").read_text())
     assert set(profile["train"]["per_head"]) == set(params["train"]["per_head"])
@@ -59,7 +59,7 @@ def test_unknown_heads_fail_where_they_are_named():
     with pytest.raises(ConfigError, match="unknown head 'vlad'"):
         parse_config({"index": {"head": "vlad"}})
     with pytest.raises(ValueError, match="already registered"):
-        register(HeadSpec("crn", "vpr.models.heads.crn:CRNHead", "again"))
+        register(HeadSpec("crn", "vpr.shared.models.heads.crn:CRNHead", "again"))
     with pytest.raises(ValueError, match="not registered before it"):
         register(HeadSpec("late", "x:Y", "starts from a head declared later", starts_from="later"))
     with pytest.raises(ValueError, match="identifier"):
@@ -80,10 +80,10 @@ def test_a_throwaway_head_trains_and_evaluates_through_the_registry_alone(micro_
     evaluation and the released model accept it; no other file of vpr names it."""
     import shutil
 
-    from vpr.checkpoints import load_model
-    from vpr.evaluate import evaluate_head
-    from vpr.layout import Layout
-    from vpr.train import train_head
+    from vpr.foundations.layout import Layout
+    from vpr.shared.checkpoints import load_model
+    from vpr.steps.evaluate import evaluate_head
+    from vpr.steps.train import train_head
 
     root = tmp_path / "project"
     shutil.copytree(micro_template, root)

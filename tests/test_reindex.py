@@ -1,4 +1,4 @@
-"""Re-indexing logic (``vpr.reindex``, no Prefect): validation, quarantine, planning, crash + resume."""
+"""Re-indexing logic (``vpr.steps.reindex``, no Prefect): validation, quarantine, planning, crash + resume."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ from pathlib import Path
 
 import pytest
 
-import vpr.inbox as vi
-import vpr.reindex as rx
+import vpr.steps.inbox as vi
+import vpr.steps.reindex as rx
 from tests.flowkit import exif_photo, jpeg_bytes, truncated_jpeg
-from vpr.catalog import ingest, read_catalog
-from vpr.geo import parse_name
-from vpr.index import build_release, load_release
-from vpr.layout import Layout
-from vpr.shardio import ShardReader, read_index
+from vpr.foundations.geo import parse_name
+from vpr.foundations.layout import Layout
+from vpr.shared.shardio import ShardReader, read_index
+from vpr.steps.catalog import ingest, read_catalog
+from vpr.steps.index import build_release, load_release
 
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
     """A prepared micro project with a trained ``avg`` head and its release (built once per module)."""
     from tests.micro import build_micro_project
-    from vpr.train import train_head
+    from vpr.steps.train import train_head
 
     root = tmp_path_factory.mktemp("reindex") / "project"
     cfg, layout = build_micro_project(root, {"train": {"epochs": 1, "queries_per_epoch": 4, "negatives": 2}})

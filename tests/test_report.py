@@ -8,7 +8,8 @@ import polars as pl
 import pytest
 
 from tests.test_evaluate import build_micro
-from vpr.ablation import (
+from vpr.foundations.config import HeadBudget
+from vpr.steps.ablation import (
     ABLATIONS,
     comparison_table,
     experiment_name,
@@ -16,9 +17,8 @@ from vpr.ablation import (
     recall_at_thresholds,
     threshold_table,
 )
-from vpr.config import HeadBudget
-from vpr.evaluate import evaluate_head
-from vpr.report import FIGURES, mask_figure, write_report
+from vpr.steps.evaluate import evaluate_head
+from vpr.steps.report import FIGURES, mask_figure, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -72,7 +72,7 @@ def test_report_without_crn_drops_stale_mask_figure(evaluated, tmp_path):
 
 def test_threshold_rescoring_matches_evaluation(evaluated):
     cfg, layout = evaluated
-    from vpr.shardio import read_index
+    from vpr.shared.shardio import read_index
 
     preds = pl.read_parquet(layout.predictions("avg"))
     index = read_index(layout.shards_dir)

@@ -7,10 +7,10 @@ import threading
 import torch
 from torch.utils.data import DataLoader
 
-from vpr.config import ModelConfig
-from vpr.descriptors import loader_kwargs
-from vpr.models import build_backbone, build_head, build_model
-from vpr.rng import reseed_torch_rng
+from vpr.foundations.config import ModelConfig
+from vpr.foundations.rng import reseed_torch_rng
+from vpr.shared.descriptors import loader_kwargs
+from vpr.shared.models import build_backbone, build_head, build_model
 
 CFG = ModelConfig(weights="none", gem_dim=64)
 
@@ -77,9 +77,9 @@ def test_augmenting_transform_is_locked_picklable_and_follows_the_seed() -> None
     import numpy as np
     from PIL import Image
 
-    from vpr.config import AugmentConfig
-    from vpr.descriptors import image_transform
-    from vpr.rng import Locked
+    from vpr.foundations.config import AugmentConfig
+    from vpr.foundations.rng import Locked
+    from vpr.shared.descriptors import image_transform
 
     augment = AugmentConfig(color_jitter=0.4, horizontal_flip=True, random_erasing=0.5)
     transform = pickle.loads(pickle.dumps(image_transform(32, 40, augment=augment)))  # DataLoader workers

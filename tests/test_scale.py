@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from tests.test_evaluate import build_micro, micro_config
-from vpr.checkpoints import untrained_model
-from vpr.descstore import DescriptorStore, encode_named_shards, encode_plans, encoder_for, plans_for
-from vpr.evaluate import evaluate_head
-from vpr.retrieval import chunked_search, exact_search, recall_at_n
-from vpr.shardio import ShardError, ShardReader
+from vpr.shared.checkpoints import untrained_model
+from vpr.shared.descstore import DescriptorStore, encode_named_shards, encode_plans, encoder_for, plans_for
+from vpr.shared.retrieval import chunked_search, exact_search, recall_at_n
+from vpr.shared.shardio import ShardError, ShardReader
+from vpr.steps.evaluate import evaluate_head
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_evaluation_within_a_tiny_memory_budget_matches_the_in_memory_search(mic
     full = evaluate_head("avg", cfg, layout)
     predictions = pl.read_parquet(layout.predictions("avg"))
     tiny = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"memory_gb": 1e-7})})
-    from vpr.retrieval import rows_within
+    from vpr.shared.retrieval import rows_within
 
     assert rows_within(1e-7 * 2**30, 64) < 8  # chunks of a few rows: many chunks and query blocks
     small = evaluate_head("avg", tiny, layout)
@@ -64,9 +64,9 @@ def test_evaluation_within_a_tiny_memory_budget_matches_the_in_memory_search(mic
     }
     assert pl.read_parquet(layout.predictions("avg")).equals(predictions)
     # and the in-memory path on the same descriptors gives the same Recall@N
-    from vpr.checkpoints import load_model
-    from vpr.descriptors import eval_transform, extract
-    from vpr.splits import load_split
+    from vpr.shared.checkpoints import load_model
+    from vpr.shared.descriptors import eval_transform, extract
+    from vpr.shared.splits import load_split
 
     reader = ShardReader(layout.shards_dir, ("test",))
     split = load_split(reader.index, pl.read_parquet(layout.mining("test")), "test")
@@ -161,7 +161,7 @@ def test_extraction_on_a_two_worker_dask_cluster_matches_one_process(prefect_har
     import yaml
 
     from flows.encode import encode_shards
-    from vpr.layout import Layout
+    from vpr.foundations.layout import Layout
 
     root, cfg, layout = micro_project
     single = tmp_path / "single"
@@ -185,14 +185,14 @@ def test_extraction_on_a_two_worker_dask_cluster_matches_one_process(prefect_har
 
 
 def _shard_names(layout) -> list[str]:
-    from vpr.evaluate import evaluation_shards
+    from vpr.steps.evaluate import evaluation_shards
 
     return evaluation_shards(layout)
 
 
 def test_appending_links_the_release_and_writes_only_the_batch(tmp_path, monkeypatch):
-    import vpr.index
-    from vpr.index import add_to_release, build_release, load_release, open_for_append
+    import vpr.steps.index
+    from vpr.steps.index import add_to_release, build_release, load_release, open_for_append
 
     cfg, layout = build_micro(tmp_path / "p", heads=("avg",), cfg=micro_config())
     version = build_release("avg", cfg, layout)
@@ -202,7 +202,7 @@ def test_appending_links_the_release_and_writes_only_the_batch(tmp_path, monkeyp
     rng = np.random.default_rng(0)
     first_new = int(load_release(layout.release_dir("avg")).ids["id"].max()) + 1
     meta = pl.DataFrame({"id": np.arange(first_new, first_new + 20), "path": [f"new/{i}.jpg" for i in range(20)]})
-    monkeypatch.setattr(vpr.index, "MAX_DELTAS", 3)
+    monkeypatch.setattr(vpr.steps.index, "MAX_DELTAS", 3)
     versions, vectors = [version], []
     for batch in range(5):
         ids = np.arange(first_new + 4 * batch, first_new + 4 * batch + 4)

@@ -12,11 +12,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from vpr.catalog import ingest, read_catalog
-from vpr.config import IngestConfig, ShardConfig
-from vpr.layout import first_id
-from vpr.shardio import INDEX_FILE, ShardError, ShardReader, iter_split
-from vpr.shards import write_shards
+from vpr.foundations.config import IngestConfig, ShardConfig
+from vpr.foundations.layout import first_id
+from vpr.shared.shardio import INDEX_FILE, ShardError, ShardReader, iter_split
+from vpr.steps.catalog import ingest, read_catalog
+from vpr.steps.shards import write_shards
 
 CFG = ShardConfig(height=24, width=32, jpeg_quality=85, samples_per_shard=3)
 

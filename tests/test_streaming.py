@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 import torch
 
-from vpr.descriptors import eval_transform, extract, image_batches
-from vpr.shardio import ShardError, ShardReader
+from vpr.shared.descriptors import eval_transform, extract, image_batches
+from vpr.shared.shardio import ShardError, ShardReader
 
 
 def _split_ids(reader: ShardReader, split: str) -> np.ndarray:
@@ -34,7 +34,7 @@ def test_a_split_streams_every_image_once_in_order(micro_project, workers):
 
 
 def test_extraction_returns_the_requested_order_whatever_the_workers(micro_project):
-    from vpr.checkpoints import untrained_model
+    from vpr.shared.checkpoints import untrained_model
 
     root, cfg, layout = micro_project
     reader = ShardReader(layout.shards_dir)

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vpr.config import SplitSize, SynthConfig
-from vpr.geo import FIELDS, parse_name
-from vpr.layout import ROLES, SPLITS
-from vpr.synth import generate_city
+from vpr.foundations.config import SplitSize, SynthConfig
+from vpr.foundations.geo import FIELDS, parse_name
+from vpr.foundations.layout import ROLES, SPLITS
+from vpr.steps.synth import generate_city
 
 MICRO = SynthConfig(
     seed=3,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vpr.tables import cell, markdown_table, text_table
+from vpr.foundations.tables import cell, markdown_table, text_table
 
 
 def test_markdown_table_aligns_the_numeric_columns_right():

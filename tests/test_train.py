@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vpr.checkpoints import load_checkpoint
-from vpr.descriptors import image_transform
-from vpr.initialise import build_training_model
-from vpr.mining.negatives import mine_triplets
-from vpr.shardio import ShardReader
-from vpr.splits import load_split
-from vpr.train import train_head
-from vpr.triplets import TripletImages, triplet_loss
+from vpr.shared.checkpoints import load_checkpoint
+from vpr.shared.descriptors import image_transform
+from vpr.shared.shardio import ShardReader
+from vpr.shared.splits import load_split
+from vpr.shared.triplets import TripletImages, triplet_loss
+from vpr.steps.initialise import build_training_model
+from vpr.steps.mining.negatives import mine_triplets
+from vpr.steps.train import train_head
 
 
 def _state_equal(a: dict, b: dict) -> bool:
@@ -76,7 +76,7 @@ def test_training_writes_checkpoint_history_and_crn_needs_netvlad(micro_project)
 def test_resume_after_interruption_reproduces_uninterrupted_run(micro_project, tmp_path):
     import shutil
 
-    from vpr.layout import Layout
+    from vpr.foundations.layout import Layout
 
     root, cfg, layout = micro_project
     other = tmp_path / "other"
@@ -99,10 +99,10 @@ def test_resume_after_interruption_reproduces_uninterrupted_run(micro_project, t
 
 
 def test_trunk_cache_matches_full_forward_and_is_shared_by_the_heads(micro_project, tmp_path):
-    from vpr.config import ModelConfig
-    from vpr.descriptors import extract
-    from vpr.models import build_model
-    from vpr.trunk import cache_key, open_trunk_cache
+    from vpr.foundations.config import ModelConfig
+    from vpr.shared.descriptors import extract
+    from vpr.shared.models import build_model
+    from vpr.shared.trunk import cache_key, open_trunk_cache
 
     root, cfg, layout = micro_project
     reader = ShardReader(layout.shards_dir)
@@ -138,7 +138,7 @@ def test_trunk_cache_matches_full_forward_and_is_shared_by_the_heads(micro_proje
 
 
 def test_precision_setting_and_bf16_step_agree_with_fp32(micro_project):
-    from vpr.descriptors import autocast, use_bf16
+    from vpr.shared.descriptors import autocast, use_bf16
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not use_bf16(cpu, "fp32") and use_bf16(cpu, "bf16")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from vpr.triplets import select_triplets
+from vpr.shared.triplets import select_triplets
 
 
 def test_select_triplets_picks_nearest_positive_and_hardest_negatives():

@@ -18,9 +18,9 @@ from torchvision.models import resnet18
 from typer.testing import CliRunner
 
 from vpr.cli import app
-from vpr.config import ModelConfig
-from vpr.models import build_backbone
-from vpr.models.weights import URL_ENV, WeightsUnavailable, cached_path, fetch_imagenet
+from vpr.foundations.config import ModelConfig
+from vpr.shared.models import build_backbone
+from vpr.shared.models.weights import URL_ENV, WeightsUnavailable, cached_path, fetch_imagenet
 
 pytestmark = pytest.mark.timeout(120)  # a hang is the failure
 

@@ -1,5 +1,5 @@
 """The ``vpr`` command line: one sub-command per pipeline step (DVC stages call these), made from the
-step table (``vpr.steps``), plus the commands around the pipeline (synth, locate, api, reindex, ...)."""
+step table (``vpr.pipeline``), plus the commands around the pipeline (synth, locate, api, reindex, ...)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import typer
 
-from vpr.config import ConfigError, load_config
-from vpr.layout import SPLITS
-from vpr.registry import head_names, head_spec
-from vpr.steps import STEPS, Step
+from vpr.foundations.config import ConfigError, load_config
+from vpr.foundations.layout import SPLITS
+from vpr.foundations.registry import head_names, head_spec
+from vpr.pipeline import STEPS, Step
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -75,7 +75,7 @@ def _splits(values: list[str]) -> list[str]:
 
 
 def _step_command(step: Step):
-    """A sub-command for a step of ``vpr.steps``: its options are the binder's keyword-only parameters,
+    """A sub-command for a step of ``vpr.pipeline``: its options are the binder's keyword-only parameters,
     its help the binder's docstring, and ``--split``/``--head`` name the stage's key."""
     binder = inspect.signature(step.run)
     hints = typing.get_type_hints(step.run)
@@ -124,10 +124,10 @@ def _step_command(step: Step):
 
 
 def _step(stage: str, params: Path, **options) -> dict:
-    """Run a stage of the step table (``vpr.steps``) on this project; a refused input exits 1."""
+    """Run a stage of the step table (``vpr.pipeline``) on this project; a refused input exits 1."""
     cfg = _config(params)
-    from vpr.layout import Layout
-    from vpr.steps import StepError, run_step
+    from vpr.foundations.layout import Layout
+    from vpr.pipeline import StepError, run_step
 
     try:
         return run_step(stage, cfg, Layout.from_config(cfg), **options)
@@ -149,7 +149,7 @@ def synth(
 ) -> None:
     """Render the deterministic synthetic city as a datasets_vg tree."""
     cfg = _config(params).synth
-    from vpr.synth import generate_city
+    from vpr.steps.synth import generate_city
 
     if seed is not None:
         cfg = cfg.model_copy(update={"seed": seed})
@@ -176,16 +176,16 @@ def locate(
     if k <= 0:
         _fail("--top-k must be positive")
     if api_url:  # a running service answers: no torch import, no model load
-        from vpr.api.client import ApiError, locate_remote
+        from vpr.steps.api.client import ApiError, locate_remote
 
         try:
             return _print_or_dump(locate_remote(api_url, images, k, cfg.locate), as_json)
         except ApiError as exc:
             _fail(str(exc))
-    from vpr.checkpoints import CheckpointError
-    from vpr.layout import Layout
-    from vpr.locate import locate as run_locate
-    from vpr.release import ReleaseError
+    from vpr.foundations.layout import Layout
+    from vpr.shared.checkpoints import CheckpointError
+    from vpr.shared.release import ReleaseError
+    from vpr.steps.locate import locate as run_locate
 
     release_dir = release or Layout.from_config(cfg).release_dir(head or cfg.index.head)
     try:
@@ -207,7 +207,7 @@ def _print_or_dump(results: list[dict], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(results, indent=2))
     else:
-        from vpr.tables import print_locations
+        from vpr.foundations.tables import print_locations
 
         print_locations(results)
     if not all(r["ok"] for r in results):
@@ -222,7 +222,7 @@ def api(
     params: Path = ParamsOpt,
 ) -> None:
     """Serve the live release over HTTP (page at /, OpenAPI docs at /docs); new releases are swapped in."""
-    from vpr.api.serve import ReleaseError, serve
+    from vpr.steps.api.serve import ReleaseError, serve
 
     try:
         serve(_config(params), head=head, host=host, port=port)
@@ -237,8 +237,8 @@ def reindex(params: Path = ParamsOpt) -> None:
     The same logic as the scheduled Prefect flow ``reindex`` (which also records the change in DVC).
     """
     cfg = _config(params)
-    from vpr.layout import Layout
-    from vpr.reindex import ReindexError, run_reindex
+    from vpr.foundations.layout import Layout
+    from vpr.steps.reindex import ReindexError, run_reindex
 
     try:
         result = run_reindex(cfg, Layout.from_config(cfg))
@@ -254,7 +254,7 @@ app.add_typer(ablation_app, name="ablation")
 @ablation_app.command("list")
 def ablation_list() -> None:
     """The ablations and the parameter values each one queues."""
-    from vpr.ablation import ABLATIONS
+    from vpr.steps.ablation import ABLATIONS
 
     for name, ab in ABLATIONS.items():
         settings = "; ".join(" ".join(f"{k}={v}" for k, v in s.items()) for s in ab.settings)
@@ -271,7 +271,7 @@ def ablation_queue(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc commands only"),
 ) -> None:
     """Queue one `dvc exp run --queue -S key=value` experiment per setting of an ablation."""
-    from vpr.ablation import AblationError, queue_ablation, run_queue
+    from vpr.steps.ablation import AblationError, queue_ablation, run_queue
 
     try:
         for cmd in queue_ablation(name, head, dry_run=dry_run):
@@ -289,7 +289,7 @@ def ablation_run(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc command only"),
 ) -> None:
     """Run every queued experiment and wait (dvc exp run --run-all)."""
-    from vpr.ablation import AblationError, run_queue
+    from vpr.steps.ablation import AblationError, run_queue
 
     try:
         for cmd in run_queue(jobs=jobs, dry_run=dry_run):
@@ -308,7 +308,7 @@ def ablation_table(
     ),
 ) -> None:
     """Finished experiments (dvc exp show --json) → a markdown comparison table like the study's."""
-    from vpr.ablation import AblationError, comparison_table, exp_show
+    from vpr.steps.ablation import AblationError, comparison_table, exp_show
 
     try:
         data = json.loads(exp_json.read_text()) if exp_json else exp_show()
@@ -316,7 +316,7 @@ def ablation_table(
     except AblationError as exc:
         _fail(str(exc))
     if out:
-        from vpr.atomic import write_text_atomic
+        from vpr.foundations.atomic import write_text_atomic
 
         write_text_atomic(out, text)
     typer.echo(text)
@@ -330,8 +330,8 @@ def ablation_thresholds(
 ) -> None:
     """Test-threshold ablation without retraining: Recall@N at each distance from saved predictions."""
     cfg = _config(params)
-    from vpr.ablation import threshold_table
-    from vpr.layout import Layout
+    from vpr.foundations.layout import Layout
+    from vpr.steps.ablation import threshold_table
 
     layout = Layout.from_config(cfg)
     try:
@@ -346,8 +346,8 @@ def profile(
     params: Path = ParamsOpt,
 ) -> None:
     """Switch params.yaml to a named profile (e.g. `paper`: 480×640, the study's Pitts30k settings)."""
-    from vpr.config import ConfigError
-    from vpr.profiles import apply_profile
+    from vpr.foundations.config import ConfigError
+    from vpr.foundations.profiles import apply_profile
 
     try:
         apply_profile(name, params)
@@ -362,7 +362,7 @@ def weights(
     params: Path = ParamsOpt,
 ) -> None:
     """Where the backbone's weights come from (model.weights); `--fetch` downloads torchvision's ImageNet file."""
-    from vpr.models.weights import WeightsUnavailable, describe, fetch_imagenet
+    from vpr.shared.models.weights import WeightsUnavailable, describe, fetch_imagenet
 
     typer.echo(describe(_config(params).model.weights))
     if fetch:
@@ -379,8 +379,8 @@ def check(
     params: Path = ParamsOpt,
 ) -> None:
     """What ingest would accept and reject, split sizes, unmatched queries, and the cost: nothing written."""
-    from vpr.catalog import IngestError
-    from vpr.check import check_tree, render
+    from vpr.steps.catalog import IngestError
+    from vpr.steps.check import check_tree, render
 
     cfg = _config(params)
     try:

@@ -99,8 +99,8 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def copy_project(src: Path, dst: Path):
     """A private copy of a project: (root, cfg, layout)."""
-    from vpr.config import load_config
-    from vpr.layout import Layout
+    from vpr.foundations.config import load_config
+    from vpr.foundations.layout import Layout
 
     shutil.copytree(src, dst)
     cfg = load_config(dst / "params.yaml")
@@ -111,9 +111,9 @@ def copy_project(src: Path, dst: Path):
 def released_template(micro_template, tmp_path_factory):
     """The micro project with a trained ``avg`` head and its release (index.head = avg), built once."""
     from tests.micro import write_params
-    from vpr.index import build_release
-    from vpr.layout import Layout
-    from vpr.train import train_head
+    from vpr.foundations.layout import Layout
+    from vpr.steps.index import build_release
+    from vpr.steps.train import train_head
 
     root = tmp_path_factory.mktemp("faults") / "released"
     shutil.copytree(micro_template, root)

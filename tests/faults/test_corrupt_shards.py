@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from tests.micro import write_params
 from vpr.cli import app
-from vpr.shardio import ShardError, ShardReader, iter_split, read_index
+from vpr.shared.shardio import ShardError, ShardReader, iter_split, read_index
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,12 +12,12 @@ import pytest
 from PIL import Image, ImageOps
 
 from tests.micro import shard_and_mine
-from vpr.catalog import ingest, read_catalog
-from vpr.geo import format_name, parse_name
-from vpr.index import build_release, load_release
-from vpr.locate import locate
-from vpr.shardio import read_index
-from vpr.splits import load_split
+from vpr.foundations.geo import format_name, parse_name
+from vpr.shared.shardio import read_index
+from vpr.shared.splits import load_split
+from vpr.steps.catalog import ingest, read_catalog
+from vpr.steps.index import build_release, load_release
+from vpr.steps.locate import locate
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -71,7 +71,7 @@ def test_duplicates_reported_and_a_far_database_image_kept(released, caplog):
 
 
 def test_reindex_reports_a_duplicate_and_keeps_a_far_image(released):
-    from vpr.reindex import run_reindex
+    from vpr.steps.reindex import run_reindex
 
     root, cfg, layout = released
     layout.inbox.mkdir()
@@ -116,9 +116,9 @@ def _deep_images(folder, like) -> dict[str, object]:
 
 
 def test_high_bit_depth_images_are_scaled_or_rejected_never_blank(released, tmp_path):
-    from vpr.imageio import REASON_PIXEL_FORMAT
-    from vpr.shardio import ShardReader
-    from vpr.shards import write_shards
+    from vpr.foundations.imageio import REASON_PIXEL_FORMAT
+    from vpr.shared.shardio import ShardReader
+    from vpr.steps.shards import write_shards
 
     root, cfg, layout = released
     db = layout.data / "images/test/database"

@@ -13,10 +13,10 @@ import pytest
 
 from tests.faults.conftest import snapshot
 from tests.flowkit import clone_project, env, run
-from vpr.config import load_config
-from vpr.index import current_version
-from vpr.layout import Layout
-from vpr.locate import locate
+from vpr.foundations.config import load_config
+from vpr.foundations.layout import Layout
+from vpr.steps.index import current_version
+from vpr.steps.locate import locate
 
 pytestmark = pytest.mark.timeout(900)
 

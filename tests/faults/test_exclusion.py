@@ -11,10 +11,10 @@ import time
 import pytest
 
 from tests.faults.conftest import snapshot
-from vpr.config import load_config
-from vpr.datalock import current_holder, data_lock
-from vpr.layout import Layout
-from vpr.reindex import run_reindex
+from vpr.foundations.config import load_config
+from vpr.foundations.datalock import current_holder, data_lock
+from vpr.foundations.layout import Layout
+from vpr.steps.reindex import run_reindex
 
 pytestmark = pytest.mark.timeout(600)
 

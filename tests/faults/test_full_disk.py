@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from tests.faults.conftest import snapshot
 from tests.micro import write_params
 from vpr.cli import app
-from vpr.shardio import ShardError, ShardReader, iter_split, read_index
-from vpr.shards import write_shards
+from vpr.shared.shardio import ShardError, ShardReader, iter_split, read_index
+from vpr.steps.shards import write_shards
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,9 +8,9 @@ import shutil
 
 import polars as pl
 
-from vpr.catalog import REASON_BAD_POSITION, REASON_OTHER_ZONE, WARNINGS_FILE, ingest
-from vpr.geo import parse_name
-from vpr.mining import mine_split
+from vpr.foundations.geo import parse_name
+from vpr.steps.catalog import REASON_BAD_POSITION, REASON_OTHER_ZONE, WARNINGS_FILE, ingest
+from vpr.steps.mining import mine_split
 
 
 def _names(like: str) -> dict[str, str]:
@@ -57,7 +57,7 @@ def test_ingest_rejects_impossible_positions_and_other_zones_and_keeps_sloppy_na
 
 
 def test_reindex_gives_the_same_reasons_and_warnings(released):
-    from vpr.reindex import run_reindex
+    from vpr.steps.reindex import run_reindex
 
     _, cfg, layout = released
     source = sorted((layout.data / "images/test/queries").iterdir())[0]

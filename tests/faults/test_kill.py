@@ -10,12 +10,12 @@ import torch
 
 from tests.faults.conftest import copy_project, kill9, snapshot, start_victim, vpr, wait_for
 from tests.micro import write_params
-from vpr.checkpoints import load_checkpoint
-from vpr.config import load_config
-from vpr.index import current_version, load_release
-from vpr.layout import SPLITS
-from vpr.shardio import ShardError, ShardReader, iter_split
-from vpr.shards import write_shards
+from vpr.foundations.config import load_config
+from vpr.foundations.layout import SPLITS
+from vpr.shared.checkpoints import load_checkpoint
+from vpr.shared.shardio import ShardError, ShardReader, iter_split
+from vpr.steps.index import current_version, load_release
+from vpr.steps.shards import write_shards
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -37,7 +37,9 @@ def test_kill9_mid_epoch_then_resume_equals_uninterrupted_run(micro_project, tmp
     # each: no oversubscription of the cores, and all three runs compute with the same settings)
     one = {"OMP_NUM_THREADS": "1"}
     marker = tmp_path / "paused"
-    victim = start_victim(killed.root, marker, "vpr.train:triplet_loss", batches + 2, "train", "--head", "gem", **one)
+    victim = start_victim(
+        killed.root, marker, "vpr.steps.train:triplet_loss", batches + 2, "train", "--head", "gem", **one
+    )
     reference = vpr(root, "train", "--head", "gem", **one)
     wait_for(marker, victim)
     # paused in epoch 2 after one optimiser step of it: epoch 1 is checkpointed, epoch 2 is not
@@ -89,7 +91,7 @@ def _assert_whole_or_nothing(shards_dir, before: dict[str, str], after: dict[str
 @pytest.mark.parametrize(
     "target,count",
     [
-        ("vpr.shards:_encode_rows", 3),  # while the new tars are being written
+        ("vpr.steps.shards:_encode_rows", 3),  # while the new tars are being written
         ("os:replace", 2),  # while they are being switched in
     ],
     ids=["writing", "switching"],
@@ -127,12 +129,12 @@ def test_kill9_during_shard_writing_never_exposes_a_mix(micro_project, tmp_path,
     "target",
     [
         "faiss:write_index",  # the new version folder is half written
-        "vpr.versions:write_text_atomic",  # the new version is complete but CURRENT not yet switched
+        "vpr.shared.versions:write_text_atomic",  # the new version is complete but CURRENT not yet switched
     ],
     ids=["half-written", "not-switched"],
 )
 def test_kill9_during_index_build_keeps_the_previous_release(released, tmp_path, target):
-    from vpr.index import build_release
+    from vpr.steps.index import build_release
 
     root, cfg, layout = released
     release_dir = layout.release_dir("avg")

@@ -12,12 +12,12 @@ import sys
 import polars as pl
 
 from tests.faults.conftest import REPO, env, kill9, start_victim, wait_for
-from vpr.atomic import write_text_atomic
-from vpr.index import current_version
+from vpr.foundations.atomic import write_text_atomic
+from vpr.steps.index import current_version
 
 KILLED_WRITER = """
 import os, signal, sys
-from vpr.atomic import atomic_path
+from vpr.foundations.atomic import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_text("half")
     os.kill(os.getpid(), signal.SIGKILL)
@@ -52,7 +52,7 @@ def test_a_killed_index_builds_leftovers_are_gone_before_the_next_build_writes(r
 
 
 def test_small_reindex_batches_fill_the_tail_shard_instead_of_adding_tars(released):
-    from vpr.reindex import run_reindex
+    from vpr.steps.reindex import run_reindex
 
     _, cfg, layout = released
     shards = layout.split_shards("test")

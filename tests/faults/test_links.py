@@ -10,10 +10,10 @@ import shutil
 import polars as pl
 import pytest
 
-from vpr.catalog import REASON_STRAY, ingest
-from vpr.imageio import REASON_LINK, REASON_OUTSIDE_ROOT
-from vpr.shardio import ShardError
-from vpr.shards import write_shards
+from vpr.foundations.imageio import REASON_LINK, REASON_OUTSIDE_ROOT
+from vpr.shared.shardio import ShardError
+from vpr.steps.catalog import REASON_STRAY, ingest
+from vpr.steps.shards import write_shards
 
 
 def _shifted(name: str, metres: float) -> str:
@@ -77,7 +77,7 @@ def test_the_shard_step_refuses_a_file_changed_since_ingest(released):
 
 
 def test_reindex_quarantines_links_and_linked_folders_and_never_moves_them(released, tmp_path):
-    from vpr.reindex import run_reindex
+    from vpr.steps.reindex import run_reindex
 
     _, cfg, layout = released
     queries = sorted((layout.data / "images/test/queries").iterdir())

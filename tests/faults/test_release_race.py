@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import vpr.release
-from vpr.index import INDEX_FILE, build_release, current_version, load_release
+import vpr.shared.release
+from vpr.steps.index import INDEX_FILE, build_release, current_version, load_release
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -14,7 +14,7 @@ def test_a_version_pruned_mid_open_is_reopened_at_the_live_version(released, mon
     _, cfg, layout = released
     release_dir = layout.release_dir("avg")
     first = current_version(release_dir)
-    real_open = vpr.release.load_version
+    real_open = vpr.shared.release.load_version
     opened = []
 
     def prune_during_open(version, device):
@@ -24,7 +24,7 @@ def test_a_version_pruned_mid_open_is_reopened_at_the_live_version(released, mon
             (version / INDEX_FILE).unlink(missing_ok=True)
         return real_open(version, device)
 
-    monkeypatch.setattr(vpr.release, "load_version", prune_during_open)
+    monkeypatch.setattr(vpr.shared.release, "load_version", prune_during_open)
     release = load_release(release_dir)
     assert current_version(release_dir) != first
     assert opened == [first.name, current_version(release_dir).name] and release.path == current_version(release_dir)

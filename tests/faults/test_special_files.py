@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from vpr.catalog import ingest
-from vpr.imageio import REASON_LINK, REASON_NOT_REGULAR, REASON_OUTSIDE_ROOT, REASON_TOO_LARGE
-from vpr.locate import locate
+from vpr.foundations.imageio import REASON_LINK, REASON_NOT_REGULAR, REASON_OUTSIDE_ROOT, REASON_TOO_LARGE
+from vpr.steps.catalog import ingest
+from vpr.steps.locate import locate
 
 pytestmark = pytest.mark.timeout(120)  # a FIFO read would block forever: the timeout is the failure
 
@@ -50,7 +50,7 @@ def test_ingest_rejects_each_special_entry_with_a_reason(released, tmp_path):
 
 
 def test_reindex_quarantines_a_fifo_and_adds_the_image_beside_it(released):
-    from vpr.reindex import run_reindex
+    from vpr.steps.reindex import run_reindex
 
     _, cfg, layout = released
     queries = sorted((layout.data / "images/test/queries").iterdir())

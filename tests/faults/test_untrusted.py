@@ -20,13 +20,13 @@ from typer.testing import CliRunner
 
 from tests.faults.conftest import snapshot
 from tests.flowkit import exif_photo
-from vpr.catalog import ingest
-from vpr.checkpoints import CheckpointError, load_checkpoint
 from vpr.cli import app
-from vpr.config import IngestConfig
-from vpr.geo import parse_name
-from vpr.imageio import strict_pillow
-from vpr.shardio import ShardError, iter_split, read_index
+from vpr.foundations.config import IngestConfig
+from vpr.foundations.geo import parse_name
+from vpr.foundations.imageio import strict_pillow
+from vpr.shared.checkpoints import CheckpointError, load_checkpoint
+from vpr.shared.shardio import ShardError, iter_split, read_index
+from vpr.steps.catalog import ingest
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,7 +62,7 @@ def test_malicious_checkpoint_is_refused_and_never_runs(released, tmp_path, monk
         load_checkpoint(_evil_checkpoint(tmp_path / "evil.pt", marker))
 
     monkeypatch.chdir(root)
-    from vpr.index import current_version
+    from vpr.steps.index import current_version
 
     probe = sorted((layout.data / "images/test/queries").iterdir())[0]
     _evil_checkpoint(current_version(layout.release_dir("avg")) / "model.pt", marker)
@@ -77,8 +77,8 @@ def test_malicious_checkpoint_is_refused_and_never_runs(released, tmp_path, monk
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 1 and "refusing to load" in result.output, (command, result.output)
     with pytest.raises(Exception, match="Weights only load failed"):  # a local backbone weights file
-        from vpr.config import ModelConfig
-        from vpr.models import build_model
+        from vpr.foundations.config import ModelConfig
+        from vpr.shared.models import build_model
 
         build_model("avg", ModelConfig(weights=str(_evil_checkpoint(tmp_path / "weights.pth", marker))))
     assert not marker.exists()
@@ -114,7 +114,7 @@ def _damaged_checkpoints(good: Path) -> dict[str, tuple[bytes | dict, str]]:
 
 
 def test_damaged_or_forged_model_checkpoints_give_a_clear_error_naming_the_file(released, tmp_path):
-    from vpr.checkpoints import load_model
+    from vpr.shared.checkpoints import load_model
 
     _, _, layout = released
     for case, (content, message) in _damaged_checkpoints(layout.checkpoint("avg")).items():
@@ -183,8 +183,8 @@ def decoded(monkeypatch) -> list[tuple[int, int]]:
 
 
 def test_images_over_the_pixel_limit_are_refused_before_decoding(released, tmp_path, decoded):
-    from vpr.inbox import check_file
-    from vpr.locate import locate
+    from vpr.steps.inbox import check_file
+    from vpr.steps.locate import locate
 
     root, cfg, layout = released
     limit = 100_000
@@ -258,7 +258,7 @@ def test_ingest_hostile_names_rejected_or_safe(micro_template, tmp_path):
 
 
 def test_reindex_inbox_hostile_names_stay_in_quarantine(released):
-    from vpr.reindex import run_reindex
+    from vpr.steps.reindex import run_reindex
 
     root, cfg, layout = released
     inbox = layout.inbox

@@ -9,9 +9,9 @@ import shutil
 import polars as pl
 import pytest
 
-import vpr.reindex as rx
-from vpr.catalog import read_catalog
-from vpr.index import load_release
+import vpr.steps.reindex as rx
+from vpr.steps.catalog import read_catalog
+from vpr.steps.index import load_release
 
 
 def _crash_at(monkeypatch, step: str) -> None:

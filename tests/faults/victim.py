@@ -2,7 +2,7 @@
 
     python -m tests.faults.victim MARKER TARGET COUNT HOLD -- <vpr arguments>
 
-``TARGET`` is ``module:function`` (``vpr.train:triplet_loss``, ``os:replace``...). Just before its
+``TARGET`` is ``module:function`` (``vpr.steps.train:triplet_loss``, ``os:replace``...). Just before its
 ``COUNT``-th call the process writes ``MARKER`` (atomically) and waits, ``HOLD`` being ``inf`` (until
 it is killed), a number of seconds, or a path (until that file exists); then the call goes on.
 Nothing in the library knows about this hook: the process is the real CLI, with the real code paths

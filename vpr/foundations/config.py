@@ -1,0 +1,362 @@
+"""One typed configuration, loaded once from ``params.yaml`` and passed down explicitly.
+
+Every knob of the pipeline lives here. Unknown or ill-typed keys fail at load time with a message
+that names the key (``train.lr``), before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from vpr.foundations.registry import check_head, head_names
+
+# a head name declared in vpr.foundations.registry (checked when params are read, so a typo fails before any work)
+Head = Annotated[str, AfterValidator(check_head)]
+
+
+class _Strict(BaseModel):
+    # unknown keys are errors, and no setting may be infinite or NaN (an .inf learning rate is a typo)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class PathsConfig(_Strict):
+    """Where things live, relative to the project root."""
+
+    data: str = "data"
+    artifacts: str = "artifacts"
+    metrics: str = "metrics"
+    reports: str = "reports"
+    inbox: str = "inbox"
+
+    @model_validator(mode="after")
+    def _apart(self) -> PathsConfig:
+        """No folder inside another: re-indexing moves files out of the inbox and into data, and a
+        stage's outputs must never lie in the data tree (or the inbox) they are computed from."""
+        folders = {k: PurePosixPath(os.path.normpath(v)) for k, v in self.model_dump().items()}
+        for a, pa in folders.items():
+            for b, pb in folders.items():
+                if a < b and (pa == pb or pa in pb.parents or pb in pa.parents):
+                    raise ValueError(f"paths.{a} ({pa}) and paths.{b} ({pb}) overlap: each must be a folder of its own")
+        return self
+
+
+class SplitSize(_Strict):
+    database: StrictInt = Field(gt=0)
+    queries: StrictInt = Field(gt=0)
+
+
+class SynthConfig(_Strict):
+    """The synthetic city: a deterministic datasets_vg tree."""
+
+    seed: StrictInt = Field(0, ge=0, le=2**32 - 1)  # every RNG of the stack takes a 32-bit seed
+    height: StrictInt = Field(120, ge=32, le=8192)
+    width: StrictInt = Field(160, ge=32, le=8192)
+    train: SplitSize = SplitSize(database=4000, queries=3000)
+    val: SplitSize = SplitSize(database=600, queries=300)
+    test: SplitSize = SplitSize(database=400, queries=200)
+    place_spacing_m: float = Field(5.0, gt=0)
+    facade_styles: StrictInt = Field(6, gt=0)
+    distractors: bool = True
+
+
+class IngestConfig(_Strict):
+    workers: StrictInt = Field(2, ge=1)
+    max_pixels: StrictInt = Field(100_000_000, gt=0)
+    max_file_mb: float = Field(64.0, gt=0)  # larger files are refused from their size, never read
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 2**20)
+
+
+class ShardConfig(_Strict):
+    height: StrictInt = Field(120, ge=16, le=8192)
+    width: StrictInt = Field(160, ge=16, le=8192)
+    jpeg_quality: StrictInt = Field(90, ge=10, le=100)
+    samples_per_shard: StrictInt = Field(1000, gt=0)
+
+
+class MiningConfig(_Strict):
+    train_positive_m: float = Field(10.0, gt=0)
+    test_positive_m: float = Field(25.0, gt=0)
+    # Hard positives must also face the query's way (|heading difference| <= this, where both headings
+    # are known): a photo of the opposite street side within 10 m shares no view. null = distance only.
+    train_positive_heading_deg: float | None = Field(90.0, gt=0, le=180)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MiningConfig:
+        if self.train_positive_m > self.test_positive_m:
+            raise ValueError("mining.train_positive_m must not exceed mining.test_positive_m")
+        return self
+
+
+class ModelConfig(_Strict):
+    weights: str = "imagenet"  # "imagenet", "none", or a path to a local .pth state dict
+    freeze_early_layers: bool = True
+    netvlad_clusters: StrictInt = Field(16, gt=1, le=4096)  # a bound, so a forged checkpoint cannot ask for GBs
+    gem_p: float = Field(3.0, gt=0)
+    gem_dim: StrictInt = Field(256, gt=0)
+    kmeans_descriptors: StrictInt = Field(50_000, gt=0)
+
+
+class AugmentConfig(_Strict):
+    color_jitter: float = Field(0.0, ge=0)
+    horizontal_flip: bool = False
+    random_erasing: float = Field(0.0, ge=0, le=1)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any augmentation is on (then query images vary per epoch and draw random numbers)."""
+        return self.color_jitter > 0 or self.horizontal_flip or self.random_erasing > 0
+
+
+class HeadBudget(_Strict):
+    """Training budget of one head where it differs from the ``train`` section (``train.per_head``)."""
+
+    lr: float | None = Field(None, gt=0)
+    epochs: StrictInt | None = Field(None, ge=1)
+    queries_per_epoch: StrictInt | None = Field(None, gt=0)
+    patience: StrictInt | None = Field(None, ge=1)
+
+
+class TrainConfig(_Strict):
+    heads: list[Head] = Field(default_factory=lambda: list(head_names()), min_length=1)
+    lr: float = Field(3e-4, gt=0)
+    epochs: StrictInt = Field(4, ge=1)
+    queries_per_epoch: StrictInt = Field(400, gt=0)
+    batch_queries: StrictInt = Field(4, gt=0)
+    negatives: StrictInt = Field(10, gt=0)
+    margin: float = Field(0.1, gt=0)
+    mining: Literal["full", "partial", "random"] = "partial"
+    negative_sample: StrictInt = Field(500, gt=0)
+    refresh_every: StrictInt = Field(100, gt=0)
+    patience: StrictInt = Field(3, ge=1)
+    # which validation Recall@N picks the kept checkpoint (model.pt): N must be one of evaluate.recall_at
+    select_by: StrictInt = Field(5, gt=0)
+    image_scale: float = Field(1.0, gt=0)
+    augment: AugmentConfig = AugmentConfig()
+    seed: StrictInt = Field(0, ge=0, le=2**32 - 1)  # every RNG of the stack takes a 32-bit seed
+    workers: StrictInt = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    nproc: StrictInt = Field(1, ge=1)  # data-parallel ranks on this node (torchrun; one GPU each on CUDA)
+    compile: bool = False  # torch.compile the training step (inductor; on CPU it needs a C++ compiler)
+    channels_last: Literal["auto", "on", "off"] = "auto"  # NHWC tensors: auto = on CUDA
+    pin_memory: Literal["auto", "on", "off"] = "auto"  # page-locked loader batches: auto = on CUDA
+    # Frozen early layers are a fixed function of the image: encode them once per run and train
+    # layer3 + head on the cached maps. auto = on CPU when the layers are frozen and it fits in memory.
+    cache_frozen_trunk: Literal["auto", "on", "off"] = "auto"
+    # Training-step arithmetic. auto = bf16 autocast on CUDA, fp32 on every CPU (so CPU results do not
+    # depend on whether the CPU has native bf16); bf16 opts in on CPU (speed-up: BENCHMARKS.md).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # lr / epochs / queries_per_epoch / patience of single heads, e.g. {netvlad: {epochs: 12}}: on a small
+    # budget the heads that learn slowly get more of it (the study gives every head the same)
+    per_head: dict[Head, HeadBudget] = {}
+
+    def for_head(self, head: str) -> TrainConfig:
+        """This section with ``head``'s own budget applied."""
+        budget = self.per_head.get(head)  # type: ignore[call-overload]
+        if budget is None:
+            return self
+        return self.model_copy(update=budget.model_dump(exclude_none=True))
+
+
+class EvalConfig(_Strict):
+    recall_at: list[int] = [1, 5, 10, 20]
+    batch_size: StrictInt = Field(32, gt=0)
+    index: Literal["exact", "ivfpq", "hnsw"] = "exact"
+    pca_dim: StrictInt | None = Field(None, gt=0)
+    # how descriptors are kept on disk (vpr.shared.descstore): float16 halves the bytes of large databases
+    descriptor_dtype: Literal["float32", "float16"] = "float32"
+
+    @field_validator("recall_at")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(n <= 0 for n in value):
+            raise ValueError("recall_at must be a non-empty list of positive integers")
+        return sorted(set(value))
+
+
+class IndexConfig(_Strict):
+    """The release's FAISS index (``vpr index``) and the approximate-search knobs of ``vpr evaluate``."""
+
+    head: Head = "netvlad"  # which trained head ``vpr index`` / ``vpr locate`` use by default
+    kind: Literal["exact", "ivfpq", "hnsw"] = "exact"
+    splits: list[Literal["train", "val", "test"]] | None = Field(
+        None, min_length=1
+    )  # database images of these splits; None: all
+    nlist: StrictInt = Field(64, gt=0)  # IVF cells (clamped to the database size when it is small)
+    nprobe: StrictInt = Field(8, gt=0)
+    pq_m: StrictInt = Field(32, gt=0)  # PQ sub-quantisers (the largest divisor of the dimension ≤ pq_m is used)
+    pq_bits: StrictInt = Field(8, ge=1, le=16)
+    hnsw_m: StrictInt = Field(32, gt=1)
+    ef_search: StrictInt = Field(64, gt=0)
+
+
+class LocateConfig(_Strict):
+    top_k: StrictInt = Field(5, gt=0)
+    max_pixels: StrictInt = Field(100_000_000, gt=0)  # larger images are refused from their header, never decoded
+    max_file_mb: float = Field(64.0, gt=0)  # larger files are refused from their size, never read
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 2**20)
+
+
+class ApiConfig(_Strict):
+    """``vpr api``: the HTTP service answering from the live release (per-image limits: ``locate``)."""
+
+    host: str = "127.0.0.1"
+    port: StrictInt = Field(8000, ge=0, le=65535)
+    max_images: StrictInt = Field(16, gt=0)  # per request; more is a 413
+    max_request_mb: float = Field(64.0, gt=0)  # whole request body; more is a 413, never read past
+    max_top_k: StrictInt = Field(100, gt=0)
+    batch_images: StrictInt = Field(32, gt=0)  # concurrent requests' images encoded together, at most
+    batch_wait_ms: float = Field(5.0, ge=0)  # how long the first image waits for others to join its batch
+    poll_s: float = Field(1.0, gt=0)  # how often the live release pointer is checked (hot swap)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 2**20)
+
+
+class OrchestrationConfig(_Strict):
+    task_runner: Literal["threads", "dask"] = "threads"
+    max_workers: StrictInt = Field(2, ge=1)
+    # heads trained at once; one training already fills a machine's cores or its GPU, so on one device
+    # two at once only contend (measured: README, CPU demo)
+    train_lanes: StrictInt = Field(1, ge=1)
+    dask_address: str | None = None
+    reindex_cron: str = "*/15 * * * *"
+    task_retries: StrictInt = Field(2, ge=0)
+    reindex_split: Literal["train", "val", "test"] = "test"  # new inbox imagery joins this split's database
+
+    @field_validator("reindex_cron")
+    @classmethod
+    def _cron_parses(cls, value: str) -> str:
+        """A schedule that cannot fire is an error when params are read, not when the deployment is served."""
+        from datetime import datetime
+
+        from cronsim import CronSim, CronSimError
+
+        fields = value.split()
+        if len(fields) != 5:
+            raise ValueError(f"cron {value!r} needs 5 fields (minute hour day month weekday), has {len(fields)}")
+        try:
+            next(CronSim(value, datetime(2000, 1, 1)))
+        except (CronSimError, StopIteration) as exc:
+            raise ValueError(f"cron {value!r} does not parse: {exc or 'never fires'}") from None
+        return value
+
+
+class ResourcesConfig(_Strict):
+    """What a run may use, whatever the database size."""
+
+    # evaluation and indexing read descriptors in chunks sized from this, never a whole database at once
+    memory_gb: float = Field(8.0, gt=0)
+    # stream the shard tars from here (http(s):// or a pipe: command) instead of the local shard folder;
+    # the shard index still comes from paths.artifacts (it is small, and DVC versions it)
+    shards_url: str | None = None
+
+
+class Config(_Strict):
+    paths: PathsConfig = PathsConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    synth: SynthConfig = SynthConfig()
+    ingest: IngestConfig = IngestConfig()
+    shards: ShardConfig = ShardConfig()
+    mining: MiningConfig = MiningConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    index: IndexConfig = IndexConfig()
+    locate: LocateConfig = LocateConfig()
+    api: ApiConfig = ApiConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    @model_validator(mode="after")
+    def _selection_is_computed(self) -> Config:
+        if self.train.select_by not in self.evaluate.recall_at:
+            raise ValueError(
+                f"train.select_by={self.train.select_by} is not among evaluate.recall_at={self.evaluate.recall_at}: "
+                "the checkpoint is picked by a validation recall that is computed"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    """params.yaml is malformed; the message names each offending key."""
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            lines.append(f"{key}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def parse_config(raw: dict | None) -> Config:
+    """Validate a params mapping into a ``Config``; raises ``ConfigError`` naming the bad keys."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("params must be a mapping of sections")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid params: {_describe(exc)}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (not last-wins)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(
+                f"duplicate key {key!r} (line {key_node.start_mark.line + 1}): "
+                "it is given twice and one value would be silently dropped"
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Load and validate ``params.yaml`` (missing file → defaults are NOT assumed: it's an error)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if raw is None:  # empty, comment-only or `~`: almost surely not what was meant, never "all defaults"
+        raise ConfigError(f"{path} holds no settings (empty, comments only, or null); write `{{}}` for all defaults")
+    return parse_config(raw)

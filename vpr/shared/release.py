@@ -1,0 +1,185 @@
+"""A release as served: the live version's model, FAISS index and id table, loaded together.
+
+``load_release`` opens the live version of ``artifacts/release/{head}`` (its base index plus each
+delta segment's vectors; retried when a writer prunes it mid-open); ``Release`` encodes images exactly
+as the release's own descriptors were computed and searches them, optionally within a GPS radius.
+``open_for_append`` opens the model and manifest alone, which is what re-indexing needs. How versions
+are written and switched: ``vpr.shared.versions``; how a release is built and extended: ``vpr.steps.index``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import polars as pl
+import torch
+from PIL import Image
+
+from vpr.shared.checkpoints import load_model
+from vpr.shared.descriptors import autocast, extract, image_transform, resolve_device
+from vpr.shared.models import VPRModel
+from vpr.shared.shardio import INDEX_SCHEMA, ShardReader
+from vpr.shared.versions import MANIFEST_FILE, MODEL_FILE, ReleaseError, current_version, held, segments
+
+ID_SCHEMA: dict[str, pl.DataType] = {
+    k: INDEX_SCHEMA[k] for k in ("id", "path", "split", "role", "utm_east", "utm_north", "lat", "lon")
+}
+
+
+@dataclass
+class Release:
+    """One loaded release version (everything in memory; its files may be replaced afterwards)."""
+
+    path: Path  # the version folder
+    manifest: dict
+    model: VPRModel
+    index: faiss.Index
+    ids: pl.DataFrame  # ID_SCHEMA, one row per indexed vector
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def release_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def version(self) -> str:
+        return self.path.name
+
+    @property
+    def transform(self):
+        img = self.manifest["image"]
+        return image_transform(img["height"], img["width"], img["scale"])
+
+    def encode(self, reader: ShardReader, ids: Sequence[int], *, batch_size: int = 32, workers: int = 0) -> np.ndarray:
+        """Descriptors (N×dim float32) of shard images ``ids``, computed as the release's own."""
+        return extract(
+            self.model, reader, ids, self.transform, device=self.device, batch_size=batch_size, workers=workers
+        )
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image], *, batch_size: int = 32) -> np.ndarray:
+        """Descriptors of RGB images already at the shard size (see ``vpr.steps.locate.prepare_image``)."""
+        out = np.empty((len(images), self.model.descriptor_dim), dtype=np.float32)
+        tf = self.transform
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([tf(im) for im in images[start : start + batch_size]]).to(self.device)
+            with autocast(self.device):
+                out[start : start + len(batch)] = self.model(batch).float().cpu().numpy()
+        return out
+
+    def search(
+        self, descriptors: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(L2 distances, image ids), each Q×k; rows are padded with id −1 when fewer images qualify.
+
+        ``allowed``: only these image ids are candidates (FAISS's id selector, inside the search).
+        """
+        x = np.ascontiguousarray(descriptors, dtype=np.float32)
+        if allowed is None:
+            sq, ids = self.index.search(x, k)
+        else:
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+            sq, ids = self.index.search(x, k, params=_search_params(self.index, selector))
+        return np.sqrt(np.maximum(sq, 0)), ids
+
+    def ids_within(self, lat: float, lon: float, radius_m: float) -> np.ndarray:
+        """Ids of the indexed images within ``radius_m`` of (lat, lon) (great-circle distance)."""
+        rows = self.ids.filter(pl.col("lat").is_not_nan() & pl.col("lon").is_not_nan())
+        if rows.is_empty():
+            raise ReleaseError("this release has no latitude/longitude for its images: a GPS prior cannot apply")
+        metres = haversine_m(lat, lon, rows["lat"].to_numpy(), rows["lon"].to_numpy())
+        return rows["id"].to_numpy()[metres <= radius_m]
+
+
+def haversine_m(lat: float, lon: float, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
+    """Great-circle distances in metres from one point to many (mean Earth radius)."""
+    p1, p2 = np.radians(lat), np.radians(lats)
+    a = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(np.radians(lons - lon) / 2) ** 2
+    return 2 * 6_371_008.8 * np.arcsin(np.sqrt(np.clip(a, 0, 1)))
+
+
+def _search_params(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """Search parameters carrying ``selector`` and the index's own nprobe / efSearch (else reset to defaults)."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+    return faiss.SearchParameters(sel=selector)
+
+
+def load_version(version: Path, device: torch.device) -> Release:
+    """One version folder, whatever ``CURRENT`` says (``load_release`` opens the live one)."""
+    manifest = json.loads((version / MANIFEST_FILE).read_text())
+    index, tables = None, []
+    for seg in segments(manifest):  # the base index, then each delta's vectors added to it
+        tables.append(pl.read_parquet(version / seg["ids"]))
+        if seg["kind"] == "base":
+            index = faiss.read_index(str(version / seg["index"]))
+        else:
+            vectors = np.load(version / seg["vectors"], allow_pickle=False)
+            index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), tables[-1]["id"].to_numpy())
+    ids = pl.concat([t.cast(ID_SCHEMA) for t in tables])  # type: ignore[arg-type]
+    model, _ = load_model(version / MODEL_FILE, device)
+    if index is None or index.ntotal != ids.height or index.d != model.descriptor_dim:
+        raise ReleaseError(
+            f"{version}: index holds {index.ntotal if index else 0}×{index.d if index else 0}, id table "
+            f"{ids.height} rows, model gives {model.descriptor_dim}-d descriptors"
+        )
+    return Release(path=version, manifest=manifest, model=model, index=index, ids=ids, device=device)
+
+
+def load_release(release_dir: str | Path, device: torch.device | str = "cpu") -> Release:
+    """Load the live version of a release (``ReleaseError`` if there is none)."""
+    release_dir = Path(release_dir)
+    device = resolve_device(device) if isinstance(device, str) else device
+    for attempt in range(3):
+        version = current_version(release_dir)
+        if version is None:
+            raise ReleaseError(f"no release in {release_dir} (build one with `vpr index --head ...`)")
+        try:
+            return load_version(version, device)
+        except (FileNotFoundError, RuntimeError):  # faiss.read_index says RuntimeError for a vanished file
+            # pruned while it was being opened: a writer switched to a newer version, so open that one;
+            # if the version is still the live one, the error is real
+            if attempt == 2 or current_version(release_dir) == version:
+                raise
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class ReleaseModel:
+    """The live version's manifest and model without its index: what appending needs (``open_for_append``)."""
+
+    path: Path
+    manifest: dict
+    model: VPRModel
+    device: torch.device
+
+    release_dir = Release.release_dir
+    version = Release.version
+    transform = Release.transform
+    encode = Release.encode
+    encode_images = Release.encode_images
+
+    def held(self, ids: Sequence[int]) -> np.ndarray:
+        """Which of ``ids`` the version indexes already (only overlapping segments' id columns are read)."""
+        return held(self.path, self.manifest, ids)
+
+
+def open_for_append(release_dir: str | Path, device: torch.device | str = "cpu") -> ReleaseModel:
+    """The live version's model and manifest, never its index: re-indexing costs what the batch costs."""
+    release_dir = Path(release_dir)
+    device = resolve_device(device) if isinstance(device, str) else device
+    version = current_version(release_dir)
+    if version is None:
+        raise ReleaseError(f"no release in {release_dir} (build one with `vpr index --head ...`)")
+    manifest = json.loads((version / MANIFEST_FILE).read_text())
+    model, _ = load_model(version / MODEL_FILE, device)
+    return ReleaseModel(version, manifest, model, device)
