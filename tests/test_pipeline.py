@@ -50,10 +50,19 @@ def stage_modules(group: str) -> set[str]:
             c.func.id for c in ast.walk(functions[name]) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)
         ]
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    cli = ast.parse((REPO / "vpr/cli.py").read_text())
-    cli_top = [n for n in cli.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    cli_step = [n for n in cli.body if isinstance(n, ast.FunctionDef) and n.name == "_step"]
-    direct = _imports([*top, *cli_top, *cli_step, *(functions[f] for f in seen)]) - {"vpr.pipeline"}
+    for cli in (
+        "vpr/cli/__init__.py",
+        "vpr/cli/base.py",
+        "vpr/cli/steps.py",
+        "vpr/cli/commands.py",
+        "vpr/cli/ablation.py",
+    ):
+        body = ast.parse((REPO / cli).read_text()).body  # what `vpr <step>` imports before the step runs
+        top += [n for n in body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        top += [n for n in body if isinstance(n, ast.FunctionDef) and n.name == "_step"]
+    direct = {
+        m for m in _imports([*top, *(functions[f] for f in seen)]) if not m.startswith(("vpr.cli", "vpr.pipeline"))
+    }
     graph = import_graph()
     return {"vpr.pipeline"} | direct | {m for d in direct if d in graph for m in nx.descendants(graph, d)}
 

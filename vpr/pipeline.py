@@ -34,20 +34,21 @@ class Step:
     ``run`` is the binder, ``(cfg, layout, key, **options) -> summary``: its docstring is the CLI
     command's help, its keyword-only parameters the command's options (``help`` describes them,
     ``arguments`` names those given by position). ``key`` says what the ``@`` part of a stage name is
-    (``split``: ``--split``, repeatable; ``head``: ``--head``). ``say`` turns a summary into the
+    (``split``: ``--split``, repeatable; ``head``: ``--head``; ``set``: ``--set``, an extra test set,
+    repeatable; ``head-set``: both, as ``netvlad-town2``). ``say`` turns a summary into the
     command's one line on stderr; without it the summary is printed as JSON on stdout.
     """
 
     name: str
     run: Binder
     outputs: Callable[[Config, Layout, str], list[Path]]  # what it writes (dvc.yaml outs, metrics, plots)
-    key: Literal["split", "head"] | None = None
+    key: Literal["split", "head", "set", "head-set"] | None = None
     help: dict[str, str] = field(default_factory=dict)
     arguments: tuple[str, ...] = ()
     say: Callable[[dict], str] | None = None
     # steps that read descriptors: the model they encode with, (head, untrained), and the shards they read
     model: Callable[[Config, str], tuple[str, bool]] | None = None
-    shards: Callable[[Config, Layout], list[str]] | None = None
+    shards: Callable[[Config, Layout, str], list[str]] | None = None
 
 
 def _ingest(cfg: Config, layout: Layout, key: str, *, root: Path | None = None, out: Path | None = None) -> dict:
@@ -141,13 +142,50 @@ def _report(cfg: Config, layout: Layout, key: str) -> dict:
         raise StepError(str(exc)) from None
 
 
-def _evaluation_shards(cfg: Config, layout: Layout) -> list[str]:
+def _test_set(cfg: Config, layout: Layout, name: str) -> dict:
+    """Ingest, shard and mine an extra test set (its test split) on its own: tested on, never trained on."""
+    from vpr.shared.shardio import ShardError
+    from vpr.steps.catalog import IngestError, ingest
+    from vpr.steps.mining import mine_all
+    from vpr.steps.shards import write_shards
+
+    own = layout.test_set(name)
+    if not (own.data / "images" / "test").is_dir():
+        raise StepError(f"test set {name!r}: no images/test folder in {own.data} (render it with `vpr synth`)")
+    try:
+        result = ingest(own.data, own.catalog_dir, cfg.ingest)
+        index = write_shards(own.catalog("test"), own.data, own.split_shards("test"), cfg.shards)
+    except (IngestError, ShardError) as exc:
+        raise StepError(f"test set {name!r}: {exc}") from None
+    mine_all(own.catalog("test"), own.mining_dir, cfg.mining, ("test",))
+    return {"test_set": name, "accepted": result.accepted, "rejected": result.rejected, "index": str(index)}
+
+
+def _head_and_set(key: str) -> tuple[str, str]:
+    """``netvlad-town2`` → (``netvlad``, ``town2``): head names are identifiers, so the first ``-`` splits."""
+    head, _, name = key.partition("-")
+    return head, name
+
+
+def _cross_evaluate(cfg: Config, layout: Layout, key: str) -> dict:
+    """Recall@N of a trained head on an extra test set → metrics/test-sets/SET/HEAD.json (no retraining)."""
+    head, name = _head_and_set(key)
+    return _evaluate(cfg, layout.test_set(name), head)
+
+
+def _evaluation_shards(cfg: Config, layout: Layout, key: str) -> list[str]:
     from vpr.steps.evaluate import evaluation_shards
 
     return evaluation_shards(layout)
 
 
-def _release_shards(cfg: Config, layout: Layout) -> list[str]:
+def _test_set_shards(cfg: Config, layout: Layout, key: str) -> list[str]:
+    from vpr.steps.evaluate import evaluation_shards
+
+    return evaluation_shards(layout.test_set(_head_and_set(key)[1]))
+
+
+def _release_shards(cfg: Config, layout: Layout, key: str) -> list[str]:
     from vpr.steps.index import release_shards
 
     return release_shards(cfg, layout)
@@ -216,6 +254,25 @@ STEPS: dict[str, Step] = {
             shards=_evaluation_shards,
         ),
         Step(
+            "test-set",
+            _test_set,
+            lambda cfg, layout, name: [
+                layout.test_set(name).catalog_dir,
+                layout.test_set(name).split_shards("test"),
+                layout.test_set(name).mining("test"),
+            ],
+            key="set",
+            say=lambda r: f"{r['accepted']} images, {r['rejected']} rejected, shard index → {r['index']}",
+        ),
+        Step(
+            "cross-evaluate",
+            _cross_evaluate,
+            lambda cfg, layout, key: _evaluated(layout.test_set(_head_and_set(key)[1]), _head_and_set(key)[0]),
+            key="head-set",
+            model=lambda cfg, key: (_head_and_set(key)[0], False),
+            shards=_test_set_shards,
+        ),
+        Step(
             "index",
             _index,
             lambda cfg, layout, key: [layout.release_dir(cfg.index.head)],
@@ -268,5 +325,5 @@ def stage_model(cfg: Config, stage: str) -> tuple[str, bool]:
 
 def stage_shards(cfg: Config, layout: Layout, stage: str) -> list[str]:
     """The shards a descriptor-reading stage encodes (empty for any other stage)."""
-    step, _ = step_for(stage)
-    return step.shards(cfg, layout) if step.shards else []
+    step, key = step_for(stage)
+    return step.shards(cfg, layout, key) if step.shards else []

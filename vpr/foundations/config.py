@@ -59,8 +59,25 @@ class SplitSize(_Strict):
     queries: StrictInt = Field(gt=0)
 
 
+SplitName = Literal["train", "val", "test"]
+# a test set's name: a folder name, and part of DVC stage names (``cross-evaluate@netvlad-town2``)
+TestSetName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_]{0,31}$")]
+
+
+class TownConfig(_Strict):
+    """A town rendered apart from the city, as a test set only (the city's second test set, as St.
+    Lucia is to Pittsburgh): its own streets and facades (``seed``), its own light (``season``),
+    ``offset_km`` north of the city, never seen in training."""
+
+    seed: StrictInt = Field(1, ge=0, le=2**32 - 1)
+    season: Literal["summer", "winter"] = "winter"
+    offset_km: float = Field(30.0, ge=0, le=1000)
+    place_spacing_m: float = Field(5.0, gt=0)
+    test: SplitSize = SplitSize(database=400, queries=200)
+
+
 class SynthConfig(_Strict):
-    """The synthetic city: a deterministic datasets_vg tree."""
+    """The synthetic city: a deterministic datasets_vg tree (plus ``test_sets``: towns to test on)."""
 
     seed: StrictInt = Field(0, ge=0, le=2**32 - 1)  # every RNG of the stack takes a 32-bit seed
     height: StrictInt = Field(120, ge=32, le=8192)
@@ -71,6 +88,16 @@ class SynthConfig(_Strict):
     place_spacing_m: float = Field(5.0, gt=0)
     facade_styles: StrictInt = Field(6, gt=0)
     distractors: bool = True
+    season: Literal["summer", "winter"] = "summer"  # winter: cold, pale light; the database under snow skies
+    offset_km: float = Field(0.0, ge=0, le=1000)  # the districts this far north of the city's origin
+    splits: list[SplitName] = Field(default_factory=lambda: ["train", "val", "test"], min_length=1)
+    # towns rendered by `vpr synth` into <data>/test-sets/<name>: the demo's extra test sets
+    test_sets: dict[TestSetName, TownConfig] = {}
+
+    def town(self, name: str) -> SynthConfig:
+        """The config that renders test town ``name``: its test split alone, the city's image size."""
+        town = self.test_sets[name]
+        return self.model_copy(update={**town.model_dump(), "test": town.test, "splits": ["test"], "test_sets": {}})
 
 
 class IngestConfig(_Strict):
@@ -176,6 +203,9 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     recall_at: list[int] = [1, 5, 10, 20]
+    # extra test sets, each a datasets_vg folder <data>/test-sets/<name>/images/test/{database,queries}:
+    # ingested, sharded and mined on their own, and evaluated with every trained head (no retraining)
+    test_sets: list[TestSetName] = []
     batch_size: StrictInt = Field(32, gt=0)
     index: Literal["exact", "ivfpq", "hnsw"] = "exact"
     pca_dim: StrictInt | None = Field(None, gt=0)

@@ -6,13 +6,16 @@ absolute ``root`` is given.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vpr.foundations.config import Config
 
 SPLITS = ("train", "val", "test")
 ROLES = ("database", "queries")
+TEST_SETS_DIR = (
+    "test-sets"  # <data>/test-sets/<name>: extra test sets; their outputs under <artifacts>/test-sets/<name>
+)
 ID_STRIDE = 10**9  # image ids of split k are k·ID_STRIDE + n: each split numbers its images on its own
 
 
@@ -38,6 +41,7 @@ class Layout:
     metrics: Path
     reports: Path
     inbox: Path
+    trained: Path | None = None  # where the models come from, when not ``artifacts`` (a test set's layout)
 
     @classmethod
     def from_config(cls, cfg: Config, root: str | Path = ".") -> Layout:
@@ -64,8 +68,21 @@ class Layout:
     def mining(self, split: str) -> Path:
         return self.mining_dir / f"{split}.parquet"
 
+    def test_set(self, name: str) -> Layout:
+        """The layout of extra test set ``name``: its images, catalog, shards, mining, predictions and
+        metrics in folders of their own; the models (and the descriptor store) are the project's."""
+        return replace(
+            self,
+            data=self.data / TEST_SETS_DIR / name,
+            artifacts=self.artifacts / TEST_SETS_DIR / name,
+            metrics=self.metrics / TEST_SETS_DIR / name,
+            trained=self.trained or self.artifacts,
+        )
+
     # training
-    models_dir = _below("artifacts", "models")
+    @property
+    def models_dir(self) -> Path:
+        return (self.trained or self.artifacts) / "models"
 
     def checkpoint(self, head: str) -> Path:
         return self.models_dir / head / "model.pt"
@@ -74,7 +91,11 @@ class Layout:
         """Every epoch's state (model, optimiser, history) for ``--resume``."""
         return self.models_dir / head / "last.pt"
 
-    descriptors_dir = _below("artifacts", "descriptors", "descriptors per (model, shard): vpr.shared.descstore")
+    @property
+    def descriptors_dir(self) -> Path:
+        """Descriptors per (model, shard): ``vpr.shared.descstore`` (content-addressed, so test sets share it)."""
+        return (self.trained or self.artifacts) / "descriptors"
+
     trunk_cache_dir = _below("artifacts", "trunk-cache", "frozen-trunk maps shared by the heads (vpr.shared.trunk)")
 
     def live_dir(self, head: str) -> Path:

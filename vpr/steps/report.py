@@ -167,6 +167,37 @@ def _approx_lines(metrics: dict[str, dict]) -> list[str]:
     return lines + markdown_table(header, cells, right=range(2, len(header)))
 
 
+def _test_set_lines(cfg: Config, layout: Layout, metrics: dict[str, dict]) -> list[str]:
+    """Every head on the main test split and on each extra test set (``evaluate.test_sets``), side by side."""
+    extra = {}
+    for name in cfg.evaluate.test_sets:
+        own = layout.test_set(name)
+        extra[name] = {h: json.loads(p.read_text()) for h in cfg.train.heads if (p := own.metrics_file(h)).exists()}
+    if not any(extra.values()):
+        return []
+    sets = {"test": metrics, **extra}
+    header = ["head", *(f"{name} R@{n}" for name in sets for n in _NS)]
+    rows = [
+        [f"`{head}`", *(_fmt(sets[name].get(head, {}).get(f"recall@{n}")) for name in sets for n in _NS)]
+        for head in cfg.train.heads
+        if any(head in m for m in sets.values())
+    ]
+    sizes = "; ".join(
+        f"{name}: {next(iter(m.values())).get('queries')} queries, {next(iter(m.values())).get('database')} database"
+        for name, m in extra.items()
+        if m
+    )
+    return [
+        "",
+        "## Test sets",
+        "",
+        "Every trained head on the main test split and on each extra test set (never seen in training, no "
+        f"retraining: `cross-evaluate` stages); {sizes}.",
+        "",
+        *markdown_table(header, rows, right=range(1, len(header))),
+    ]
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -245,6 +276,7 @@ def write_report(cfg: Config, layout: Layout) -> Path:
         "## Findings",
         "",
         *_findings(metrics),
+        *_test_set_lines(cfg, layout, metrics),
         *_approx_lines(metrics),
         "",
         "## Setup",

@@ -88,6 +88,8 @@ def plan_captures(cfg: SynthConfig, split: str, role: str, streets: tuple[Street
         rng = keyed_rng(cfg.seed, 2, split_id, role_id, index)
         street_id, side, offset, lateral = _pose(rng, streets, role, index, cfg.place_spacing_m)
         kind = str(rng.choice(QUERY_CONDITIONS, p=QUERY_WEIGHTS)) if query else "day"
+        if cfg.season == "winter" and kind == "day":  # the same draws, a colder, paler day
+            kind = "winter"
         condition = CONDITIONS[kind](rng)
         yaw = float(rng.uniform(-10, 10) if query else rng.normal(0, 1.5))
         street = streets[street_id]

@@ -16,7 +16,7 @@ from PIL import Image
 
 from vpr.foundations.atomic import write_bytes_atomic
 from vpr.foundations.config import SynthConfig
-from vpr.foundations.layout import ROLES, SPLITS
+from vpr.foundations.layout import ROLES, SPLITS, TEST_SETS_DIR
 from vpr.foundations.procs import fork_is_safe, worker_pool
 from vpr.steps.synth.captures import Capture, camera_utm, plan_captures
 from vpr.steps.synth.distractors import draw_distractors
@@ -124,7 +124,8 @@ def generate_city(out_root: str | Path, cfg: SynthConfig, workers: int | None = 
     root = Path(out_root)
     styles = make_styles(cfg.seed, cfg.facade_styles)
     city = plan_city(cfg, styles)
-    captures = {(split, role): plan_captures(cfg, split, role, city[split]) for split in SPLITS for role in ROLES}
+    splits = [s for s in SPLITS if s in cfg.splits]
+    captures = {(split, role): plan_captures(cfg, split, role, city[split]) for split in splits for role in ROLES}
     jobs = [cap for caps in captures.values() for cap in caps]
     for split, role in captures:
         (root / "images" / split / role).mkdir(parents=True, exist_ok=True)
@@ -140,9 +141,12 @@ def generate_city(out_root: str | Path, cfg: SynthConfig, workers: int | None = 
     _render_all(jobs, state, _workers(len(jobs), workers))
     for (split, role), caps in captures.items():
         _remove_stale(root / "images" / split / role, {c.name for c in caps})
-    counts = {split: {role: len(captures[split, role]) for role in ROLES} for split in SPLITS}
+    counts = {split: {role: len(captures[split, role]) for role in ROLES} for split in splits}
     unmatched = {
         split: _queries_without_match(captures[split, "database"] + captures[split, "queries"], city[split], 25.0)
-        for split in SPLITS
+        for split in splits
     }
-    return {"out_root": str(root), "counts": counts, "images": len(jobs), "queries_without_db_within_25m": unmatched}
+    summary = {"out_root": str(root), "counts": counts, "images": len(jobs), "queries_without_db_within_25m": unmatched}
+    for name in cfg.test_sets:  # the towns tested on apart from the city (evaluate.test_sets)
+        summary.setdefault("test_sets", {})[name] = generate_city(root / TEST_SETS_DIR / name, cfg.town(name), workers)
+    return summary

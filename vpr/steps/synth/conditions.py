@@ -1,4 +1,4 @@
-"""Capture conditions: illumination and weather (day, overcast, dusk, night, fog, rain).
+"""Capture conditions: illumination and weather (day, overcast, dusk, night, fog, rain; winter in a winter town).
 
 Each condition is drawn from the capture's own RNG; the renderer only reads the resulting ``Condition``.
 """
@@ -105,9 +105,19 @@ _RECIPES = {
         ((205, 207, 210), (210, 212, 214)), None,      None,            0.0,         False, (0.4, 0.65), 0.0),
     "rain":     _Recipe((0.55, 0.7),  (1.0, 1.02, 1.1),  1.1,  0.7,       1.1,     4.0,  0,
         ((110, 115, 125), (150, 155, 160)), (10, 10),  None,            (0.0, 0.15), False, 0.15,        (0.5, 1.0)),
+    "winter":   _Recipe((1.0, 1.15),  (0.9, 0.97, 1.1),  0.9,  0.5,       1.05,    2.5,  1,
+        ((165, 180, 200), (220, 226, 234)), (10, 6),   (0.5, 0.4, 0.1), 0.0,         False, 0.1,         0.0),
 }
 # fmt: on
 CONDITIONS: dict[str, Callable[[np.random.Generator], Condition]] = {
     name: partial(_draw, name, recipe) for name, recipe in _RECIPES.items()
 }
-HOURS = {"day": (9, 16), "overcast": (9, 17), "dusk": (19, 20), "night": (21, 23), "fog": (6, 8), "rain": (8, 18)}
+HOURS = {
+    "winter": (10, 14),
+    "day": (9, 16),
+    "overcast": (9, 17),
+    "dusk": (19, 20),
+    "night": (21, 23),
+    "fog": (6, 8),
+    "rain": (8, 18),
+}

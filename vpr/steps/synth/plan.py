@@ -285,7 +285,8 @@ def plan_split(
 def plan_city(cfg: SynthConfig, styles: tuple[Style, ...]) -> dict[str, tuple[Street, ...]]:
     """One district per split, side by side from west to east with a gap, so splits never share places."""
     city, east = {}, CITY_ORIGIN[0]
+    north = CITY_ORIGIN[1] + 1000.0 * cfg.offset_km  # a test town lies apart from the city
     for split in SPLITS:
-        city[split], extent = plan_split(cfg, split, styles, (east, CITY_ORIGIN[1]))
+        city[split], extent = plan_split(cfg, split, styles, (east, north))
         east += extent + DISTRICT_GAP_M
     return city
