@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED := 1
 PREFECT_HOME ?= $(abspath .prefect)
 PREFECT_PORT ?= 4200
 
-.PHONY: setup run test data repro bench clean server serve up api browser study
+.PHONY: setup run test data repro bench clean server serve up api browser study ablations
 
 setup: $(STAMP)
 
@@ -51,6 +51,12 @@ run: data
 study: $(STAMP)
 	$(BIN)/vpr profile cpu-study
 	$(MAKE) repro
+
+# Every ablation of the study (params.yaml `ablation`: budget, seeds), run, tabled and plotted with the
+# findings page in docs/results/ablations/ (README there: how long it takes here)
+ablations: data
+	dvc repro shard test-set
+	$(BIN)/vpr ablation study
 
 server: $(STAMP)
 	PREFECT_HOME=$(PREFECT_HOME) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)

@@ -100,3 +100,25 @@ def ablation_thresholds(
         typer.echo(threshold_table(layout, head, thresholds, cfg.evaluate.recall_at))
     except FileNotFoundError as exc:
         fail(str(exc))
+
+
+@ablation_app.command("study")
+def ablation_study(
+    names: list[str] = typer.Argument(None, help="ablations to run (default: all of `vpr ablation list`)"),
+    params: Path = ParamsOpt,
+) -> None:
+    """Run every ablation at the `ablation` budget of params.yaml: tables, curves and the findings page."""
+    from vpr.foundations.layout import Layout
+    from vpr.steps.study import run_study
+
+    cfg = config_or_exit(params)
+    ab = cfg.ablation
+    try:
+        paths = run_study(
+            cfg, Layout.from_config(cfg), Path(ab.out), head=ab.head, ablations=names or None, budget=ab.budget,
+            seeds=ab.seeds,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    for path in paths:
+        typer.echo(str(path))

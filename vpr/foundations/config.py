@@ -143,12 +143,13 @@ class ModelConfig(_Strict):
 class AugmentConfig(_Strict):
     color_jitter: float = Field(0.0, ge=0)
     horizontal_flip: bool = False
+    rotate_deg: float = Field(0.0, ge=0, le=180)  # random rotation within ± this (query images)
     random_erasing: float = Field(0.0, ge=0, le=1)
 
     @property
     def enabled(self) -> bool:
         """Whether any augmentation is on (then query images vary per epoch and draw random numbers)."""
-        return self.color_jitter > 0 or self.horizontal_flip or self.random_erasing > 0
+        return self.color_jitter > 0 or self.horizontal_flip or self.rotate_deg > 0 or self.random_erasing > 0
 
 
 class HeadBudget(_Strict):
@@ -302,6 +303,20 @@ class ResourcesConfig(_Strict):
     shards_url: str | None = None
 
 
+class AblationConfig(_Strict):
+    """``vpr ablation study``: the budget of each ablation experiment (over the rest of these params)."""
+
+    head: Head = "netvlad"
+    epochs: StrictInt = Field(3, ge=1)
+    queries_per_epoch: StrictInt = Field(300, gt=0)
+    seeds: dict[str, StrictInt] = {"lr": 2}  # seeds per ablation (default 1): two where the study's table is
+    out: str = "docs/results/ablations"
+
+    @property
+    def budget(self) -> dict:
+        return {"train": {"epochs": self.epochs, "queries_per_epoch": self.queries_per_epoch}}
+
+
 class Config(_Strict):
     paths: PathsConfig = PathsConfig()
     resources: ResourcesConfig = ResourcesConfig()
@@ -316,6 +331,7 @@ class Config(_Strict):
     locate: LocateConfig = LocateConfig()
     api: ApiConfig = ApiConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    ablation: AblationConfig = AblationConfig()
 
     @model_validator(mode="after")
     def _selection_is_computed(self) -> Config:

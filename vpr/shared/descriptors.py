@@ -67,6 +67,8 @@ def image_transform(
         steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(0.5, j / 2)))
     if augment is not None and augment.horizontal_flip:
         steps.append(T.RandomHorizontalFlip())
+    if augment is not None and augment.rotate_deg > 0:
+        steps.append(T.RandomRotation(augment.rotate_deg))  # the study's "flip + rotate" with the flip
     steps.append(normalize_uint8)  # = ToDtype(float32, scale=True) + Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if augment is not None and augment.random_erasing > 0:
         steps.append(T.RandomErasing(p=augment.random_erasing))

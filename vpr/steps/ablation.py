@@ -53,14 +53,16 @@ ABLATIONS: dict[str, Ablation] = {
         tuple({"mining.test_positive_m": m} for m in (10.0, 20.0, 30.0, 40.0, 50.0)),
     ),
     "augmentation": Ablation(
-        "training augmentation: colour jitter, horizontal flip, random erasing, all three",
+        "training augmentation: colour jitter, horizontal flip, flip + rotate, random erasing, all",
         (
             {"train.augment.color_jitter": 0.4},
             {"train.augment.horizontal_flip": True},
+            {"train.augment.horizontal_flip": True, "train.augment.rotate_deg": 10.0},
             {"train.augment.random_erasing": 0.5},
             {
                 "train.augment.color_jitter": 0.4,
                 "train.augment.horizontal_flip": True,
+                "train.augment.rotate_deg": 10.0,
                 "train.augment.random_erasing": 0.5,
             },
         ),

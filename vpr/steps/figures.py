@@ -140,3 +140,17 @@ def positions_figure(index: pl.DataFrame, path: Path) -> None:
         ax.legend(fontsize=7)
     axes[0].set_ylabel("north")
     save_png(fig, path)
+
+
+def curves_figure(series: dict[str, dict[int, float]], title: str, path: Path) -> None:
+    """Recall@N curves, one per series (an ablation's settings on one test set)."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for label, recall in series.items():
+        ns = sorted(recall)
+        ax.plot(ns, [recall[n] for n in ns], marker="o", label=label)
+    ax.set(xlabel="N", ylabel="Recall@N (%)", title=title, ylim=(0, 100))
+    ax.set_xticks(list(RECALL_AT))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_png(fig, path)
