@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from loader import legacy_transform
 
+from vpr.foundations.registry import head_names
 from vpr.shared.checkpoints import untrained_model
 from vpr.shared.descriptors import autocast, extract, image_transform
 from vpr.shared.shardio import ShardReader
@@ -59,8 +60,8 @@ def main() -> None:
     parser.add_argument(
         "--heads",
         nargs="+",
-        default=["avg", "netvlad"],
-        help="avg gem netvlad crn for all (gem ~ avg, crn ~ netvlad in cost)",
+        default=list(head_names()),
+        help="heads to time (default: every registered head)",
     )
     parser.add_argument("--images", type=int, default=320, help="test-split images per measurement (0: all)")
     parser.add_argument("--height", type=int, default=120)

@@ -43,7 +43,7 @@ def lane_order(specs: dict[str, tasks.StageSpec], lanes: int) -> dict[str, list[
     Not a data dependency: the order in which trainings share the machine. Stages are dealt out in
     ``dvc.yaml`` order (a head that starts from another comes after it there).
     """
-    trainings = [name for name in specs if name.startswith("train@")]
+    trainings = [name for name in specs if STEPS[name.partition("@")[0]].fills_device]
     after: dict[str, list[str]] = {}
     for i, name in enumerate(trainings):
         if i >= lanes:

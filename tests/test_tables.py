@@ -12,5 +12,5 @@ def test_markdown_table_aligns_the_numeric_columns_right():
 
 def test_text_table_pads_columns_to_their_widest_cell():
     text = text_table([{"model": "netvlad", "R@1": 55.0}, {"model": "gem", "R@1": 100.0}])
-    assert text.splitlines() == ["model      R@1", "-------  -----", "netvlad   55.0", "gem      100.0"]
+    assert text.splitlines() == ["model       R@1", "─" * 15, "netvlad    55.0", "gem       100.0"]
     assert text_table([]) == "(no results)"

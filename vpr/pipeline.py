@@ -46,6 +46,8 @@ class Step:
     help: dict[str, str] = field(default_factory=dict)
     arguments: tuple[str, ...] = ()
     say: Callable[[dict], str] | None = None
+    command: bool = True  # a `vpr` command of its own (the baseline is `vpr evaluate --head avg --untrained`)
+    fills_device: bool = False  # one run fills the cores or the GPU: the flow queues these in train_lanes
     # steps that read descriptors: the model they encode with, (head, untrained), and the shards they read
     model: Callable[[Config, str], tuple[str, bool]] | None = None
     shards: Callable[[Config, Layout, str], list[str]] | None = None
@@ -232,6 +234,7 @@ STEPS: dict[str, Step] = {
                 layout.live_dir(head) / "plots/metrics",
             ],
             key="head",
+            fills_device=True,
             help={
                 "resume": "continue from the last epoch checkpoint",
                 "nproc": "data-parallel ranks (default train.nproc)",
@@ -250,6 +253,7 @@ STEPS: dict[str, Step] = {
             "baseline",
             _baseline,
             lambda cfg, layout, key: _evaluated(layout, baseline_name()),
+            command=False,
             model=lambda cfg, key: (BASELINE_HEAD, True),
             shards=_evaluation_shards,
         ),

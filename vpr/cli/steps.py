@@ -114,5 +114,5 @@ def _step(stage: str, params: Path, **options) -> dict:
 
 
 for _one in STEPS.values():
-    if _one.name != "baseline":  # the baseline is `vpr evaluate --head avg --untrained`
+    if _one.command:
         app.command(name=_one.name)(_step_command(_one))

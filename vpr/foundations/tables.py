@@ -1,7 +1,9 @@
-"""The one table formatter: markdown for reports and Prefect artifacts, aligned plain text for terminals."""
+"""The one table formatter: markdown for reports and Prefect artifacts (rich cannot write markdown), rich
+tables for terminals."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Sequence
 
 MISSING = "—"
@@ -25,17 +27,22 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]], righ
 
 
 def text_table(rows: list[dict]) -> str:
-    """Aligned columns for a terminal: the first left-aligned, the rest right-aligned (numbers)."""
+    """Aligned columns for a terminal (rich, no colour): the first left-aligned, the rest right-aligned."""
     if not rows:
         return "(no results)"
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
-
-    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for i, c in enumerate(cols):
+        table.add_column(c, justify="right" if i else "left", no_wrap=True)
+    for r in rows:
+        table.add_row(*(str(r.get(c, "")) for c in cols))
+    console = Console(file=io.StringIO(), width=10_000, color_system=None, legacy_windows=False)
+    console.print(table)
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines() if line.strip())
 
 
 def print_locations(results: list[dict]) -> None:
