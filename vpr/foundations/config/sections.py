@@ -1,23 +1,17 @@
-"""One typed configuration, loaded once from ``params.yaml`` and passed down explicitly.
-
-Every knob of the pipeline lives here. Unknown or ill-typed keys fail at load time with a message
-that names the key (``train.lr``), before any work starts.
-"""
+"""The sections of ``params.yaml``, one typed model each (``vpr.foundations.config`` joins them)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     StrictInt,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -28,12 +22,12 @@ from vpr.foundations.registry import check_head, head_names
 Head = Annotated[str, AfterValidator(check_head)]
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     # unknown keys are errors, and no setting may be infinite or NaN (an .inf learning rate is a typo)
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class PathsConfig(_Strict):
+class PathsConfig(Strict):
     """Where things live, relative to the project root."""
 
     data: str = "data"
@@ -54,7 +48,7 @@ class PathsConfig(_Strict):
         return self
 
 
-class SplitSize(_Strict):
+class SplitSize(Strict):
     database: StrictInt = Field(gt=0)
     queries: StrictInt = Field(gt=0)
 
@@ -64,7 +58,7 @@ SplitName = Literal["train", "val", "test"]
 TestSetName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_]{0,31}$")]
 
 
-class TownConfig(_Strict):
+class TownConfig(Strict):
     """A town rendered apart from the city, as a test set only (the city's second test set, as St.
     Lucia is to Pittsburgh): its own streets and facades (``seed``), its own light (``season``),
     ``offset_km`` north of the city, never seen in training."""
@@ -76,7 +70,7 @@ class TownConfig(_Strict):
     test: SplitSize = SplitSize(database=400, queries=200)
 
 
-class SynthConfig(_Strict):
+class SynthConfig(Strict):
     """The synthetic city: a deterministic datasets_vg tree (plus ``test_sets``: towns to test on)."""
 
     seed: StrictInt = Field(0, ge=0, le=2**32 - 1)  # every RNG of the stack takes a 32-bit seed
@@ -100,7 +94,7 @@ class SynthConfig(_Strict):
         return self.model_copy(update={**town.model_dump(), "test": town.test, "splits": ["test"], "test_sets": {}})
 
 
-class IngestConfig(_Strict):
+class IngestConfig(Strict):
     workers: StrictInt = Field(2, ge=1)
     max_pixels: StrictInt = Field(100_000_000, gt=0)
     max_file_mb: float = Field(64.0, gt=0)  # larger files are refused from their size, never read
@@ -110,14 +104,14 @@ class IngestConfig(_Strict):
         return int(self.max_file_mb * 2**20)
 
 
-class ShardConfig(_Strict):
+class ShardConfig(Strict):
     height: StrictInt = Field(120, ge=16, le=8192)
     width: StrictInt = Field(160, ge=16, le=8192)
     jpeg_quality: StrictInt = Field(90, ge=10, le=100)
     samples_per_shard: StrictInt = Field(1000, gt=0)
 
 
-class MiningConfig(_Strict):
+class MiningConfig(Strict):
     train_positive_m: float = Field(10.0, gt=0)
     test_positive_m: float = Field(25.0, gt=0)
     # Hard positives must also face the query's way (|heading difference| <= this, where both headings
@@ -131,7 +125,7 @@ class MiningConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     weights: str = "imagenet"  # "imagenet", "none", or a path to a local .pth state dict
     freeze_early_layers: bool = True
     netvlad_clusters: StrictInt = Field(16, gt=1, le=4096)  # a bound, so a forged checkpoint cannot ask for GBs
@@ -140,7 +134,7 @@ class ModelConfig(_Strict):
     kmeans_descriptors: StrictInt = Field(50_000, gt=0)
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(Strict):
     color_jitter: float = Field(0.0, ge=0)
     horizontal_flip: bool = False
     rotate_deg: float = Field(0.0, ge=0, le=180)  # random rotation within ± this (query images)
@@ -152,7 +146,7 @@ class AugmentConfig(_Strict):
         return self.color_jitter > 0 or self.horizontal_flip or self.rotate_deg > 0 or self.random_erasing > 0
 
 
-class HeadBudget(_Strict):
+class HeadBudget(Strict):
     """Training budget of one head where it differs from the ``train`` section (``train.per_head``)."""
 
     lr: float | None = Field(None, gt=0)
@@ -161,7 +155,7 @@ class HeadBudget(_Strict):
     patience: StrictInt | None = Field(None, ge=1)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     heads: list[Head] = Field(default_factory=lambda: list(head_names()), min_length=1)
     lr: float = Field(3e-4, gt=0)
     epochs: StrictInt = Field(4, ge=1)
@@ -202,7 +196,7 @@ class TrainConfig(_Strict):
         return self.model_copy(update=budget.model_dump(exclude_none=True))
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     recall_at: list[int] = [1, 5, 10, 20]
     # extra test sets, each a datasets_vg folder <data>/test-sets/<name>/images/test/{database,queries}:
     # ingested, sharded and mined on their own, and evaluated with every trained head (no retraining)
@@ -221,7 +215,7 @@ class EvalConfig(_Strict):
         return sorted(set(value))
 
 
-class IndexConfig(_Strict):
+class IndexConfig(Strict):
     """The release's FAISS index (``vpr index``) and the approximate-search knobs of ``vpr evaluate``."""
 
     head: Head = "netvlad"  # which trained head ``vpr index`` / ``vpr locate`` use by default
@@ -237,7 +231,7 @@ class IndexConfig(_Strict):
     ef_search: StrictInt = Field(64, gt=0)
 
 
-class LocateConfig(_Strict):
+class LocateConfig(Strict):
     top_k: StrictInt = Field(5, gt=0)
     max_pixels: StrictInt = Field(100_000_000, gt=0)  # larger images are refused from their header, never decoded
     max_file_mb: float = Field(64.0, gt=0)  # larger files are refused from their size, never read
@@ -247,7 +241,7 @@ class LocateConfig(_Strict):
         return int(self.max_file_mb * 2**20)
 
 
-class ApiConfig(_Strict):
+class ApiConfig(Strict):
     """``vpr api``: the HTTP service answering from the live release (per-image limits: ``locate``)."""
 
     host: str = "127.0.0.1"
@@ -264,7 +258,7 @@ class ApiConfig(_Strict):
         return int(self.max_request_mb * 2**20)
 
 
-class OrchestrationConfig(_Strict):
+class OrchestrationConfig(Strict):
     task_runner: Literal["threads", "dask"] = "threads"
     max_workers: StrictInt = Field(2, ge=1)
     # heads trained at once; one training already fills a machine's cores or its GPU, so on one device
@@ -293,7 +287,7 @@ class OrchestrationConfig(_Strict):
         return value
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(Strict):
     """What a run may use, whatever the database size."""
 
     # evaluation and indexing read descriptors in chunks sized from this, never a whole database at once
@@ -303,7 +297,7 @@ class ResourcesConfig(_Strict):
     shards_url: str | None = None
 
 
-class AblationConfig(_Strict):
+class AblationConfig(Strict):
     """``vpr ablation study``: the budget of each ablation experiment (over the rest of these params)."""
 
     head: Head = "netvlad"
@@ -315,94 +309,3 @@ class AblationConfig(_Strict):
     @property
     def budget(self) -> dict:
         return {"train": {"epochs": self.epochs, "queries_per_epoch": self.queries_per_epoch}}
-
-
-class Config(_Strict):
-    paths: PathsConfig = PathsConfig()
-    resources: ResourcesConfig = ResourcesConfig()
-    synth: SynthConfig = SynthConfig()
-    ingest: IngestConfig = IngestConfig()
-    shards: ShardConfig = ShardConfig()
-    mining: MiningConfig = MiningConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvalConfig = EvalConfig()
-    index: IndexConfig = IndexConfig()
-    locate: LocateConfig = LocateConfig()
-    api: ApiConfig = ApiConfig()
-    orchestration: OrchestrationConfig = OrchestrationConfig()
-    ablation: AblationConfig = AblationConfig()
-
-    @model_validator(mode="after")
-    def _selection_is_computed(self) -> Config:
-        if self.train.select_by not in self.evaluate.recall_at:
-            raise ValueError(
-                f"train.select_by={self.train.select_by} is not among evaluate.recall_at={self.evaluate.recall_at}: "
-                "the checkpoint is picked by a validation recall that is computed"
-            )
-        return self
-
-
-class ConfigError(ValueError):
-    """params.yaml is malformed; the message names each offending key."""
-
-
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
-        else:
-            lines.append(f"{key}: {err['msg']}")
-    return "; ".join(lines)
-
-
-def parse_config(raw: dict | None) -> Config:
-    """Validate a params mapping into a ``Config``; raises ``ConfigError`` naming the bad keys."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError("params must be a mapping of sections")
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid params: {_describe(exc)}") from None
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error (not last-wins)."""
-
-
-def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise ConfigError(
-                f"duplicate key {key!r} (line {key_node.start_mark.line + 1}): "
-                "it is given twice and one value would be silently dropped"
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
-def load_config(path: str | Path = "params.yaml") -> Config:
-    """Load and validate ``params.yaml`` (missing file → defaults are NOT assumed: it's an error)."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"params file not found: {path}")
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    if raw is None:  # empty, comment-only or `~`: almost surely not what was meant, never "all defaults"
-        raise ConfigError(f"{path} holds no settings (empty, comments only, or null); write `{{}}` for all defaults")
-    return parse_config(raw)
