@@ -4,7 +4,7 @@
 #   make test  — set up, lint (ruff check + ruff format --check), run the test suite
 # Orchestration: `make server` (local Prefect API + UI, SQLite) and, in another shell, `make serve`
 # (serves train-all/train-all and the scheduled reindex/reindex); `make repro` runs the same steps via DVC;
-# `make study` runs the longer CPU study profile.
+# `make study` reproduces docs/results (demo + ablations); `make cpu-study` runs the longer CPU profile.
 # `make api` serves the live release over HTTP (page at http://127.0.0.1:8000/, docs at /docs).
 PYTHON ?= python3
 VENV   := .venv
@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED := 1
 PREFECT_HOME ?= $(abspath .prefect)
 PREFECT_PORT ?= 4200
 
-.PHONY: setup run test data repro bench clean server serve up api browser study ablations
+.PHONY: setup run test data repro bench clean server serve up api browser study cpu-study ablations
 
 setup: $(STAMP)
 
@@ -46,9 +46,12 @@ repro: data
 run: data
 	PREFECT_HOME=$(PREFECT_HOME) PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 $(BIN)/python -m flows.train_all
 
-# The longer CPU study (profiles/cpu-study.yaml: each head up to 36 epochs; its duration: README) via
-# DVC; it rewrites params.yaml, and `vpr profile cpu` switches it back to the demo.
-study: $(STAMP)
+# The whole reproduction (docs/results/): the demo's head table on both test sets, then every ablation.
+study: run ablations
+
+# The longer CPU head comparison (profiles/cpu-study.yaml: each head up to 36 epochs; its duration:
+# README) via DVC; it rewrites params.yaml, and `vpr profile cpu` switches it back to the demo.
+cpu-study: $(STAMP)
 	$(BIN)/vpr profile cpu-study
 	$(MAKE) repro
 

@@ -309,7 +309,7 @@ def test_crash_after_new_shards_keeps_previous_index_serving(trained, tmp_path, 
         if step == "shards-written":
             raise RuntimeError("injected crash after the new shards were written")
 
-    monkeypatch.setattr(vpr.steps.reindex, "_reached", crash)
+    monkeypatch.setattr(vpr.steps.reindex, "reached", crash)
     with pytest.raises(RuntimeError, match="injected crash"):
         reindex(root=str(root), record_dvc=False)
     pending = json.loads((root / "artifacts/reindex/pending.json").read_text())

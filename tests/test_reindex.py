@@ -209,7 +209,7 @@ def test_a_crash_at_any_step_resumes_to_the_same_result(released, tmp_path, monk
         if at == step:
             raise RuntimeError(f"crash at {at}")
 
-    monkeypatch.setattr(rx, "_reached", crash)
+    monkeypatch.setattr(rx, "reached", crash)
     with pytest.raises(RuntimeError):
         rx.run_reindex(cfg, layout)
     if step == "shards-written":  # before the commit point: nothing that serves has changed

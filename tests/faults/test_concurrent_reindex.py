@@ -37,9 +37,9 @@ def test_second_reindex_waits_and_each_image_is_added_once(released, tmp_path):
 
     # A stops inside the re-index lock (new shards written, release not yet switched) until B waits on it
     marker, go = tmp_path / "a-holds-the-lock", tmp_path / "go"
-    first = start_victim(root, marker, "vpr.steps.reindex:_reached", 1, "reindex", hold=str(go))
+    first = start_victim(root, marker, "vpr.steps.reindex:reached", 1, "reindex", hold=str(go))
     wait_for(marker, first)
-    second = start_victim(root, tmp_path / "unused", "vpr.steps.reindex:_reached", 1_000_000, "reindex")
+    second = start_victim(root, tmp_path / "unused", "vpr.steps.reindex:reached", 1_000_000, "reindex")
     lock = layout.artifacts / "reindex" / ".lock"
     if Path("/proc/locks").exists():
         deadline = time.monotonic() + 120

@@ -91,7 +91,7 @@ def _assert_whole_or_nothing(shards_dir, before: dict[str, str], after: dict[str
 @pytest.mark.parametrize(
     "target,count",
     [
-        ("vpr.steps.shards:_encode_rows", 3),  # while the new tars are being written
+        ("vpr.steps.shards:encode_rows", 3),  # while the new tars are being written
         ("os:replace", 2),  # while they are being switched in
     ],
     ids=["writing", "switching"],

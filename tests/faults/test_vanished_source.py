@@ -19,7 +19,7 @@ def _crash_at(monkeypatch, step: str) -> None:
         if at == step:
             raise RuntimeError(f"killed at {at}")
 
-    monkeypatch.setattr(rx, "_reached", crash)
+    monkeypatch.setattr(rx, "reached", crash)
 
 
 @pytest.mark.parametrize("step", ["shards-written", "release-switched"])

@@ -111,7 +111,7 @@ class ReindexResult:
         }
 
 
-def _reached(step: str) -> None:
+def reached(step: str) -> None:
     """Called after each step of a batch (``shards-written``, ``release-switched``, ``shard-index-written``,
     ``catalog-written``, ``files-moved``); tests replace it to simulate a crash at that point."""
 
@@ -268,13 +268,13 @@ def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> No
         rows = index.filter(pl.col("id").is_in([it["id"] for it in plan["items"]])).sort("id").to_dicts()
     else:
         rows = write_batch_shards(plan, layout, cfg)
-    _reached("shards-written")
+    reached("shards-written")
     new_ids = {it["id"] for it in plan["items"]}
     _add_to_releases(cfg, layout, [r for r in rows if r["id"] in new_ids], result)
-    _reached("release-switched")
+    reached("release-switched")
     if not index_has(read_index(shards), plan):
         append_to_index(shards, rows)
-    _reached("shard-index-written")
+    reached("shard-index-written")
     lost = [it for it in plan["items"] if vanished(layout, it)]
     if lost:  # published already: served from the shard copy, but no file for the catalog to name
         logger.warning(
@@ -287,9 +287,9 @@ def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> No
     lost_ids = {it["id"] for it in lost}
     kept = [it for it in plan["items"] if it["id"] not in lost_ids]
     append_to_catalog(layout.catalog(plan["split"]), [it["row"] for it in kept])
-    _reached("catalog-written")
+    reached("catalog-written")
     _move_files(layout, plan)
-    _reached("files-moved")
+    reached("files-moved")
     paths = [it["row"]["path"] for it in plan["items"]]
     duplicate_of = dict(
         _catalog(layout).filter(pl.col("path").is_in(paths)).select("path", "duplicate_of").iter_rows()

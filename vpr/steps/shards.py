@@ -186,7 +186,8 @@ def plan_shards(catalog: pl.DataFrame, per_shard: int) -> list[tuple[str, list[d
 # --------------------------------------------------------------------------- driver
 
 
-def _encode_rows(rows: list[dict], data_root: Path, cfg: ShardConfig, pool: ProcessPoolExecutor | None) -> list[bytes]:
+def encode_rows(rows: list[dict], data_root: Path, cfg: ShardConfig, pool: ProcessPoolExecutor | None) -> list[bytes]:
+    """The shard rendition (JPEG bytes) of each catalog row, in ``pool``'s processes when there is one."""
     keep = ("width", "height", "sha256")
     jobs = [
         (data_root / r["path"], data_root, {k: r.get(k) for k in keep}, cfg.height, cfg.width, cfg.jpeg_quality)
@@ -217,7 +218,7 @@ def _pack(
         with step_progress("shard") as bar:
             task = bar.add_task("shard", total=sum(len(rows) for _, rows in plan))
             for name, rows in plan:
-                jpgs = _encode_rows(rows, data_root, cfg, pool)
+                jpgs = encode_rows(rows, data_root, cfg, pool)
                 samples = [(r["key"], j, sample_metadata(r, r["id"], r["key"])) for r, j in zip(rows, jpgs)]
                 try:
                     ranges = _write_tar_file(staged(out_dir / name), samples)
