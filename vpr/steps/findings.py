@@ -61,7 +61,7 @@ def ordered(labels: list[str]) -> Callable[[dict[str, float], float], tuple[str,
 
     def judge(r1: dict[str, float], eps: float) -> tuple[str, str]:
         values = [r1[k] for k in labels]
-        why = " < ".join(f"{k} {v:.1f}" for k, v in zip(labels, values))
+        why = " → ".join(f"{k} {v:.1f}" for k, v in zip(labels, values))  # in the claimed order
         steps = [b - a for a, b in zip(values, values[1:])]
         if values[-1] - values[0] > eps and all(s > -eps for s in steps):
             return HOLDS, why
