@@ -7,7 +7,7 @@ device (no loading, no copies). CPU: fp32; CUDA: bf16 autocast + channels_last, 
 does there. Also, for the record, ``extract`` with torchvision's ``ToDtype`` + ``Normalize`` (the
 transform before ``vpr.shared.descriptors.normalize_uint8``). Target on GPU: extraction ≥ 0.8 of the bound.
 
-    .venv/bin/python bench/extraction.py                   # CPU here: 120x160, workers 0 and 2, avg + netvlad
+    .venv/bin/python bench/extraction.py                   # CPU here: 120x160, workers 0 and 2, every head
     .venv/bin/python bench/extraction.py --device cuda --height 480 --width 640 --workers 16 --batch-size 64
 """
 
