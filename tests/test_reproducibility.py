@@ -60,7 +60,12 @@ def test_netvlad_training_gives_the_same_bits(baseline, micro_template, tmp_path
 
 
 def test_gem_rounds_by_thread_count_within_the_measured_bound(micro_template, tmp_path):
+    """Usually 2.6e-7 apart after the micro run; once in five full-suite runs (2026-12-07) 1.9e-4, when
+    the rounding flipped a near-tied hard negative and the two runs trained on one different triplet.
+    The bound covers that; more than one validation query changing its answer would not be rounding."""
     two, _, two_metrics = _train(micro_template, tmp_path / "two", "gem")
     one, _, one_metrics = _train(micro_template, tmp_path / "one", "gem", threads=1)
-    assert _max_relative_difference(two, one) < 1e-6  # measured: 2.6e-7 after one micro epoch
-    assert one_metrics["val"] == two_metrics["val"]
+    assert _max_relative_difference(two, one) < 1e-3
+    one_query = 100.0 / 8  # the micro city's 8 validation queries
+    for key, value in two_metrics["val"].items():
+        assert abs(one_metrics["val"][key] - value) <= one_query + 1e-9, key
