@@ -110,7 +110,7 @@ def _step(stage: str, params: Path, **options) -> dict:
         return run_step(stage, cfg, Layout.from_config(cfg), **options)
     except StepError as exc:
         fail(str(exc))
-        raise  # unreachable: _fail exits
+        raise  # unreachable: fail() exits
 
 
 for _one in STEPS.values():
