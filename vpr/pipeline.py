@@ -92,6 +92,7 @@ def _train(cfg: Config, layout: Layout, head: str, *, resume: bool = False, npro
     """Train one head with triplets (UTM positives, descriptor-mined hard negatives)."""
     from vpr.shared.checkpoints import CheckpointError
     from vpr.shared.shardio import ShardError
+    from vpr.shared.triplets import TrainingDiverged
     from vpr.steps.launch import LaunchError, train_head_ranks
 
     if nproc is not None and nproc < 1:
@@ -99,7 +100,7 @@ def _train(cfg: Config, layout: Layout, head: str, *, resume: bool = False, npro
     rank_argv = ["train", "--head", head, *(["--resume"] * resume)]  # what each torchrun rank runs
     try:
         summary = train_head_ranks(head, cfg, layout, nproc=nproc, resume=resume, rank_argv=rank_argv)
-    except (ShardError, CheckpointError, LaunchError) as exc:
+    except (ShardError, CheckpointError, LaunchError, TrainingDiverged) as exc:
         raise StepError(str(exc)) from None
     return {k: v for k, v in summary.items() if k != "history"} | {"epochs_run": len(summary.get("history", []))}
 

@@ -23,16 +23,38 @@ with atomic_path(sys.argv[1]) as tmp:
     os.kill(os.getpid(), signal.SIGKILL)
 """
 
+PAUSED_WRITER = """
+import sys, time
+from pathlib import Path
+from vpr.foundations.atomic import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_text("busy")
+    Path(sys.argv[2]).touch()
+    time.sleep(60)
+"""
+
 
 def test_the_next_write_removes_a_dead_writers_temporary_and_keeps_a_live_ones(tmp_path):
+    """Liveness is the writer's lock on its temporary, not the PID in its name: a live writer in another
+    PID namespace (a container, another host on a shared filesystem) has a PID that means nothing here."""
     target = tmp_path / "CURRENT"
     proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target)], cwd=REPO, env=env())
     assert proc.returncode == -9
     (dead,) = [p for p in tmp_path.iterdir() if p.name.startswith(".CURRENT.")]
-    live = tmp_path / f".CURRENT.{os.getpid()}.abcd1234.tmp"  # a writer still at work (this process)
-    live.write_text("busy")
-    write_text_atomic(target, "v000001\n")
-    assert not dead.exists() and live.exists() and target.read_text() == "v000001\n"
+    dead.rename(tmp_path / f".CURRENT.{os.getpid()}.deadbeef.tmp")  # a dead writer whose PID is reused here
+    dead = tmp_path / f".CURRENT.{os.getpid()}.deadbeef.tmp"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_WRITER, str(target), str(tmp_path / "paused")], cwd=REPO, env=env()
+    )
+    try:
+        wait_for(tmp_path / "paused", writer)
+        (working,) = [p for p in tmp_path.iterdir() if p.name.startswith(".CURRENT.") and p != dead]
+        live = working.rename(tmp_path / ".CURRENT.4194000.abcd1234.tmp")  # its PID, as another namespace sees it
+        write_text_atomic(target, "v000001\n")
+        assert not dead.exists() and live.exists() and target.read_text() == "v000001\n"
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_a_killed_index_builds_leftovers_are_gone_before_the_next_build_writes(released, tmp_path):

@@ -6,6 +6,7 @@ A binder's docstring is the command's help, its keyword-only parameters the comm
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import os
@@ -110,6 +111,12 @@ def _step(stage: str, params: Path, **options) -> dict:
         return run_step(stage, cfg, Layout.from_config(cfg), **options)
     except StepError as exc:
         fail(str(exc))
+        raise  # unreachable: fail() exits
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        fail(f"{stage}: no space left on the device{where}; nothing half-written was published (free space, run again)")
         raise  # unreachable: fail() exits
 
 

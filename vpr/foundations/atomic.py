@@ -1,12 +1,16 @@
 """Atomic writes: readers see the old file or the new one, never a partial one.
 
-A temporary file is named ``.<target>.<pid>.<random>.tmp`` beside its target. A writer killed before
-its rename (``kill -9``, power loss) leaves one behind; the next write of the same target removes those
-whose process is gone, so dead writers' leftovers do not pile up inside DVC-tracked folders.
+A temporary file is named ``.<target>.<pid>.<random>.tmp`` beside its target, and its writer holds an
+exclusive ``flock`` on it until the rename. A writer killed before its rename (``kill -9``, power loss)
+leaves one behind, and the kernel drops its lock; the next write of the same target removes the
+temporaries nobody holds, so dead writers' leftovers do not pile up inside DVC-tracked folders. The lock,
+not the PID in the name, decides: a PID means nothing across containers (PID namespaces) or hosts
+sharing a filesystem, while a lock is held on the file itself (NFS passes ``flock`` on as a lock).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import tempfile
@@ -21,9 +25,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temporaries(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    fd, tmp_path = _locked_temporary(target)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -33,21 +35,27 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+        os.close(fd)  # the lock goes with it
 
 
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine (one we may not signal counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _locked_temporary(target: Path) -> tuple[int, Path]:
+    """A new temporary beside ``target`` and an open descriptor holding its lock.
+
+    Another writer's cleanup may remove the file between its creation and the lock: then it is made again.
+    """
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return fd, Path(tmp)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def remove_dead_temporaries(target: str | Path) -> list[Path]:
-    """Remove the temporaries of ``target`` left by writers that no longer run; the paths removed."""
+    """Remove the temporaries of ``target`` that no writer holds (their writer died); the paths removed."""
     target = Path(target)
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.[^.]+\.tmp$")
     removed = []
@@ -57,10 +65,31 @@ def remove_dead_temporaries(target: str | Path) -> list[Path]:
         return removed
     for entry in entries:
         m = pattern.match(entry.name)
-        if m and entry.is_file(follow_symlinks=False) and not process_alive(int(m.group(1))):
-            Path(entry.path).unlink(missing_ok=True)
+        if m and entry.is_file(follow_symlinks=False) and _remove_if_unheld(Path(entry.path)):
             removed.append(Path(entry.path))
     return removed
+
+
+def _remove_if_unheld(path: Path) -> bool:
+    """Unlink ``path`` when no process holds its lock (checked and removed under our own lock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False  # a live writer, whatever its PID says
+    try:
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            path.unlink()
+            return True
+        return False
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -13,8 +13,10 @@ precision, the storage dtype, and the shard's samples (keys and CRC-32s from the
 
 Batches never span two shards (``vpr.shared.descriptors.ShardStream``), so the bits of a shard's descriptors
 are the same whether it is encoded alone or as part of a whole split. Files are written atomically; a
-sidecar ``.json`` keeps the encode time per image so ``ms_per_image`` survives a cache hit. The folder
-is a cache: deleting it costs re-encoding, nothing else.
+sidecar ``.json`` keeps the encode time per image so ``ms_per_image`` survives a cache hit, and the
+entry's size and SHA-256: an entry is checked before it is used (once per process and file version), and
+a damaged one (truncated, overwritten) is set aside with a warning naming it and encoded again, never
+indexed. The folder is a cache: deleting it costs re-encoding, nothing else.
 """
 
 from __future__ import annotations
@@ -42,6 +44,20 @@ log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1  # bump when the encoding changes in a way the key does not capture
 DTYPES = {"float32": np.float32, "float16": np.float16}
+_VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) of entries whose hash matched here
+
+
+class DamagedEntry(ValueError):
+    """A store entry whose bytes are not the ones its sidecar recorded (the message names the file)."""
+
+
+def file_sha256(path: Path, chunk: int = 2**22) -> str:
+    """SHA-256 of a file, read in bounded chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -105,25 +121,64 @@ class DescriptorStore:
         return self.root / key[:2] / f"{key}.npy"
 
     def info(self, key: str) -> dict | None:
-        """The sidecar of a complete entry (written last), or None when the entry is absent."""
+        """The sidecar of a complete, intact entry (written last), or None when the entry is absent.
+
+        A damaged entry (its bytes do not match the sidecar's size and SHA-256, or an unreadable
+        sidecar) is moved aside with a warning naming it, and counts as absent: it is encoded again.
+        """
         side = self.path(key).with_suffix(".json")
         if not side.is_file() or not self.path(key).is_file():
             return None
-        return json.loads(side.read_text())
+        try:
+            info = json.loads(side.read_text())
+            self.verify(key, info)
+        except (DamagedEntry, ValueError, KeyError, TypeError) as exc:
+            log.warning("descriptor store: %s; encoding it again", exc)
+            self._set_aside(key)
+            return None
+        return info
+
+    def verify(self, key: str, info: dict) -> None:
+        """Raise ``DamagedEntry`` unless the entry's bytes are the ones its sidecar recorded."""
+        path = self.path(key)
+        stat = path.stat()
+        seen = (str(path), stat.st_size, stat.st_mtime_ns)
+        if seen in _VERIFIED:
+            return
+        if "sha256" not in info or stat.st_size != info.get("bytes"):
+            raise DamagedEntry(f"{path}: {stat.st_size} bytes, its sidecar recorded {info.get('bytes')}")
+        if file_sha256(path) != info["sha256"]:
+            raise DamagedEntry(f"{path}: its SHA-256 is not the one its sidecar recorded (overwritten?)")
+        _VERIFIED.add(seen)
+
+    def _set_aside(self, key: str) -> None:
+        """Rename a damaged entry to ``*.damaged`` (kept for inspection; the next save replaces the entry)."""
+        for part in (self.path(key).with_suffix(".json"), self.path(key)):
+            if part.is_file():
+                part.replace(part.with_name(part.name + ".damaged"))
 
     def save(self, key: str, descriptors: np.ndarray, info: dict) -> Path:
-        """Write descriptors then their sidecar, each atomically: an entry counts once its sidecar exists."""
+        """Write descriptors then their sidecar (with the file's size and SHA-256), each atomically: an
+        entry counts once its sidecar exists."""
         target = self.path(key)
-        with atomic_path(target) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, descriptors, allow_pickle=False)
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, descriptors, allow_pickle=False)
+            info = {**info, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
         write_text_atomic(target.with_suffix(".json"), json.dumps(info, sort_keys=True) + "\n")
+        stat = target.stat()
+        _VERIFIED.add((str(target), stat.st_size, stat.st_mtime_ns))
         return target
 
     def load(self, key: str, rows: int, dim: int | None = None) -> np.ndarray:
         """A memory-mapped entry, checked to hold ``rows`` descriptors (of ``dim`` when given)."""
-        array = np.load(self.path(key), mmap_mode="r", allow_pickle=False)
+        path = self.path(key)
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DamagedEntry(f"descriptor file {path} cannot be read: {exc}") from None
         if array.ndim != 2 or array.shape[0] != rows or (dim is not None and array.shape[1] != dim):
-            raise ValueError(f"descriptor file {self.path(key)} holds {array.shape}, expected {rows} rows")
+            raise DamagedEntry(f"descriptor file {path} holds {array.shape}, expected {rows} rows")
         return array
 
 

@@ -81,3 +81,16 @@ def triplet_loss(desc: torch.Tensor, margin: float) -> torch.Tensor:
     """Mean triplet margin loss over (query, best positive, each negative); desc is B×(2+N)×D."""
     q, p, n = desc[:, :1], desc[:, 1:2], desc[:, 2:]
     return F.triplet_margin_loss(q.expand_as(n), p.expand_as(n), n, margin=margin, p=2)
+
+
+class TrainingDiverged(ValueError):
+    """A non-finite loss: training stops before the step, so no checkpoint holds NaN weights."""
+
+
+def refuse_non_finite(loss: torch.Tensor, where: str) -> None:
+    """Raise ``TrainingDiverged`` (before any step is taken) when ``loss`` is NaN or infinite."""
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(
+            f"{where}: the loss is {loss.item()}; no step taken and no checkpoint written "
+            "(a damaged input, or train.lr too high)"
+        )

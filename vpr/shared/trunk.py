@@ -10,7 +10,9 @@ alone; CRN copies NetVLAD's, whose frozen layers never change), so the cache is 
 and kept on disk: its key hashes the trunk's weights, the exact bytes of every image (shard, offset,
 size, CRC) and the input size. The first head of a run builds it; the others, and a resumed or
 repeated run, load it (memory-mapped). It is stored in bfloat16: half the memory and disk of
-float32, rounding the training input to 8 bits of mantissa (measured effect: README).
+float32, rounding the training input to 8 bits of mantissa (measured effect: README). The file carries
+the CRC-32 of its maps, checked on every load: a damaged file (overwritten bytes would train on garbage)
+is rebuilt with a warning naming it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from vpr.foundations.atomic import atomic_path
 from vpr.shared.descriptors import autocast, image_batches
@@ -34,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 STORAGE = torch.bfloat16
 KEEP = 2  # cache files kept in the folder (the newest); older ones are removed after a build
-FORMAT = 1  # bump when the file layout or the encoding changes
+FORMAT = 2  # bump when the file layout or the encoding changes (2: the maps' CRC-32 is stored)
 
 
 class TrunkCache:
@@ -134,7 +137,8 @@ def open_trunk_cache(
             return TrunkCache(model, ids, features.to(device), bf16)
         features = _encode(model, reader, ids, transform, device, batch_size)
         with atomic_path(path) as tmp:
-            torch.save({"ids": torch.from_numpy(ids), "features": features.cpu()}, tmp)
+            stored = {"ids": torch.from_numpy(ids), "features": features.cpu()}
+            torch.save({**stored, "crc32": torch.tensor(crc32_of(stored["features"]))}, tmp)
         logger.info("trunk cache: %d images encoded → %s", len(ids), path)
     _prune(folder, keep=path)
     return TrunkCache(model, ids, features, bf16)
@@ -146,17 +150,39 @@ def _load(path: Path, ids: np.ndarray) -> torch.Tensor | None:
         stored = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
         features, stored_ids = stored["features"], stored["ids"]
         ok = torch.equal(stored_ids, torch.from_numpy(ids)) and features.dtype == STORAGE
-        if ok and len(features) == len(ids):
+        if not ok or len(features) != len(ids):
+            problem = "other images"
+        elif "crc32" not in stored or int(stored["crc32"]) != crc32_of(features):
+            problem = "its maps' CRC-32 does not match: damaged"
+        else:
             return features
-        problem = "other images"
     except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, it is rebuilt
         problem = str(exc)
     logger.warning("trunk cache %s unusable (%s): building it again", path, problem)
     return None
 
 
+def crc32_of(features: torch.Tensor, chunk_rows: int = 256) -> int:
+    """CRC-32 of the maps' bytes, read in bounded pieces (a mapped file is not loaded whole)."""
+    crc = 0
+    flat = features.reshape(len(features), -1)
+    for start in range(0, len(flat), chunk_rows):
+        crc = zlib.crc32(flat[start : start + chunk_rows].contiguous().view(torch.uint8).numpy(), crc)
+    return crc
+
+
 def _prune(folder: Path, keep: Path) -> None:
-    """Remove all but the newest ``KEEP`` cache files (one being read stays readable: it is mapped)."""
+    """Remove all but the newest ``KEEP`` cache files (one being read stays readable: it is mapped),
+    with their lock files, so neither piles up."""
     files = sorted(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in [p for p in files if p != keep][KEEP - 1 :]:
         old.unlink(missing_ok=True)
+    kept = {p.stem for p in folder.glob("*.pt")}
+    for lock in folder.glob(".*.lock"):
+        if lock.name[1 : -len(".lock")] in kept:
+            continue
+        try:
+            with FileLock(lock, timeout=0):  # held: a build of that key is at work, its lock stays
+                lock.unlink(missing_ok=True)
+        except Timeout:
+            pass

@@ -44,7 +44,7 @@ from vpr.shared.models import VPRModel, build_model
 from vpr.shared.retrieval import exact_search, recall_at_n
 from vpr.shared.shardio import ShardReader
 from vpr.shared.splits import SplitData, load_split
-from vpr.shared.triplets import TripletImages, triplet_loss
+from vpr.shared.triplets import TripletImages, refuse_non_finite, triplet_loss
 from vpr.shared.trunk import TrunkCache, open_trunk_cache
 from vpr.steps.initialise import build_training_model
 from vpr.steps.mining.negatives import encode_ids, mine_triplets
@@ -271,6 +271,7 @@ def train_epoch(
                     with autocast(run.device, run.step_bf16):
                         out = run.step(x)
                     loss = triplet_loss(out.float().view(b, n, -1), tc.margin)
+                    refuse_non_finite(loss, f"{run.head} epoch {epoch}, batch {batches_done + 1}")
                     run.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     run.optimizer.step()
