@@ -88,9 +88,38 @@ def test_reindex_reports_a_duplicate_and_keeps_a_far_image(released):
     assert set(by_name) == {copy.name, far.name}
     assert by_name[copy.name]["duplicate_of"] == f"images/test/database/{original.name}"
     assert by_name[far.name]["duplicate_of"] is None
-    assert "same bytes as an image already indexed" in result.note
+    assert "same bytes as an image already cataloged" in result.note
     release_ids = set(load_release(layout.release_dir("avg")).ids["id"].to_list())
     assert {a["id"] for a in result.added} <= release_ids
+
+
+def test_a_copy_of_a_val_image_is_leakage_and_changes_no_other_split(released, caplog):
+    """Re-indexed bytes of a validation image: the summary's warnings name the leak, and the next ingest
+    leaves the val catalog byte for byte as it was (its stages stay cached), marking the test copy."""
+    from vpr.steps.reindex import run_reindex
+
+    root, cfg, layout = released
+    val_catalog = layout.catalog("val").read_bytes()
+    original = sorted((layout.data / "images/val/database").iterdir())[0]
+    geo = parse_name(original.name)
+    layout.inbox.mkdir()
+    shutil.copy(
+        original,
+        layout.inbox
+        / format_name(geo.utm_east, geo.utm_north, utm_zone=geo.utm_zone, utm_letter=geo.utm_letter, note="copy"),
+    )
+    result = run_reindex(cfg, layout)
+    (added,) = result.added
+    source = f"images/val/database/{original.name}"
+    assert added["duplicate_of"] == source and added["warnings"] == [f"leakage: same bytes as {source}"]
+    assert "1 leak(s)" in result.note
+
+    caplog.set_level(logging.INFO, logger="vpr")
+    ingest(layout.data, layout.catalog_dir, cfg.ingest)
+    assert layout.catalog("val").read_bytes() == val_catalog
+    dup = dict(read_catalog(layout.catalog_dir).select("path", "duplicate_of").iter_rows())
+    assert dup[added["path"]] == source and dup[source] is None
+    assert any(r.levelno == logging.WARNING and "leakage: 1 image(s)" in r.getMessage() for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- high bit depth

@@ -278,9 +278,23 @@ def _inspect_all(root: Path, cands: list[_Candidate], cfg: IngestConfig) -> list
 
 
 def mark_duplicates(catalog: pl.DataFrame) -> pl.DataFrame:
-    """``duplicate_of`` = first path (sorted) with the same content; null for originals."""
-    first = pl.col("path").first().over("sha256")
+    """``duplicate_of`` = the first image with the same content, splits in pipeline order (train, val,
+    test) and then by path; null for originals.
+
+    So a copy only ever points at an earlier split or its own: images added to the test split never
+    change the train or val catalog (their stages stay cached), and a test or val image with the bytes of
+    a training image is marked on the later split's row, where ``leaks`` finds it.
+    """
+    rank = pl.col("split").replace_strict({s: i for i, s in enumerate(SPLITS)}, default=len(SPLITS))
+    first = pl.col("path").sort_by(rank, pl.col("path")).first().over("sha256")
     return catalog.with_columns(pl.when(pl.col("path") != first).then(first).otherwise(None).alias("duplicate_of"))
+
+
+def leaks(catalog: pl.DataFrame) -> pl.DataFrame:
+    """Rows whose bytes are an image of another (earlier) split: a test image identical to a training or
+    validation image measures memory, not recognition."""
+    split_of = pl.col("duplicate_of").str.split("/").list.get(1, null_on_oob=True)
+    return catalog.filter(pl.col("duplicate_of").is_not_null() & (split_of != pl.col("split")))
 
 
 def _one_zone(rows: list[dict]) -> list[dict]:
@@ -322,6 +336,13 @@ def summary_text(catalog: pl.DataFrame, rejected: pl.DataFrame, warnings: pl.Dat
             f"  duplicates: {dups.height} image(s) have the same bytes as another "
             f"(kept; e.g. {example['path']} == {example['duplicate_of']})"
         )
+    leaked = leaks(catalog)
+    if leaked.height:
+        example = leaked.row(0, named=True)
+        lines.append(
+            f"  leakage: {leaked.height} image(s) have the same bytes as an image of an earlier split "
+            f"(e.g. {example['path']} == {example['duplicate_of']}): remove one copy"
+        )
     return "\n".join(lines)
 
 
@@ -338,7 +359,7 @@ def ingest(root: str | Path, out_dir: str | Path, cfg: IngestConfig) -> IngestRe
     root, out_dir = Path(root), Path(out_dir)
     catalog, rejected, warnings, found = inspect_tree(root, cfg)
     summary = summary_text(catalog, rejected, warnings)
-    logger.info(summary)
+    (logger.warning if leaks(catalog).height else logger.info)(summary)
     if catalog.height == 0:
         raise IngestError(f"no usable images under {root / 'images'} ({found} file(s) found, all rejected)")
     for split in SPLITS:  # every split's file, empty when it has no images: stages can depend on each

@@ -71,6 +71,8 @@ from vpr.steps.catalog import REASON_OTHER_ZONE as REASON_OTHER_ZONE  # the cata
 from vpr.steps.catalog import (
     IngestError,
     append_to_catalog,
+    leaks,
+    mark_duplicates,
     printable_path,
     read_catalog,
 )
@@ -291,9 +293,12 @@ def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> No
     _move_files(layout, plan)
     reached("files-moved")
     paths = [it["row"]["path"] for it in plan["items"]]
-    duplicate_of = dict(
-        _catalog(layout).filter(pl.col("path").is_in(paths)).select("path", "duplicate_of").iter_rows()
-    )  # same bytes as an earlier image
+    everything = mark_duplicates(_catalog(layout))  # across splits: a copy of a train or val image is leakage
+    duplicate_of = dict(everything.filter(pl.col("path").is_in(paths)).select("path", "duplicate_of").iter_rows())
+    leaked = {row["path"]: row["duplicate_of"] for row in leaks(everything).iter_rows(named=True)}
+    for it in plan["items"]:
+        if it["row"]["path"] in leaked:
+            it["warnings"] = [*it.get("warnings", []), f"leakage: same bytes as {leaked[it['row']['path']]}"]
     result.added = [
         {
             "id": it["id"],
@@ -377,8 +382,11 @@ def _run_locked(cfg: Config, layout: Layout, result: ReindexResult, pending_path
     dups = [a for a in result.added if a["duplicate_of"]]
     if dups:
         result.note += (
-            f"; {len(dups)} with the same bytes as an image already indexed (kept; e.g. "
+            f"; {len(dups)} with the same bytes as an image already cataloged (kept; e.g. "
             f"{dups[0]['path']} == {dups[0]['duplicate_of']})"
         )
+    leaked = [a for a in result.added if any(w.startswith("leakage:") for w in a["warnings"])]
+    if leaked:
+        result.note += f"; {len(leaked)} leak(s): the bytes of a train or val image (see the warnings column)"
     _log(layout, result)
     return result
