@@ -295,6 +295,8 @@ class ResourcesConfig(Strict):
     # stream the shard tars from here (http(s):// or a pipe: command) instead of the local shard folder;
     # the shard index still comes from paths.artifacts (it is small, and DVC versions it)
     shards_url: str | None = None
+    # data-parallel training: a rank that does not join, or freezes before a collective, fails the run after this
+    ddp_timeout_s: float = Field(300.0, gt=0)
 
 
 class AblationConfig(Strict):
