@@ -107,3 +107,45 @@ def test_two_rank_training_learns_writes_once_and_resumes_on_one_rank(micro_proj
     assert len(summaries) == 1 and summaries[0]["epochs"] == cfg.train.epochs + 1
     resumed = load_checkpoint(layout.last_checkpoint("netvlad"))
     assert resumed["ranks"] == 1 and resumed["history"][: cfg.train.epochs] == history
+
+
+_RANK = """
+import sys, time, torch
+from vpr.shared.distributed import join_from_env, mean_over_ranks
+ranks, _ = join_from_env(torch.device("cpu"), timeout_s=float(sys.argv[1]))
+if ranks.rank == 1:
+    time.sleep(600)  # frozen before the collective (killed by the test); rank 0 must not wait for it
+else:
+    mean_over_ranks([1.0], ranks)
+"""
+
+
+def _rank(rank: int, port: int, timeout_s: float) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": str(rank)}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    cmd = [sys.executable, "-c", _RANK, str(timeout_s)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_that_never_joins_fails_the_others_within_ddp_timeout():
+    alone = _rank(0, _free_port(), 2.0)
+    try:
+        _, err = alone.communicate(timeout=120)  # gloo's own default would wait 30 minutes
+    finally:
+        alone.kill()
+    assert alone.returncode != 0
+    assert "did not form within 2 s" in err and "resources.ddp_timeout_s" in err, err[-2000:]
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_frozen_before_a_collective_fails_the_others_within_ddp_timeout():
+    port = _free_port()
+    procs = [_rank(r, port, 3.0) for r in (0, 1)]
+    try:
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode != 0 and "timed out" in err.lower(), err[-2000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import numpy as np
@@ -176,9 +177,12 @@ def test_netvlad_init_from_descriptors() -> None:
 
 def test_imagenet_from_cache_and_local_path(tmp_path, monkeypatch) -> None:
     state = resnet18(weights=None).state_dict()
-    ckpt = tmp_path / "checkpoints" / "resnet18-f37072fd.pth"
-    ckpt.parent.mkdir()
-    torch.save(state, ckpt)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(state, tmp_path / "checkpoints" / "staged.pth")
+    # torch.hub's naming rule: the cached file's name carries its SHA-256 prefix, checked on use
+    name = f"resnet18-{hashlib.sha256((tmp_path / 'checkpoints' / 'staged.pth').read_bytes()).hexdigest()[:8]}.pth"
+    (tmp_path / "checkpoints" / "staged.pth").rename(tmp_path / "checkpoints" / name)
+    monkeypatch.setenv("VPR_IMAGENET_URL", f"http://127.0.0.1:9/{name}")  # cached: never asked
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

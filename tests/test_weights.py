@@ -7,19 +7,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import os
 import socket
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from torchvision.models import resnet18
 from typer.testing import CliRunner
 
 from vpr.cli import app
 from vpr.foundations.config import ModelConfig
-from vpr.shared.models import build_backbone
+from vpr.shared.models import build_backbone, weights
 from vpr.shared.models.weights import URL_ENV, WeightsUnavailable, cached_path, fetch_imagenet
 
 pytestmark = pytest.mark.timeout(120)  # a hang is the failure
@@ -68,7 +71,8 @@ def test_download_fills_torchvisions_cache_and_the_backbone_loads_it(served, hub
         warnings.simplefilter("error")  # no fallback warning
         backbone = build_backbone(ModelConfig(weights="imagenet"))
     assert torch.equal(backbone.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
-    assert cached_path() == hub / name and sorted(p.name for p in hub.iterdir()) == [name, f"{name}.lock"]
+    assert cached_path() == hub / name
+    assert sorted(p.name for p in hub.iterdir()) == [name, f"{name}.lock", f"{name}.sha256.json"]
     (www / name).unlink()  # cached now: the next build never asks the server
     assert torch.equal(build_backbone(ModelConfig(weights="imagenet")).conv1.weight, state["conv1.weight"])
 
@@ -128,3 +132,90 @@ def test_vpr_weights_shows_the_source_and_fetches_on_request(served, hub, monkey
     (www / name).unlink()
     missing = CliRunner().invoke(app, ["weights", "--fetch", "-p", str(params)])
     assert missing.exit_code == 1 and "cannot fetch the ImageNet weights" in missing.output
+
+
+@pytest.fixture
+def drip(tmp_path):
+    """A real HTTP server on 127.0.0.1 that announces 40 MB and sends one byte every 0.2 s: its URL."""
+    stop = threading.Event()
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", str(40 * 2**20))
+            self.end_headers()
+            try:
+                while not stop.wait(0.2):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+            except OSError:  # the client hung up: what it should do
+                pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/resnet18-f37072fd.pth"
+    stop.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_dripping_server_is_cut_by_the_speed_limit_and_the_deadline(drip, hub, monkeypatch):
+    """Every read arrives within the read timeout, so only a speed limit or a deadline ends it."""
+    monkeypatch.setattr(weights, "SPEED_WINDOW_S", 1.0)
+    with pytest.raises(WeightsUnavailable, match="too slow: [0-9] bytes/s over 1 s"):
+        fetch_imagenet(drip, read_timeout=5)
+    monkeypatch.setattr(weights, "MIN_BYTES_PER_S", 0.0)
+    with pytest.raises(WeightsUnavailable, match="not done within 1.5 s"):
+        fetch_imagenet(drip, read_timeout=5, deadline_s=1.5)
+    assert not [p for p in hub.iterdir() if p.name.endswith(".partial")]
+
+
+def test_a_builder_waiting_on_a_held_lock_gives_up_and_falls_back(served, hub, monkeypatch):
+    www, base = served
+    name = _publish(www, resnet18(weights=None).state_dict())
+    monkeypatch.setenv(URL_ENV, f"{base}/{name}")
+    hub.mkdir(parents=True)
+    monkeypatch.setattr(weights, "LOCK_TIMEOUT_S", 0.5)
+    with FileLock(str(hub / f"{name}.lock")):  # another builder, frozen mid-download
+        with pytest.warns(UserWarning, match="another process has held .* for over 0.5 s.*using random init"):
+            build_backbone(ModelConfig(weights="imagenet"))
+    assert not (hub / name).exists()
+
+
+def test_leftover_partials_of_dead_downloads_are_removed(served, hub, monkeypatch):
+    www, base = served
+    name = _publish(www, resnet18(weights=None).state_dict())
+    hub.mkdir(parents=True)
+    # killed downloads: one named after a PID that may well be alive again (ours), one from an old scheme
+    leftovers = [hub / f".{name}.{os.getpid()}.partial", hub / f".{name}.1.0badcafe.partial"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half a download")
+    fetch_imagenet(f"{base}/{name}")
+    assert (hub / name).is_file() and not [p for p in leftovers if p.exists()]
+
+
+def test_a_corrupt_cached_file_is_moved_aside_and_fetched_again_or_fallen_back_from(served, hub, monkeypatch):
+    www, base = served
+    torch.manual_seed(7)
+    state = resnet18(weights=None).state_dict()
+    name = _publish(www, state)
+    monkeypatch.setenv(URL_ENV, f"{base}/{name}")
+    hub.mkdir(parents=True)
+    (hub / name).write_bytes(b"not a checkpoint at all")  # its name still carries the good hash
+    with pytest.warns(UserWarning, match="fail their hash check") as caught:
+        backbone = build_backbone(ModelConfig(weights="imagenet"))
+    assert not [w for w in caught if "random init" in str(w.message)]
+    assert torch.equal(backbone.conv1.weight, state["conv1.weight"])  # fetched again
+    assert (hub / f"{name}.corrupt").read_bytes() == b"not a checkpoint at all"
+
+    good = (hub / name).read_bytes()
+    (hub / name).write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # damaged in the cache, same size
+    time.sleep(0.01)
+    (www / name).unlink()  # and the server is gone
+    with pytest.warns(UserWarning) as caught:
+        build_backbone(ModelConfig(weights="imagenet"))
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "fail their hash check" in messages and "using random init" in messages, messages

@@ -39,6 +39,7 @@ from vpr.foundations.layout import Layout
 from vpr.shared.checkpoints import load_model, untrained_model
 from vpr.shared.descriptors import autocast, eval_transform, image_batches, resolve_device
 from vpr.shared.shardio import ShardError, ShardPlan, ShardReader, shard_plans
+from vpr.shared.shardnet import RemoteShards, remote_shards
 
 log = logging.getLogger(__name__)
 
@@ -292,9 +293,9 @@ def encode_plans(encoder: Encoder, plans: Sequence[ShardPlan], store: Descriptor
     return DescriptorSet(store, parts, encoder.model.descriptor_dim)
 
 
-def plans_for(reader: ShardReader, ids: Sequence[int], url: str | None = None) -> list[ShardPlan]:
+def plans_for(reader: ShardReader, ids: Sequence[int], url: RemoteShards | str | None = None) -> list[ShardPlan]:
     """The shards holding ``ids`` (whole shards: every sample of each is encoded), streamed from the
-    local shard folder or, with ``url`` (``resources.shards_url``), from that base URL."""
+    local shard folder or, with ``url`` (``remote_shards(resources)``), from that remote source."""
     wanted = np.unique(np.asarray(ids, dtype=np.int64))
     rows = reader.index.filter(pl.col("id").is_in(wanted.tolist()))
     if rows.height != len(wanted):
@@ -326,7 +327,7 @@ def encode_named_shards(
     unknown = sorted(set(shards) - set(rows["shard"].unique().to_list()))
     if unknown:
         raise ShardError(f"no shard {unknown[0]} in the shard index of {layout.shards_dir}")
-    plans = shard_plans(rows, cfg.resources.shards_url or layout.shards_dir)
+    plans = shard_plans(rows, remote_shards(cfg.resources) or layout.shards_dir)
     store = DescriptorStore(layout.descriptors_dir)
     return [encode_shard(encoder, plan, store) for plan in plans]
 

@@ -19,10 +19,13 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+DDP_TIMEOUT_S = 300.0  # resources.ddp_timeout_s's default: a frozen rank stops the run after 5 minutes
 
 
 @dataclass(frozen=True)
@@ -42,14 +45,31 @@ def current() -> Ranks:
     return Ranks()
 
 
-def join_from_env(device: torch.device) -> tuple[Ranks, bool]:
-    """Join the process group torchrun's environment describes; (ranks, whether this call created it)."""
+class RanksTimeout(RuntimeError):
+    """The process group did not form in time: a rank never started, died or froze."""
+
+
+def join_from_env(device: torch.device, timeout_s: float = DDP_TIMEOUT_S) -> tuple[Ranks, bool]:
+    """Join the process group torchrun's environment describes; (ranks, whether this call created it).
+
+    ``timeout_s`` (``resources.ddp_timeout_s``) bounds the wait for the other ranks to join and every
+    collective after it: without it gloo waits 30 minutes (NCCL longer) for a frozen rank.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or (dist.is_available() and dist.is_initialized()):
         return current(), False
     if device.type == "cuda":  # one GPU per rank of this node: "cuda" now means this rank's
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, TimeoutError) as exc:  # DistStoreError, gloo's connect timeout...
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RanksTimeout(
+            f"rank {os.environ.get('RANK', '?')} of {world}: the process group at {where} did not form within "
+            f"{timeout_s:g} s (another rank did not start, died or froze; resources.ddp_timeout_s sets this "
+            f"bound): {reason}"
+        ) from None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if device.type == "cpu":  # ranks of one node share its cores instead of each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shlex
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,12 +25,11 @@ import polars as pl
 from PIL import Image
 
 from vpr.foundations.layout import SPLITS
+from vpr.shared.shardnet import RemoteShards, Transfer, TransferError, promised_bytes, tar_samples
 
 INDEX_FILE = "index.parquet"
 SAMPLE_MEMBERS = frozenset({"jpg", "json"})  # anything else in a sample is refused, never decoded
 _JPEG_SOI = b"\xff\xd8"
-CONNECT_TIMEOUT_S = 5  # remote shards: a host that does not answer fails fast, never hangs
-STREAM_TIMEOUT_S = 600  # the longest one shard may take to arrive
 
 INDEX_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.Int64,
@@ -193,11 +191,13 @@ class ShardReader:
 class ShardPlan:
     """What the index says one shard holds: keys and ids in order and each jpg's byte range."""
 
-    url: Path | str  # a local file, or a URL streamed through WebDataset (``is_url``)
+    url: Path | str  # a local file, or a remote shard's URL (``is_url``)
     keys: list[str]
     ends: list[int]  # offset + size of each sample's jpg data
     crcs: list[int | None]  # the index's checksum of each sample's jpg data (None: not recorded)
     ids: list[int] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # each sample's jpg size
+    remote: RemoteShards | None = None  # where a remote shard comes from, and the limits of its transfer
 
 
 def is_url(location: str | Path) -> bool:
@@ -205,36 +205,27 @@ def is_url(location: str | Path) -> bool:
     return isinstance(location, str) and ("://" in location or location.startswith("pipe:"))
 
 
-def shard_location(shards_dir: str | Path, shard: str) -> Path | str:
-    """Where shard ``shard`` (a name relative to the shard root) is: a local path or a URL below a base URL."""
-    if is_url(shards_dir):
-        return f"{str(shards_dir).rstrip('/')}/{shard}"
-    return Path(shards_dir) / shard
-
-
-def stream_url(location: Path | str) -> str:
-    """What WebDataset opens: http(s) through ``curl`` with bounded waits (WebDataset's own default
-    retries for minutes), anything else as given (a local path, ``pipe:`` command, ...)."""
-    if isinstance(location, str) and location.startswith(("http://", "https://")):
-        return (
-            f"pipe:curl --fail --silent --show-error --location --connect-timeout {CONNECT_TIMEOUT_S} "
-            f"--max-time {STREAM_TIMEOUT_S} {shlex.quote(location)}"
-        )
-    return str(location)
-
-
-def shard_plans(index: pl.DataFrame, shards_dir: str | Path) -> list[ShardPlan]:
+def shard_plans(index: pl.DataFrame, shards_dir: str | Path | RemoteShards) -> list[ShardPlan]:
     """One plan per shard file named in ``index`` (rows of a shard index), in shard-name order.
 
-    ``shards_dir`` may be a base URL (``is_url``): the plans then stream ``{base}/{shard}`` instead.
+    ``shards_dir`` may be remote (``RemoteShards``, or a base URL with the default limits, where a
+    ``pipe:`` is refused): the plans then stream ``{base}/{shard}`` instead.
     """
+    remote = shards_dir if isinstance(shards_dir, RemoteShards) else None
+    if is_url(shards_dir):
+        try:
+            remote = RemoteShards(str(shards_dir))
+        except TransferError as exc:
+            raise ShardError(str(exc)) from None
     index = index.sort("id")
     if "crc32" not in index.columns:
         index = index.with_columns(pl.lit(None, pl.Int64).alias("crc32"))
     plans: dict[str, ShardPlan] = {}
     for shard, key, offset, size, crc, i in index.select("shard", "key", "offset", "size", "crc32", "id").iter_rows():
-        plan = plans.setdefault(shard, ShardPlan(shard_location(shards_dir, shard), [], [], []))
+        where = remote.location(shard) if remote else Path(shards_dir) / shard  # type: ignore[arg-type]
+        plan = plans.setdefault(shard, ShardPlan(where, [], [], [], remote=remote))
         plan.keys.append(key)
+        plan.sizes.append(size)
         plan.ends.append(offset + size)
         plan.crcs.append(crc)
         plan.ids.append(i)
@@ -263,30 +254,43 @@ def _damage(plan: ShardPlan, n_read: int, exc: Exception) -> ShardError:
     )
 
 
-def stream_samples(plan: ShardPlan) -> Iterator[tuple[int, bytes, bytes]]:
-    """Stream one tar through WebDataset: ``(position in plan, jpg bytes, json bytes)`` per sample.
-
-    Every sample is checked against the index (key order, members, CRC-32) before it is yielded, and
-    the shard must hold exactly the samples the index names.
-    """
+def _local_samples(url: Path) -> Iterator[dict]:
+    """A local tar's samples through WebDataset (the file bounds what any header can claim)."""
     import webdataset as wds  # imports torch (slow to import): keep it out of the resize workers' start-up
 
-    url, expected = plan.url, plan.keys
-    if isinstance(url, Path) and not url.exists():
+    if not url.exists():
         raise ShardError(f"shard missing: {url}")
     # workersplitter/nodesplitter None: this one shard is read whole wherever it runs (in any loader worker,
     # on any rank of a distributed run); callers deal shards to workers and ids to ranks themselves
-    dataset = wds.WebDataset(
-        stream_url(url),
+    yield from wds.WebDataset(
+        str(url),
         shardshuffle=False,
         empty_check=False,
         handler=wds.reraise_exception,
         workersplitter=None,
         nodesplitter=None,
     )
+
+
+def _remote_samples(plan: ShardPlan) -> Iterator[dict]:
+    """A remote tar's samples (``vpr.shared.shardnet``: every header checked before its member is read,
+    a deadline and a low-speed limit on the transfer, nothing read past the end of the tar)."""
+    assert plan.remote is not None and isinstance(plan.url, str)
+    offsets = [end - size for end, size in zip(plan.ends, plan.sizes)]
+    with Transfer(plan.url, plan.remote, promised_bytes(plan.ends)) as transfer:
+        yield from tar_samples(transfer, plan.keys, offsets, plan.sizes)
+
+
+def stream_samples(plan: ShardPlan) -> Iterator[tuple[int, bytes, bytes]]:
+    """Stream one tar: ``(position in plan, jpg bytes, json bytes)`` per sample.
+
+    Every sample is checked against the index (key order, members, CRC-32) before it is yielded, and
+    the shard must hold exactly the samples the index names.
+    """
+    url, expected = plan.url, plan.keys
     n = 0
     try:
-        for sample in dataset:
+        for sample in _remote_samples(plan) if plan.remote else _local_samples(Path(url)):
             key = sample["__key__"]
             if n >= len(expected) or key != expected[n]:
                 raise ShardError(
@@ -312,6 +316,8 @@ def stream_samples(plan: ShardPlan) -> Iterator[tuple[int, bytes, bytes]]:
             n += 1
     except ShardError:
         raise
+    except TransferError as exc:
+        raise ShardError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - tarfile.ReadError, OSError, JSON errors...
         raise _damage(plan, n, exc) from exc
     if n != len(expected):

@@ -28,6 +28,7 @@ from vpr.shared.descstore import (
 )
 from vpr.shared.retrieval import approximate_recall, chunked_search, recall_at_n, rows_within
 from vpr.shared.shardio import ShardReader
+from vpr.shared.shardnet import remote_shards
 from vpr.shared.splits import SplitData, load_split
 
 TOP_PREDICTIONS = 20  # ranked matches kept per query in the predictions table
@@ -135,7 +136,7 @@ def evaluate_head(head: str, cfg: Config, layout: Layout, *, untrained: bool = F
     model = head_model(head, cfg, layout, device, untrained=untrained)
     encoder = encoder_for(model, cfg, device)
     store = DescriptorStore(layout.descriptors_dir)
-    url = cfg.resources.shards_url
+    url = remote_shards(cfg.resources)
     db_set = encode_plans(encoder, plans_for(reader, split.db_ids, url), store)
     q_set = encode_plans(encoder, plans_for(reader, split.q_ids, url), store)
     q = q_set.gather(split.q_ids)

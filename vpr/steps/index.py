@@ -66,6 +66,7 @@ from vpr.shared.descstore import (
 from vpr.shared.release import ID_SCHEMA, Release, ReleaseModel, haversine_m, load_release, open_for_append
 from vpr.shared.retrieval import make_index, rows_within
 from vpr.shared.shardio import ShardReader
+from vpr.shared.shardnet import remote_shards
 from vpr.shared.versions import (
     CURRENT,
     IDS_FILE,
@@ -170,7 +171,7 @@ def build_release(head: str, cfg: Config, layout: Layout) -> Path:
     rows = release_images(reader.index, cfg.index.splits)
     if rows.height == 0:
         raise ReleaseError(f"no database images to index (splits: {cfg.index.splits or 'all'})")
-    plans = sorted(plans_for(reader, rows["id"], cfg.resources.shards_url), key=lambda p: p.ids[0])  # id order
+    plans = sorted(plans_for(reader, rows["id"], remote_shards(cfg.resources)), key=lambda p: p.ids[0])  # id order
     store = DescriptorStore(layout.descriptors_dir)
     descriptors = encode_plans(encoder_for(model, cfg, device), plans, store)
     index = index_from_set(descriptors, cfg.index, cfg.index.kind, cfg.resources.memory_gb)

@@ -145,7 +145,7 @@ def train_head(
     Started by torchrun, this process is one rank of a data-parallel run (``vpr.shared.distributed``).
     """
     device = resolve_device(cfg.train.device)
-    ranks, created = join_from_env(device)
+    ranks, created = join_from_env(device, cfg.resources.ddp_timeout_s)
     try:
         run = prepare_run(head, cfg, layout, device, ranks, resume=resume)
         batches_done = 0

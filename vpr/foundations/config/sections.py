@@ -295,6 +295,23 @@ class ResourcesConfig(Strict):
     # stream the shard tars from here (http(s):// or a pipe: command) instead of the local shard folder;
     # the shard index still comes from paths.artifacts (it is small, and DVC versions it)
     shards_url: str | None = None
+    # a ``pipe:`` shards_url runs that shell command: refused unless opted into here
+    allow_pipe: bool = False
+    # each remote shard transfer: a deadline, and a low-speed limit (under min_bytes_per_s over window_s: cut)
+    shards_deadline_s: float = Field(600.0, gt=0)
+    shards_min_bytes_per_s: float = Field(1024.0, ge=0)
+    shards_speed_window_s: float = Field(30.0, gt=0)
+    # data-parallel training: a rank that does not join, or freezes before a collective, fails the run after this
+    ddp_timeout_s: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _pipe_needs_opt_in(self) -> ResourcesConfig:
+        if self.shards_url and self.shards_url.startswith("pipe:") and not self.allow_pipe:
+            raise ValueError(
+                f"shards_url {self.shards_url!r} runs a shell command; set resources.allow_pipe: true "
+                "to allow it (or serve the shards over http(s))"
+            )
+        return self
 
 
 class AblationConfig(Strict):
