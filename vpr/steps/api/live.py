@@ -102,7 +102,7 @@ class LiveRelease:
         self.swaps = 0
 
     def _newest_good(self) -> Release:
-        """The live version, or when its files fail their check the newest other kept version that loads."""
+        """The live version, or when its files fail their check the newest older kept version that loads."""
         try:
             return load_release(self.release_dir, self.device)
         except ReleaseError as exc:
@@ -111,7 +111,7 @@ class LiveRelease:
                 raise
             self.refused[_identity(live)] = str(exc)
             for name in reversed(versions(self.release_dir)):
-                if name == live.name:
+                if name >= live.name:  # a newer folder was never switched in (a writer died): not published
                     continue
                 try:
                     release = load_version(self.release_dir / name, self.device)
