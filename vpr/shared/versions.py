@@ -14,8 +14,10 @@ kept beside the writer lock, so a removed version's name is never published agai
 
 Trust: the manifest records the size and SHA-256 of every file it names (each segment's ``files``,
 the ``model``) and a random ``release_id``. Readers check sizes, then hashes, once per open
-(``check_version``); a writer checks what it links into a new version before linking it, and a
-new version carries its parent's records, never ones recomputed from linked files. A version's
+(``check_segments``, ``check_model``); a writer checks what it links into a new version before
+linking it (the base segment by size alone, so that an append costs the batch, not the release), and
+a new version carries its parent's records, never ones recomputed from linked files. A version
+written before records existed loads unchecked (``recorded``), with a note to re-run ``vpr index``. A version's
 identity is the SHA-256 of its manifest (``read_manifest``), not its name. The model is the
 release's own copy (``copy_private``: a reflink where the file system has them), never a link to
 the training checkpoint, which training overwrites.
