@@ -5,12 +5,17 @@ delta segment's vectors; retried when a writer prunes it mid-open); ``Release`` 
 as the release's own descriptors were computed and searches them, optionally within a GPS radius.
 ``open_for_append`` opens the model and manifest alone, which is what re-indexing needs. How versions
 are written and switched: ``vpr.shared.versions``; how a release is built and extended: ``vpr.steps.index``.
+
+Every open checks each file against the manifest's size and SHA-256 (once per open; a mismatch is a
+one-line ``ReleaseError`` naming the file). The model is checked after its weights-only load (which
+runs no code), so a forged checkpoint is still reported as such. A version written before manifests
+recorded their files loads unchecked, with a one-line warning saying to re-run ``vpr index``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +25,24 @@ import polars as pl
 import torch
 from PIL import Image
 
-from vpr.shared.checkpoints import load_model
+from vpr.shared.checkpoints import CheckpointError, load_model
 from vpr.shared.descriptors import autocast, extract, image_transform, resolve_device
 from vpr.shared.models import VPRModel
 from vpr.shared.shardio import INDEX_SCHEMA, ShardReader
-from vpr.shared.versions import MANIFEST_FILE, MODEL_FILE, ReleaseError, current_version, held, segments
+from vpr.shared.versions import (
+    MODEL_FILE,
+    REBUILD,
+    ReleaseError,
+    check_model,
+    check_segments,
+    current_version,
+    held,
+    read_manifest,
+    recorded,
+    segments,
+)
+
+logger = logging.getLogger(__name__)
 
 ID_SCHEMA: dict[str, pl.DataType] = {
     k: INDEX_SCHEMA[k] for k in ("id", "path", "split", "role", "utm_east", "utm_north", "lat", "lon")
@@ -41,6 +59,7 @@ class Release:
     index: faiss.Index
     ids: pl.DataFrame  # ID_SCHEMA, one row per indexed vector
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    digest: str = ""  # the SHA-256 of its manifest: which release this is (a name can be reused)
 
     @property
     def release_dir(self) -> Path:
@@ -114,25 +133,48 @@ def _search_params(index: faiss.Index, selector: faiss.IDSelector) -> faiss.Sear
     return faiss.SearchParameters(sel=selector)
 
 
+def _read(path: Path, reader: Callable[[Path], object]):
+    """``reader(path)``; a file that is there but unreadable is a one-line ``ReleaseError`` naming it."""
+    try:
+        return reader(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy, polars, faiss and torch each raise their own
+        if not path.exists():  # faiss says RuntimeError for a vanished file: a pruned version
+            raise FileNotFoundError(path) from None
+        if isinstance(exc, (ReleaseError, CheckpointError)):  # one line naming the file already
+            raise ReleaseError(str(exc)) from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReleaseError(f"{path}: unreadable ({reason}); {REBUILD}") from None
+
+
+def _unchecked(version: Path, manifest: dict) -> None:
+    if not recorded(manifest):
+        logger.warning("%s: its manifest records no file sizes or hashes: loaded unchecked (%s)", version, REBUILD)
+
+
 def load_version(version: Path, device: torch.device) -> Release:
-    """One version folder, whatever ``CURRENT`` says (``load_release`` opens the live one)."""
-    manifest = json.loads((version / MANIFEST_FILE).read_text())
+    """One version folder, whatever ``CURRENT`` says (``load_release`` opens the live one), its files checked."""
+    manifest, digest = read_manifest(version)
+    _unchecked(version, manifest)
+    check_segments(version, manifest)
     index, tables = None, []
     for seg in segments(manifest):  # the base index, then each delta's vectors added to it
-        tables.append(pl.read_parquet(version / seg["ids"]))
+        tables.append(_read(version / seg["ids"], pl.read_parquet))
         if seg["kind"] == "base":
-            index = faiss.read_index(str(version / seg["index"]))
+            index = _read(version / seg["index"], lambda p: faiss.read_index(str(p)))
         else:
-            vectors = np.load(version / seg["vectors"], allow_pickle=False)
+            vectors = _read(version / seg["vectors"], lambda p: np.load(p, allow_pickle=False))
             index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), tables[-1]["id"].to_numpy())
     ids = pl.concat([t.cast(ID_SCHEMA) for t in tables])  # type: ignore[arg-type]
-    model, _ = load_model(version / MODEL_FILE, device)
+    model = _read(version / MODEL_FILE, lambda p: load_model(p, device)[0])
+    check_model(version, manifest)
     if index is None or index.ntotal != ids.height or index.d != model.descriptor_dim:
         raise ReleaseError(
             f"{version}: index holds {index.ntotal if index else 0}×{index.d if index else 0}, id table "
             f"{ids.height} rows, model gives {model.descriptor_dim}-d descriptors"
         )
-    return Release(path=version, manifest=manifest, model=model, index=index, ids=ids, device=device)
+    return Release(path=version, manifest=manifest, model=model, index=index, ids=ids, device=device, digest=digest)
 
 
 def load_release(release_dir: str | Path, device: torch.device | str = "cpu") -> Release:
@@ -174,12 +216,16 @@ class ReleaseModel:
 
 
 def open_for_append(release_dir: str | Path, device: torch.device | str = "cpu") -> ReleaseModel:
-    """The live version's model and manifest, never its index: re-indexing costs what the batch costs."""
+    """The live version's model and manifest, never its index: re-indexing costs what the batch costs
+    (the base segment's files are checked by size, the deltas and the model by hash)."""
     release_dir = Path(release_dir)
     device = resolve_device(device) if isinstance(device, str) else device
     version = current_version(release_dir)
     if version is None:
         raise ReleaseError(f"no release in {release_dir} (build one with `vpr index --head ...`)")
-    manifest = json.loads((version / MANIFEST_FILE).read_text())
-    model, _ = load_model(version / MODEL_FILE, device)
+    manifest, _ = read_manifest(version)
+    _unchecked(version, manifest)
+    check_segments(version, manifest, base=False)  # sizes, and the deltas' hashes: appending reads them
+    model = _read(version / MODEL_FILE, lambda p: load_model(p, device)[0])
+    check_model(version, manifest)
     return ReleaseModel(version, manifest, model, device)

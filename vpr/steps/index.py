@@ -7,9 +7,9 @@ A release is what ``vpr locate`` answers from and what re-indexing extends. On d
         v000001/                an immutable, complete version
             index.faiss         faiss.IndexIDMap2 over the chosen index; ids = shard image ids (int64)
             ids.parquet         id, path, split, role, utm_east, utm_north, lat, lon
-            model.pt            the checkpoint the descriptors were computed with
-            release.json        manifest: head, version, count, dim, index kind, image size, parent,
-                                segments...
+            model.pt            the release's own copy of the checkpoint the descriptors were computed with
+            release.json        manifest: head, version, release_id, count, dim, index kind, image size,
+                                parent, segments (each with its files' sizes and SHA-256), model (the same)...
         v000002/                after a re-index: v000001's files hard-linked, plus
             delta-000002.npy    the batch's vectors (added to the index when the version is loaded)
             delta-000002.parquet
@@ -76,12 +76,19 @@ from vpr.shared.versions import (
     MODEL_FILE,
     ReleaseError,
     base_segment,
+    check_model,
+    check_segments,
     commit_version,
+    copy_private,
     current_version,
     delta_segment,
+    file_record,
     held,
     link_or_copy,
+    read_manifest,
+    recorded,
     release_lock,
+    seal,
     segment_files,
     segments,
 )
@@ -164,6 +171,7 @@ def build_release(head: str, cfg: Config, layout: Layout) -> Path:
     """
     checkpoint = layout.checkpoint(head)
     device = resolve_device(cfg.train.device)
+    trained = file_record(checkpoint) if checkpoint.exists() else None  # what the descriptors come from
     model, ckpt = load_model(checkpoint, device)
     if ckpt.get("head", head) != head:
         raise ReleaseError(f"{checkpoint} holds head {ckpt.get('head')!r}, not {head!r}")
@@ -202,16 +210,20 @@ def build_release(head: str, cfg: Config, layout: Layout) -> Path:
         }
         faiss.write_index(index, str(folder / INDEX_FILE))
         meta.write_parquet(folder / IDS_FILE)
-        link_or_copy(checkpoint, folder / MODEL_FILE)
-        write_manifest(folder, manifest)
+        copy_private(checkpoint, folder / MODEL_FILE)  # never a link: training rewrites the checkpoint
+        own = file_record(folder / MODEL_FILE)
+        if trained is None or own["sha256"] != trained["sha256"]:
+            raise ReleaseError(f"{checkpoint} changed while the release was built: run `vpr index` again")
+        write_manifest(folder, {**manifest, "model": {"file": MODEL_FILE, **own}})
 
     with release_lock(release_dir):
         return commit_version(release_dir, build)
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    """A version's ``manifest.json`` (inside a version folder being built, so not atomic by itself)."""
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    """A version's ``release.json``, sealed (``versions.seal``: a release id and every file's size and
+    SHA-256); inside a version folder being built, so not atomic by itself."""
+    (folder / MANIFEST_FILE).write_text(json.dumps(seal(folder, manifest), indent=2, sort_keys=True) + "\n")
 
 
 def _now() -> str:
@@ -250,7 +262,9 @@ def add_to_release(
     release_dir = release.release_dir
     with release_lock(release_dir):
         live = current_version(release_dir)
-        manifest = json.loads((live / MANIFEST_FILE).read_text())
+        manifest, _ = read_manifest(live)
+        check_segments(live, manifest, base=False)  # what is linked into the new version: never a damaged file
+        check_model(live, manifest)
         if manifest.get("head") != release.manifest.get("head"):
             raise ReleaseError(f"live version {live} is for another head")
         fresh = ~held(live, manifest, new_ids)
@@ -275,7 +289,10 @@ def add_to_release(
             delta = delta_segment(number, table["id"].to_numpy())
             np.save(folder / delta["vectors"], np.concatenate(parts_v), allow_pickle=False)
             table.write_parquet(folder / delta["ids"])
-            link_or_copy(live / MODEL_FILE, folder / MODEL_FILE)
+            if recorded(manifest):  # the release's own checked copy: shared with its parent
+                link_or_copy(live / MODEL_FILE, folder / MODEL_FILE)
+            else:  # an older version's model may still be a link to the checkpoint
+                copy_private(live / MODEL_FILE, folder / MODEL_FILE)
             write_manifest(
                 folder,
                 {

@@ -22,7 +22,9 @@ are skipped — copy a file in under a hidden name, then rename it, so a half-co
 3. **Write new shards** (existing tar files are never rewritten). Nothing references them yet.
 4. **Extract and add** descriptors with each live release's own model to its FAISS index under the new
    ids (``vpr.steps.index.add_to_release``: a new release version switched in atomically; ids already present
-   are skipped). This switch is the commit point that ``locate`` sees.
+   are skipped). This switch is the commit point that ``locate`` sees. A live version whose files fail
+   their check (``vpr.shared.versions``) gets nothing added: the run stops with the damaged file named,
+   the batch stays pending, and the run after a ``vpr index`` adds it.
 5. **Append** the rows to the shard index, then to the catalog (each an atomic file replace; the
    catalog stays sorted by path with duplicates marked, as ``vpr ingest`` would write it), and
    **move** the files from the inbox to ``data/images/<reindex_split>/database/``.
@@ -57,6 +59,7 @@ from vpr.foundations.config import Config
 from vpr.foundations.datalock import DataBusy, data_lock
 from vpr.foundations.layout import Layout
 from vpr.shared.shardio import read_index
+from vpr.shared.versions import ReleaseError
 from vpr.steps.batch import ReindexError as ReindexError  # the error of every re-index step
 from vpr.steps.batch import (
     index_has,
@@ -342,6 +345,8 @@ def run_reindex(cfg: Config, layout: Layout) -> ReindexResult:
     try:
         with reindex_lock(layout), data_lock(layout.artifacts, "re-index", wait=False):
             return _run_locked(cfg, layout, result, pending_path)
+    except ReleaseError as exc:  # a live version whose files fail their check: nothing is published on it
+        raise ReindexError(f"{exc}; the batch stays pending and is added by the next run") from None
     except DataBusy as exc:  # a pipeline run is computing from the catalog: the inbox waits for the next run
         result.note = f"not now: {exc}; the inbox is left for the next run"
         logger.warning("reindex: %s", result.note)
