@@ -169,10 +169,10 @@ def test_an_aborted_upload_is_one_log_line_and_odd_priors_are_refused_or_explain
     _, photo = micro
     records = _Records()
     watched = [logging.getLogger(name) for name in ("uvicorn.error", "vpr.steps.api.guards")]
-    for logger in watched:
-        logger.addHandler(records)
     try:
         with serving(micro, ApiConfig()) as url:
+            for logger in watched:  # after uvicorn's own logging setup, which drops the handlers it finds
+                logger.addHandler(records)
             host, port = urlsplit(url).hostname, urlsplit(url).port
             with socket.create_connection((host, port)) as aborted:
                 aborted.sendall(
