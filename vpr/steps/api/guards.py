@@ -169,18 +169,21 @@ class DecodeBudget:
 
     Memory per decode grows with the decoded pixels (≈ 11 bytes per pixel for a large PNG: the raster,
     its RGB conversion and copies), so bounding their sum bounds the service's decode memory however
-    many requests arrive. One image up to ``locate.max_pixels`` always fits an idle service.
+    many requests arrive. One image up to ``locate.max_pixels`` always fits an idle service. Small
+    decodes (under 1/64 of the budget: ordinary photos, JPEGs decoded at their drafted size) are always
+    admitted, so bombs cannot starve normal requests; their sum stays bounded by the decode threads
+    (asyncio's default pool: at most 32 × 1/64 = half the budget more).
     """
 
     def __init__(self, pixels: int) -> None:
-        self.pixels, self.in_use = pixels, 0
+        self.pixels, self.in_use, self.small = pixels, 0, pixels // 64
         self._lock = threading.Lock()
 
     @contextmanager
     def hold(self, pixels: int) -> Iterator[None]:
         """Reserve ``pixels`` while the block runs; ``DecodeBusy`` at once when they do not fit."""
         with self._lock:
-            if self.in_use and self.in_use + pixels > self.pixels:
+            if pixels > self.small and self.in_use and self.in_use + pixels > self.pixels:
                 raise DecodeBusy(
                     f"decode budget busy ({self.in_use} of {self.pixels} pixels being decoded, this image "
                     f"needs {pixels}; api.decode_budget_mpx): retry shortly"
