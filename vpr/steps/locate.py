@@ -90,10 +90,26 @@ def prepare_bytes(data: bytes, height: int, width: int, quality: int, max_pixels
             if problem:  # shard_rendition sets the JPEG draft (a loaded image decodes at full size)
                 raise LocateInputError(f"{problem} ({im.mode}: 32-bit integer or float samples)")
             try:
-                upright = shard_rendition(im, width, height)
+                upright = shard_rendition(_reduced(im, width, height), width, height)
             except Exception as exc:  # noqa: BLE001 - truncated data, broken codecs, zlib errors...
                 raise LocateInputError(f"truncated or corrupt image: {exc}") from None
         return decode_rgb(encode_jpeg(upright, quality))  # the JPEG round trip the shards went through
+
+
+_REDUCE_GAP = 8  # a reduced image keeps at least 8× the shard size: the bilinear resize from it looks the same
+
+
+def _reduced(im: Image.Image, width: int, height: int) -> Image.Image:
+    """A large non-JPEG image decoded once and box-reduced right away (the JPEG decoder drafts instead),
+    so the conversions and the EXIF transpose copy a small image, not the full raster (memory: ~4 bytes
+    per pixel instead of ~11). Smaller images, and modes ``reduce`` lacks, are returned as they are."""
+    factor = min(im.width, im.height) // (max(width, height) * _REDUCE_GAP)
+    if im.format == "JPEG" or factor < 2 or im.mode not in ("L", "LA", "RGB", "RGBA"):
+        return im
+    im.load()
+    small = im.reduce(factor)
+    small.info = dict(im.info)  # the EXIF orientation travels with it
+    return small
 
 
 def decode_cost(data: bytes, height: int, width: int, max_pixels: int) -> int:

@@ -259,8 +259,9 @@ class ApiConfig(Strict):
     keep_alive_s: float = Field(5.0, gt=0)  # an idle kept-alive connection is closed after this
     body_idle_s: float = Field(10.0, gt=0)  # no body byte for this long: 408, connection closed
     body_timeout_s: float = Field(120.0, gt=0)  # the whole body must arrive within this: 408
-    # pixels decoded at once over all requests (≈ 11 bytes each while decoding); more: 503 + Retry-After
-    decode_budget_mpx: float = Field(200.0, gt=0)
+    # pixels decoded at once over all requests (≈ 5 bytes each while decoding); more: 503 + Retry-After.
+    # At least one image of locate.max_pixels; small decodes always pass (vpr.steps.api.guards)
+    decode_budget_mpx: float = Field(100.0, gt=0)
 
     @property
     def max_request_bytes(self) -> int:

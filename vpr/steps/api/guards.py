@@ -167,8 +167,8 @@ class DecodeBusy(Exception):
 class DecodeBudget:
     """Pixels being decoded at once, over all requests; a decode that would exceed it is refused.
 
-    Memory per decode grows with the decoded pixels (≈ 11 bytes per pixel for a large PNG: the raster,
-    its RGB conversion and copies), so bounding their sum bounds the service's decode memory however
+    Memory per decode grows with the decoded pixels (≈ 4–5 bytes per pixel for a large PNG: the raster,
+    reduced at once; ``vpr.steps.locate``), so bounding their sum bounds the service's decode memory however
     many requests arrive. One image up to ``locate.max_pixels`` always fits an idle service. Small
     decodes (under 1/64 of the budget: ordinary photos, JPEGs decoded at their drafted size) are always
     admitted, so bombs cannot starve normal requests; their sum stays bounded by the decode threads
