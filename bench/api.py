@@ -16,8 +16,8 @@ hostile mix (pixel-bomb PNGs of ``--bomb-side``² pixels, four per request, from
 Retry-After; ``--slow`` uploads announcing 58 MB that stall after 2 MB; ``--half`` connections that
 never finish their headers, reopened as the server closes them): the normal requests' p50/p99, what
 the hostile clients got, how long the server kept them, and the process's peak RSS in each phase
-(server and clients share the process). ``--micro`` serves the tests' micro release (built in a
-temporary folder) instead of a project's.
+(server and clients share the process). ``--micro`` serves the synthetic micro project with an
+untrained avg head (built in a temporary folder) instead of a project's release.
 
     .venv/bin/python bench/api.py                       # the repository's project (after make run)
     .venv/bin/python bench/api.py --root /tmp/run1 --concurrency 1 8 32
@@ -219,11 +219,23 @@ def hostile_comparison(url: str, photos, seconds: float, args) -> None:
 
 
 def micro_project(root: Path):
-    """The tests' micro release (8 places, avg head) built under ``root``: (cfg, layout)."""
-    sys.path.insert(0, str(_common.ROOT))
-    from tests.test_evaluate import build_micro_release
+    """The synthetic micro project (``vpr.steps.synth.project``) under ``root`` with an untrained avg
+    head released (seeded: the same weights every run); (cfg, layout)."""
+    import torch
 
-    return build_micro_release(root)
+    from vpr.shared.models import build_model
+    from vpr.steps.index import build_release
+    from vpr.steps.synth.project import build_micro_project
+
+    cfg, layout = build_micro_project(root, {"index": {"head": "avg"}})
+    torch.manual_seed(0)
+    model = build_model("avg", cfg.model)
+    path = layout.checkpoint("avg")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"model": model.state_dict(), "head": "avg", "epoch": 0, "recall5": 0.0}
+    torch.save({**state, "model_config": cfg.model.model_dump()}, path)
+    build_release("avg", cfg, layout)
+    return cfg, layout
 
 
 def model_bound(release, photos, img: dict, batch: int, rounds: int = 3) -> float:
@@ -296,7 +308,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=400, help="per concurrency level, at most")
     parser.add_argument("--seconds", type=float, default=30.0, help="per concurrency level, at most")
-    parser.add_argument("--micro", action="store_true", help="serve the tests' micro release instead of --root")
+    parser.add_argument("--micro", action="store_true", help="serve a synthetic micro release instead of --root")
     parser.add_argument("--hostile", action="store_true", help="normal p99 and peak RSS with and without attackers")
     parser.add_argument("--bomb-side", type=int, default=9999, help="pixel-bomb PNG side (--hostile)")
     parser.add_argument("--slow", type=int, default=20, help="stalled 58 MB uploads held open (--hostile)")

@@ -33,7 +33,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vpr.foundations.config import ApiConfig, LocateConfig
 from vpr.shared.release import ReleaseError
 from vpr.steps.api.batcher import MicroBatcher
-from vpr.steps.api.guards import WILDCARD_HOSTS, BodyGuard, DecodeBudget, DecodeBusy, HostGuard, allowed_hosts
+from vpr.steps.api.guards import (
+    WILDCARD_HOSTS,
+    BodyGuard,
+    DecodeBudget,
+    DecodeBusy,
+    HostGuard,
+    allowed_hosts,
+    return_large_buffers_to_the_os,
+)
 from vpr.steps.api.live import LiveRelease
 from vpr.steps.locate import Answering, LocateInputError, decode_cost, prepare_bytes
 
@@ -52,6 +60,7 @@ def _prepare(data: bytes, *, img: dict, limits: LocateConfig, budget: DecodeBudg
 def create_app(live: LiveRelease, api: ApiConfig, limits: LocateConfig, *, watch: bool = True) -> FastAPI:
     """The service over ``live``; with ``watch`` the release pointer is polled every ``api.poll_s``."""
     batcher = MicroBatcher(api.batch_images, api.batch_wait_ms / 1000)
+    return_large_buffers_to_the_os()
     budget = DecodeBudget(max(api.decode_budget_pixels, limits.max_pixels))  # one allowed image always fits
 
     @asynccontextmanager

@@ -160,6 +160,19 @@ def _cross_origin(headers: dict[str, str], host: str) -> str | None:
     return None
 
 
+def return_large_buffers_to_the_os(threshold: int = 4 * 2**20) -> None:
+    """Fix glibc's mmap threshold: a decoded raster's blocks (Pillow: 16 MB) are then mapped and unmapped
+    instead of kept in each decode thread's heap arena after the first large free (measured: the
+    service held gigabytes after a pixel-bomb burst without this). No-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class DecodeBusy(Exception):
     """The decode budget is spent by other requests: come back shortly (HTTP 503 + Retry-After)."""
 
