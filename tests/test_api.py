@@ -80,7 +80,7 @@ def test_a_known_database_image_comes_first_with_the_release_version(micro, serv
     assert thumb.content == ShardReader(layout.shards_dir).read_jpeg(row["id"])
     assert httpx.get(f"{url}/v1/images/123456789").status_code == 404
     assert httpx.get(f"{url}/v1/map").json()["count"] == health["database_size"]
-    assert httpx.get(f"{url}/docs").status_code == 200 and "/v1/locate" in httpx.get(f"{url}/openapi.json").text
+    assert httpx.get(f"{url}/docs").status_code == 404 and "/v1/locate" in httpx.get(f"{url}/openapi.json").text
 
 
 def test_a_broken_file_among_good_ones_fails_alone(micro, service):

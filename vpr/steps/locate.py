@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from vpr.foundations.imageio import (
     UnreadableFile,
     decode_rgb,
+    draft,
     encode_jpeg,
     pixel_format_problem,
     read_image_file,
@@ -89,10 +90,41 @@ def prepare_bytes(data: bytes, height: int, width: int, quality: int, max_pixels
             if problem:  # shard_rendition sets the JPEG draft (a loaded image decodes at full size)
                 raise LocateInputError(f"{problem} ({im.mode}: 32-bit integer or float samples)")
             try:
-                upright = shard_rendition(im, width, height)
+                upright = shard_rendition(_reduced(im, width, height), width, height)
             except Exception as exc:  # noqa: BLE001 - truncated data, broken codecs, zlib errors...
                 raise LocateInputError(f"truncated or corrupt image: {exc}") from None
         return decode_rgb(encode_jpeg(upright, quality))  # the JPEG round trip the shards went through
+
+
+_REDUCE_GAP = 8  # a reduced image keeps at least 8× the shard size: the bilinear resize from it looks the same
+
+
+def _reduced(im: Image.Image, width: int, height: int) -> Image.Image:
+    """A large non-JPEG image decoded once and box-reduced right away (the JPEG decoder drafts instead),
+    so the conversions and the EXIF transpose copy a small image, not the full raster (memory: ~4 bytes
+    per pixel instead of ~11). Smaller images, and modes ``reduce`` lacks, are returned as they are."""
+    factor = min(im.width, im.height) // (max(width, height) * _REDUCE_GAP)
+    if im.format == "JPEG" or factor < 2 or im.mode not in ("L", "LA", "RGB", "RGBA"):
+        return im
+    im.load()
+    small = im.reduce(factor)
+    small.info = dict(im.info)  # the EXIF orientation travels with it
+    return small
+
+
+def decode_cost(data: bytes, height: int, width: int, max_pixels: int) -> int:
+    """Pixels that decoding ``data`` for the shard size will hold, read from the header alone: a JPEG's
+    drafted size (its decoder downscales by up to 8), any other format's full size; 0 for bytes that
+    ``prepare_bytes`` refuses before decoding (not an image, over ``max_pixels``)."""
+    with strict_pillow(None):
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > max_pixels:
+                    return 0
+                draft(im, width, height)
+                return im.width * im.height
+        except Exception:  # noqa: BLE001 - prepare_bytes names the problem
+            return 0
 
 
 def estimate_position(
@@ -119,8 +151,13 @@ def _none_if_nan(value):
     return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
 
 
-def answer(release: Release, distances: np.ndarray, ids: np.ndarray, radius_m: float) -> dict:
-    """One image's answer from its ranked (distances, ids): matches, estimate, confidence."""
+def answer(
+    release: Release, distances: np.ndarray, ids: np.ndarray, radius_m: float, empty_reason: str | None = None
+) -> dict:
+    """One image's answer from its ranked (distances, ids): matches, estimate, confidence.
+
+    No match at all (a GPS prior around no database image) is still ``ok`` — the image was read and
+    searched — with ``estimate`` None, confidence 0 and a ``reason`` saying why nothing was found."""
     keep = ids >= 0
     distances, ids = distances[keep], ids[keep]
     found = release.ids.filter(pl.col("id").is_in(ids.tolist()))
@@ -142,7 +179,8 @@ def answer(release: Release, distances: np.ndarray, ids: np.ndarray, radius_m: f
             }
         )
     if not matches:
-        return {"ok": True, "matches": [], "estimate": None, "confidence": 0.0}
+        reason = empty_reason or "no database image matched"
+        return {"ok": True, "matches": [], "estimate": None, "confidence": 0.0, "reason": reason}
     east = np.array([m["utm_east"] for m in matches])
     north = np.array([m["utm_north"] for m in matches])
     e, n, agree, confidence = estimate_position(east, north, distances.astype(np.float64), radius_m)
@@ -195,13 +233,15 @@ class Answering:
         *,
         allowed: np.ndarray | None = None,
         radius_m: float | None = None,
+        empty_reason: str | None = None,
     ) -> list[dict]:
-        """Search ``descriptors`` (one row per ready image; None when none is ready) and fill the answers."""
+        """Search ``descriptors`` (one row per ready image; None when none is ready) and fill the answers;
+        ``empty_reason`` is what an answer without matches says (see ``answer``)."""
         if self.ready:
             radius = float(radius_m if radius_m is not None else release.manifest.get("test_positive_m", 25.0))
             distances, ids = release.search(descriptors, max(1, min(top_k, release.index.ntotal)), allowed)
             for (slot, _), d, i in zip(self.ready, distances, ids):
-                self.results[slot].update(answer(release, d, i, radius))
+                self.results[slot].update(answer(release, d, i, radius, empty_reason))
         return self.results
 
 

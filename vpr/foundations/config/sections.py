@@ -252,10 +252,24 @@ class ApiConfig(Strict):
     batch_images: StrictInt = Field(32, gt=0)  # concurrent requests' images encoded together, at most
     batch_wait_ms: float = Field(5.0, ge=0)  # how long the first image waits for others to join its batch
     poll_s: float = Field(1.0, gt=0)  # how often the live release pointer is checked (hot swap)
+    # Host names answered besides host, localhost, 127.0.0.1 and ::1 ("*": any; DNS rebinding guard)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    header_timeout_s: float = Field(10.0, gt=0)  # request line + headers must arrive within this, or closed
+    max_header_kb: StrictInt = Field(16, gt=0)  # request line + headers larger than this: a 400
+    keep_alive_s: float = Field(5.0, gt=0)  # an idle kept-alive connection is closed after this
+    body_idle_s: float = Field(10.0, gt=0)  # no body byte for this long: 408, connection closed
+    body_timeout_s: float = Field(120.0, gt=0)  # the whole body must arrive within this: 408
+    # pixels decoded at once over all requests (≈ 5 bytes each while decoding); more: 503 + Retry-After.
+    # At least one image of locate.max_pixels; small decodes always pass (vpr.steps.api.guards)
+    decode_budget_mpx: float = Field(100.0, gt=0)
 
     @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_mb * 2**20)
+
+    @property
+    def decode_budget_pixels(self) -> int:
+        return int(self.decode_budget_mpx * 1e6)
 
 
 class OrchestrationConfig(Strict):

@@ -1,4 +1,5 @@
-"""The localisation service: FastAPI routes over the live release (``vpr api``; OpenAPI docs at /docs).
+"""The localisation service: FastAPI routes over the live release (``vpr api``; the OpenAPI schema at
+/openapi.json — no /docs or /redoc pages, which would load scripts from public CDNs).
 
 - ``POST /v1/locate``: multipart field ``images`` (one or more files), query ``top_k``, optional GPS
   prior ``lat``, ``lon``, ``radius_m``. Each image is answered like ``vpr locate --json`` (an unreadable
@@ -8,9 +9,11 @@
   (a database image, read from the shards).
 - ``GET /``: the page (``page.html``): drop a photo, see the estimate and matches on a locally drawn map.
 
-Limits: the request body (``api.max_request_mb``: 413, never read past), images per request
-(``api.max_images``: 413), ``top_k`` (``api.max_top_k``: 422), per-image file size and pixels
-(``locate.*``: a per-image error).
+Limits: the request body (``api.max_request_mb``: 413, never read past; ``api.body_idle_s`` and
+``api.body_timeout_s``: 408), images per request (``api.max_images``: 413), ``top_k``
+(``api.max_top_k``: 422), per-image file size and pixels (``locate.*``: a per-image error), pixels
+decoded at once over all requests (``api.decode_budget_mpx``: 503 + Retry-After), the ``Host`` header
+(``api.allowed_hosts``: 400) and cross-origin POSTs (403): ``vpr.steps.api.guards``.
 """
 
 from __future__ import annotations
@@ -23,79 +26,42 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vpr.foundations.config import ApiConfig, LocateConfig
 from vpr.shared.release import ReleaseError
 from vpr.steps.api.batcher import MicroBatcher
+from vpr.steps.api.guards import (
+    WILDCARD_HOSTS,
+    BodyGuard,
+    DecodeBudget,
+    DecodeBusy,
+    HostGuard,
+    allowed_hosts,
+    return_large_buffers_to_the_os,
+)
 from vpr.steps.api.live import LiveRelease
-from vpr.steps.locate import Answering, LocateInputError, prepare_bytes
+from vpr.steps.locate import Answering, LocateInputError, decode_cost, prepare_bytes
 
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes is refused with 413, read no further."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or {}).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
-        seen = 0
-        too_large = False
-
-        async def counted() -> Message:
-            nonlocal seen, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    too_large = True
-                    raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(send)
-        except Exception:
-            if too_large:  # the parser wrapped our signal in its own error
-                return await self._refuse(send)
-            raise
-
-    async def _refuse(self, send: Send) -> None:
-        mb = self.limit / 2**20
-        await JSONResponse({"detail": f"request body over {mb:g} MB (api.max_request_mb)"}, status_code=413)(
-            {"type": "http"}, _no_receive, send
-        )
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}
-
-
-def _prepare(data: bytes, *, img: dict, limits: LocateConfig):
+def _prepare(data: bytes, *, img: dict, limits: LocateConfig, budget: DecodeBudget):
     if len(data) > limits.max_file_bytes:
         raise LocateInputError(f"file is over {limits.max_file_mb:g} MB (locate.max_file_mb); not read")
-    return prepare_bytes(data, img["height"], img["width"], img.get("jpeg_quality", 90), limits.max_pixels)
+    height, width = img["height"], img["width"]
+    with budget.hold(decode_cost(data, height, width, limits.max_pixels)):
+        return prepare_bytes(data, height, width, img.get("jpeg_quality", 90), limits.max_pixels)
 
 
 def create_app(live: LiveRelease, api: ApiConfig, limits: LocateConfig, *, watch: bool = True) -> FastAPI:
     """The service over ``live``; with ``watch`` the release pointer is polled every ``api.poll_s``."""
     batcher = MicroBatcher(api.batch_images, api.batch_wait_ms / 1000)
+    return_large_buffers_to_the_os()
+    budget = DecodeBudget(max(api.decode_budget_pixels, limits.max_pixels))  # one allowed image always fits
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -105,9 +71,10 @@ def create_app(live: LiveRelease, api: ApiConfig, limits: LocateConfig, *, watch
         live.stop()
         batcher.close()
 
-    app = FastAPI(title="vpr", summary="Where was this photo taken?", lifespan=lifespan)
-    app.add_middleware(BodyLimit, limit=api.max_request_bytes)
-    app.state.live, app.state.batcher = live, batcher
+    app = FastAPI(title="vpr", summary="Where was this photo taken?", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyGuard, limit=api.max_request_bytes, idle_s=api.body_idle_s, timeout_s=api.body_timeout_s)
+    app.add_middleware(HostGuard, hosts=allowed_hosts(api), any_ip=api.host in WILDCARD_HOSTS)  # outermost
+    app.state.live, app.state.batcher, app.state.decode_budget = live, batcher, budget
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -142,9 +109,9 @@ def create_app(live: LiveRelease, api: ApiConfig, limits: LocateConfig, *, watch
     async def locate(
         request: Request,
         top_k: int = Query(5, ge=1, le=api.max_top_k),
-        lat: float | None = Query(None, ge=-90, le=90),
-        lon: float | None = Query(None, ge=-180, le=180),
-        radius_m: float | None = Query(None, gt=0),
+        lat: float | None = Query(None, ge=-90, le=90, allow_inf_nan=False),
+        lon: float | None = Query(None, ge=-180, le=180, allow_inf_nan=False),
+        radius_m: float | None = Query(None, gt=0, allow_inf_nan=False),
     ) -> dict:
         served = live.current()  # this request's release, to its end (hot swap: vpr.steps.api.live)
         release = served.release
@@ -173,10 +140,17 @@ def create_app(live: LiveRelease, api: ApiConfig, limits: LocateConfig, *, watch
         finally:
             await form.close()  # the spooled upload files
         img = release.manifest["image"]
-        batch = await asyncio.to_thread(Answering.prepare, files, partial(_prepare, img=img, limits=limits))
+        prepare = partial(_prepare, img=img, limits=limits, budget=budget)
+        try:
+            batch = await asyncio.to_thread(Answering.prepare, files, prepare)
+        except DecodeBusy as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
         desc = await asyncio.wrap_future(batcher.submit(release, batch.images)) if batch.ready else None
-        results = await asyncio.to_thread(batch.answer, release, desc, top_k, allowed=allowed)
         prior = None if lat is None else {"lat": lat, "lon": lon, "radius_m": radius_m or 100.0}
+        empty = None
+        if prior is not None and not np.size(allowed):
+            empty = f"no database image within {prior['radius_m']:g} m of {lat:g}, {lon:g} (the GPS prior)"
+        results = await asyncio.to_thread(batch.answer, release, desc, top_k, allowed=allowed, empty_reason=empty)
         return {
             "version": served.version,
             "head": release.manifest.get("head"),

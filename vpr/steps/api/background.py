@@ -15,15 +15,19 @@ from contextlib import contextmanager
 import httpx
 import uvicorn
 
+from vpr.foundations.config import ApiConfig
+from vpr.steps.api.guards import uvicorn_config
+
 
 @contextmanager
-def running(app) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1 (a port the OS picks); yields the base URL; stops it afterwards."""
+def running(app, api: ApiConfig | None = None) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1 (a port the OS picks) with ``api``'s connection bounds (default: the
+    defaults); yields the base URL; stops it afterwards."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, api or ApiConfig(), log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -8,6 +8,7 @@ from vpr.foundations.config import Config
 from vpr.foundations.layout import Layout
 from vpr.shared.release import ReleaseError as ReleaseError  # what `vpr api` reports without a release
 from vpr.steps.api.app import create_app
+from vpr.steps.api.guards import uvicorn_config
 from vpr.steps.api.live import LiveRelease
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,9 @@ def serve(cfg: Config, head: str | None = None, host: str | None = None, port: i
     """Run the service in the foreground until interrupted (Ctrl-C)."""
     import uvicorn
 
-    app = build_app(cfg, head)
-    host, port = host or cfg.api.host, cfg.api.port if port is None else port
-    logger.info("vpr api: release %s on http://%s:%d (docs at /docs)", app.state.live.current().version, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    api = cfg.api.model_copy(update={"host": host or cfg.api.host, "port": cfg.api.port if port is None else port})
+    app = build_app(cfg.model_copy(update={"api": api}), head)  # the bound host is an allowed Host
+    version = app.state.live.current().version
+    logger.info("vpr api: release %s on http://%s:%d (schema at /openapi.json)", version, api.host, api.port)
+    config = uvicorn_config(app, api, host=api.host, port=api.port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
