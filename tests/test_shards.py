@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 from vpr.foundations.config import IngestConfig, ShardConfig
-from vpr.foundations.layout import first_id
+from vpr.foundations.layout import ID_STRIDE, first_id, image_id
 from vpr.shared.shardio import INDEX_FILE, ShardError, ShardReader, iter_split
 from vpr.steps.catalog import ingest, read_catalog
 from vpr.steps.shards import write_shards
@@ -74,11 +74,12 @@ def test_deterministic_and_independent_of_workers(dataset, tmp_path: Path) -> No
 def test_index_matches_catalog_and_tar_members(dataset, tmp_path: Path) -> None:
     index = shard(dataset, tmp_path)
     catalog = pl.read_parquet(dataset[1])
-    # each split numbered on its own, in path order, from its first id: another split's images never shift it
+    # an id is a function of split and path alone, inside the split's range: nothing else shifts it
     expected = {}
     for split in ("train", "test"):
-        paths = sorted(catalog.filter(pl.col("split") == split)["path"].to_list())
-        expected.update({p: first_id(split) + n for n, p in enumerate(paths)})
+        paths = catalog.filter(pl.col("split") == split)["path"].to_list()
+        expected.update({p: image_id(split, p) for p in paths})
+        assert all(first_id(split) <= expected[p] < first_id(split) + ID_STRIDE for p in paths)
     assert dict(index.select("path", "id").iter_rows()) == expected
     assert index["id"].to_list() == sorted(expected.values())
     assert all("." not in k for k in index["key"])

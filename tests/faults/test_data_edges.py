@@ -166,3 +166,26 @@ def test_high_bit_depth_images_are_scaled_or_rejected_never_blank(released, tmp_
     answers = locate([deep["float"], deep["int32"], deep["png16"]], layout.release_dir("avg"), top_k=3)
     assert [a["ok"] for a in answers] == [False, False, True]
     assert all(REASON_PIXEL_FORMAT in a["error"] for a in answers[:2])
+
+
+def test_ids_of_a_reindex_survive_the_next_rebuild(released):
+    """An id is assigned once: after a re-index, a full rebuild (ingest, shard, mine, index) gives every
+    image the id it had, re-indexed ones included, so ``/v1/images/<id>`` of the summary keeps answering."""
+    from vpr.steps.reindex import run_reindex
+
+    root, cfg, layout = released
+    layout.inbox.mkdir()
+    for east in (-30_000.0, 30_000.0):
+        _far_image(sorted((layout.data / "images/test/queries").iterdir())[2], layout.inbox, east)
+    result = run_reindex(cfg, layout)
+    added = {a["id"]: a["path"] for a in result.added}
+    assert len(added) == 2
+    before = dict(read_index(layout.shards_dir).select("path", "id").iter_rows())
+
+    ingest(layout.data, layout.catalog_dir, cfg.ingest)
+    shard_and_mine(cfg, layout, workers=1)
+    build_release("avg", cfg, layout)
+
+    assert dict(read_index(layout.shards_dir).select("path", "id").iter_rows()) == before
+    served = dict(load_release(layout.release_dir("avg")).ids.select("id", "path").iter_rows())
+    assert {i: served.get(i) for i in added} == added

@@ -6,6 +6,8 @@ absolute ``root`` is given.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,12 +18,35 @@ ROLES = ("database", "queries")
 TEST_SETS_DIR = (
     "test-sets"  # <data>/test-sets/<name>: extra test sets; their outputs under <artifacts>/test-sets/<name>
 )
-ID_STRIDE = 10**9  # image ids of split k are k·ID_STRIDE + n: each split numbers its images on its own
+ID_BITS = 50  # image ids of split k lie in [k·2⁵⁰, (k+1)·2⁵⁰): below 2⁵³, exact in JSON and JavaScript
+ID_STRIDE = 2**ID_BITS
 
 
 def first_id(split: str) -> int:
-    """The id of a split's first image: ids never depend on another split's contents."""
+    """The smallest id of a split's range: ids never depend on another split's contents."""
     return SPLITS.index(split) * ID_STRIDE
+
+
+def image_id(split: str, path: str, attempt: int = 0) -> int:
+    """An image's id, a function of its split and data path alone (``images/<split>/<role>/<name>``): the
+    same at ingest, re-index and every rebuild, whatever else is added or removed. ``attempt`` > 0 gives
+    the next candidate when two paths collide (about 1 in 2·10⁹ pairs)."""
+    text = path if attempt == 0 else f"{path}#{attempt}"
+    digest = hashlib.sha256(text.encode()).digest()
+    return first_id(split) + int.from_bytes(digest[:8], "big") % ID_STRIDE
+
+
+def assign_ids(split: str, paths: Sequence[str], taken: Collection[int] = ()) -> list[int]:
+    """Ids of ``paths`` of one split (``image_id``), distinct from each other and from ``taken``: a
+    collision moves the later path (in path order) to its next candidate."""
+    used, out = set(taken), {}
+    for path in sorted(paths):
+        attempt = 0
+        while (candidate := image_id(split, path, attempt)) in used:
+            attempt += 1
+        used.add(candidate)
+        out[path] = candidate
+    return [out[p] for p in paths]
 
 
 def _below(base: str, name: str, doc: str | None = None) -> property:

@@ -72,10 +72,11 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def plan_fingerprint(plan: ShardPlan) -> str:
-    """What a shard holds, from its index rows (keys, ids, CRC-32s): equal content, equal key."""
+    """What a shard holds, from its index rows: each image's bytes (CRC-32, end offset) in tar order.
+    Not ids or sample keys: the descriptors are a function of the images alone."""
     h = hashlib.sha256()
-    for key, i, crc, end in zip(plan.keys, plan.ids, plan.crcs, plan.ends):
-        h.update(f"{key}|{i}|{crc}|{end};".encode())
+    for crc, end in zip(plan.crcs, plan.ends):
+        h.update(f"{crc}|{end};".encode())
     return h.hexdigest()
 
 

@@ -217,7 +217,7 @@ def shard_plans(index: pl.DataFrame, shards_dir: str | Path | RemoteShards) -> l
             remote = RemoteShards(str(shards_dir))
         except TransferError as exc:
             raise ShardError(str(exc)) from None
-    index = index.sort("id")
+    index = index.sort("shard", "offset")  # tar order (ids are not: they hash the path)
     if "crc32" not in index.columns:
         index = index.with_columns(pl.lit(None, pl.Int64).alias("crc32"))
     plans: dict[str, ShardPlan] = {}

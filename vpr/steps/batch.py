@@ -17,7 +17,7 @@ from PIL import Image
 
 from vpr.foundations.config import Config
 from vpr.foundations.imageio import decode_rgb
-from vpr.foundations.layout import Layout, first_id
+from vpr.foundations.layout import Layout, assign_ids
 from vpr.shared.shardio import read_index, verified_jpeg
 from vpr.steps.catalog import ROW_SCHEMA
 from vpr.steps.inbox import ROLE, utc_now
@@ -45,7 +45,7 @@ def plan_batch(accepted: list[dict], index: pl.DataFrame, split: str, per_shard:
     """
     accepted = sorted(accepted, key=lambda r: r["path"])
     same = index.filter((pl.col("split") == split) & (pl.col("role") == ROLE))
-    next_id = int(index["id"].max()) + 1 if index.height else first_id(split)  # index: this split's
+    ids = assign_ids(split, [r["path"] for r in accepted], taken=index["id"].to_list())  # index: this split's
     next_key = _next_number(same["key"].to_list(), _KEY_NUMBER)
     next_shard = _next_number(same["shard"].unique().to_list(), _SHARD_NUMBER)
     carry = None
@@ -59,7 +59,7 @@ def plan_batch(accepted: list[dict], index: pl.DataFrame, split: str, per_shard:
     for i, row in enumerate(accepted):
         items.append(
             {
-                "id": next_id + i,
+                "id": ids[i],
                 "key": sample_key(split, ROLE, next_key + i),
                 "shard": shard_name(split, ROLE, next_shard + (start + i) // per_shard),
                 "inbox": row["inbox"],

@@ -29,7 +29,7 @@ def init_kmeans(
     w = math.ceil(cfg.shards.width * cfg.train.image_scale / 16)
     per_image = max(1, min(h * w, 100))
     n_images = min(len(db_ids), max(cfg.model.netvlad_clusters, math.ceil(target / per_image)))
-    ids = np.sort(rng.choice(db_ids, size=n_images, replace=False))
+    ids = db_ids[np.sort(rng.choice(len(db_ids), size=n_images, replace=False))]  # in path order, not id order
     chunks = []
     waiting: dict[int, np.ndarray] = {}  # streamed out of order (loader workers): held until their turn
     model.eval()

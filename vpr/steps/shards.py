@@ -34,7 +34,7 @@ from PIL import Image
 from vpr.foundations.atomic import fsync_dir, write_parquet_atomic
 from vpr.foundations.config import ShardConfig
 from vpr.foundations.imageio import encode_jpeg, read_image_file, shard_rendition, strict_pillow
-from vpr.foundations.layout import SPLITS, first_id
+from vpr.foundations.layout import SPLITS, assign_ids
 from vpr.foundations.procs import worker_pool
 from vpr.foundations.progress import step_progress
 from vpr.shared.shardio import INDEX_FILE, INDEX_SCHEMA, ShardError, checksum, read_index
@@ -160,13 +160,17 @@ def _load_catalog(catalog_path: Path) -> pl.DataFrame:
     for col in ("lat", "lon", "heading", "sha256"):
         if col not in catalog.columns:
             catalog = catalog.with_columns(pl.lit(None).alias(col))
-    # ids numbered within each split (``layout.first_id``): adding images to one split renumbers no other
+    # an image's id is a function of its split and path (``layout.image_id``): adding, removing or
+    # re-sharding images never renumbers another, and a re-indexed image keeps its id through rebuilds
     unknown = sorted(set(catalog["split"].unique().to_list()) - set(SPLITS))
     if unknown:
         raise ShardError(f"{catalog_path}: unknown split(s) {unknown} (expected {', '.join(SPLITS)})")
-    catalog = catalog.sort("path")
-    base = pl.col("split").replace_strict({s: first_id(s) for s in SPLITS}, return_dtype=pl.Int64)
-    return catalog.with_columns((base + pl.int_range(pl.len()).over("split")).cast(pl.Int64).alias("id")).sort("id")
+    rank = pl.col("split").replace_strict({s: i for i, s in enumerate(SPLITS)}, return_dtype=pl.Int64)
+    catalog = catalog.sort(rank, pl.col("path"))  # packing order: split, then path
+    ids: list[int] = []
+    for split in catalog["split"].unique(maintain_order=True).to_list():
+        ids += assign_ids(split, catalog.filter(pl.col("split") == split)["path"].to_list())
+    return catalog.with_columns(pl.Series("id", ids, dtype=pl.Int64))
 
 
 def plan_shards(catalog: pl.DataFrame, per_shard: int) -> list[tuple[str, list[dict]]]:
