@@ -271,7 +271,8 @@ def test_reindexing_the_test_database_reruns_only_what_reads_it(prefect_harness,
     checkpoints = {h: _sha(layout.checkpoint(h)) for h in HEADS}
     catalogs = {s: _sha(layout.catalog(s)) for s in ("train", "val")}
     _drop_batch(root)
-    assert len(reindex(root=str(root))["added"]) == 2
+    added = {a["id"]: a["path"] for a in reindex(root=str(root))["added"]}
+    assert len(added) == 2
     stale = run(root, sys.executable, "-m", "dvc", "status")  # DVC agrees: no training is out of date
     assert "mine@test" in stale and "evaluate@avg" in stale and "train@" not in stale and "shard@train" not in stale
 
@@ -292,6 +293,10 @@ def test_reindexing_the_test_database_reruns_only_what_reads_it(prefect_harness,
     assert {s: _sha(layout.catalog(s)) for s in ("train", "val")} == catalogs
     assert {h: _sha(layout.checkpoint(h)) for h in HEADS} == checkpoints
     assert "up to date" in run(root, sys.executable, "-m", "dvc", "status")
+    from vpr.shared.release import load_release
+
+    served = load_release(layout.release_dir(load_config(root / "params.yaml").index.head)).ids
+    assert {i: p for i, p in served.select("id", "path").iter_rows() if i in added} == added  # ids still answer
 
 
 def test_crash_after_new_shards_keeps_previous_index_serving(trained, tmp_path, monkeypatch):
