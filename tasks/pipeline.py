@@ -18,7 +18,7 @@ from prefect import Task, task
 from tasks.cache import StageInputs, outputs_present
 from vpr.foundations.config import Config
 from vpr.foundations.layout import Layout
-from vpr.pipeline import run_step
+from vpr.pipeline import import_steps, run_step
 
 RETRY_DELAY_S = [5, 30, 120]
 
@@ -29,6 +29,7 @@ def run_stage(cfg: Config, root: str, stage: str) -> dict:
 
     With ``train.nproc`` > 1 a training starts that many data-parallel ranks through torchrun and waits.
     """
+    import_steps()  # before any step runs: parallel tasks must not race through torchvision's import
     return run_step(stage, cfg, Layout.from_config(cfg, Path(root)))
 
 

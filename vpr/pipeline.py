@@ -10,6 +10,8 @@ and ``outputs`` is what it writes (checked against ``dvc.yaml``'s outs).
 
 from __future__ import annotations
 
+import importlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,6 +309,28 @@ def step_for(stage: str) -> tuple[Step, str]:
     if group not in STEPS:
         raise KeyError(f"stage {stage!r} has no step in vpr/pipeline.py (known: {', '.join(STEPS)})")
     return STEPS[group], key
+
+
+_STEP_MODULES = (
+    "vpr.steps.catalog",
+    "vpr.steps.shards",
+    "vpr.steps.mining",
+    "vpr.steps.launch",
+    "vpr.steps.train",
+    "vpr.steps.evaluate",
+    "vpr.steps.index",
+    "vpr.steps.report",
+)
+_IMPORT_LOCK = threading.Lock()
+
+
+def import_steps() -> None:
+    """Import every step's module, one thread at a time. The binders import lazily (a CLI command loads
+    only what it runs), but a flow runs stages in parallel threads, and two threads starting
+    torchvision's import at once fail ("partially initialized module 'torchvision.transforms'")."""
+    with _IMPORT_LOCK:
+        for name in _STEP_MODULES:
+            importlib.import_module(name)
 
 
 def run_step(stage: str, cfg: Config, layout: Layout, **options: Any) -> dict:
