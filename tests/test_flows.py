@@ -139,16 +139,73 @@ def test_train_all_leaves_dvc_clean_and_repro_has_nothing_to_do(trained):
     assert "up to date" in out
 
 
+def _run_log(flow_run_id) -> list:
+    """The log records of one flow run itself (not of its task runs or subflows), oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # records still queued in this process reach the API first
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
+    return sorted((log for log in logs if log.task_run_id is None), key=lambda log: log.timestamp)
+
+
+def test_train_all_shows_each_stage_in_its_own_run_log(trained):
+    """``prefect deployment run train-all/train-all --watch`` and the UI follow the train-all run itself, whose
+    tasks sit in a subflow: each stage's start and finish, the cache hits and the table are in its own log."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    root = trained[0]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["train-all"])))
+    first = min((r for r in runs if r.parameters.get("root") == str(root)), key=lambda r: r.start_time)
+    lines = [log.message for log in _run_log(first.id)]
+    for stage in PIPELINE_STEPS:
+        assert any(line.startswith(f"started  {stage} (") for line in lines), (stage, lines)
+        assert any(line.startswith(f"finished {stage}: ran ") for line in lines), (stage, lines)
+    n = len(PIPELINE_STEPS)
+    assert any(line.startswith(f"stages: {n} of {n} done in ") and "0 cache hits and" in line for line in lines)
+    assert sum(line.startswith("Recall@N on the test split") for line in lines) == 1, lines
+
+
 def test_second_train_all_run_hits_the_cache(trained):
     from flows.train_all import train_all
 
     root, first, _ = trained
     layout = Layout.from_config(load_config(root / "params.yaml"), root)
     before = {h: _sha(layout.checkpoint(h)) for h in HEADS}
-    second = train_all(root=str(root), record_dvc=False)
+    state = train_all(root=str(root), record_dvc=False, return_state=True)
+    second = state.result()
     assert all(state == "Cached" for state in second["steps"].values()), second["steps"]
     assert second["results"] == first["results"]
     assert {h: _sha(layout.checkpoint(h)) for h in HEADS} == before  # nothing retrained
+    # the run's own log counts them: every stage a cache hit
+    lines = [log.message for log in _run_log(state.state_details.flow_run_id)]
+    n = len(PIPELINE_STEPS)
+    assert sum(line.startswith("finished ") and ": cache hit (" in line for line in lines) == n, lines
+    assert any(line.startswith(f"stages: {n} of {n} done") and f"{n} cache hits and 0 ran" in line for line in lines)
+
+
+def test_python_m_flows_train_all_prints_the_table_once_and_no_runtime_warning(trained):
+    """The README's command, in a process of its own (all cache hits): no runpy RuntimeWarning, the stage
+    lines on the console, the results table once (it was printed by the flow and again by ``main``)."""
+    root = trained[0]
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.train_all", "--root", str(root), "--no-dvc"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "RuntimeWarning" not in out and "found in sys.modules" not in out, out
+    assert "finished train@netvlad: cache hit" in out, out
+    headers = [line for line in out.splitlines() if line.startswith("model ") and "R@1" in line]
+    assert len(headers) == 1, out  # the table's header row, once
 
 
 def test_cache_key_follows_dvc_stage_inputs(trained):
