@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -553,4 +554,79 @@ def test_make_up_waits_for_a_real_api_and_gives_up_on_a_silent_port(tmp_path):
     )
     assert proc.returncode == 1 and "no Prefect API" in proc.stderr
     makefile = (REPO / "Makefile").read_text()
-    assert "flows.wait_for_api" in makefile.split("\nup:")[1].split("\n\n")[0]
+    assert "-m flows.up " in makefile.split("\nup:")[1].split("\n\n")[0]
+    assert "wait_for_api(" in (REPO / "flows" / "up.py").read_text()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _processes_in_groups(groups: set[int]) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) in groups and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_make_up_then_make_down_leaves_no_process_behind(tmp_path):
+    """``make up`` in the background (a real Prefect server, then the served deployments), then ``make down``
+    from elsewhere: make, the launcher, the server, serve and whatever they started are all gone."""
+    import signal
+    import urllib.request
+
+    home, port = tmp_path / "prefect-home", _free_port()
+    # this interpreter's environment instead of .venv (its stamp taken as built: nothing is installed)
+    make = ["make", "-s", "-o", ".venv/.installed", f"BIN={Path(sys.executable).parent}", f"PREFECT_HOME={home}"]
+    make.append(f"PREFECT_PORT={port}")
+    log = tmp_path / "up.log"
+    with open(log, "w") as out:  # its own session: whatever happens, the finally below can end all of it
+        up = subprocess.Popen([*make, "up"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    state = home / "up.json"
+    groups: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and up.poll() is None:
+            if state.exists() and "serve" in (recorded := json.loads(state.read_text()))["groups"]:
+                groups = set(recorded["groups"].values())
+                break
+            time.sleep(0.5)
+        assert groups, f"make up did not start both (status {up.poll()}):\n{log.read_text()}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=10) as response:
+            assert response.status == 200
+        started = {up.pid, recorded["pid"], *_processes_in_groups(groups)}
+        assert len(started) >= 4 and all(_running(pid) for pid in started)
+
+        down = subprocess.run([*make, "down"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0 and "down: stopped server, serve" in down.stdout, down.stdout + down.stderr
+        up.wait(timeout=60)  # make itself ends once its launcher has
+        assert not [pid for pid in started if _running(pid)]
+        assert not _processes_in_groups(groups) and not state.exists()
+        with pytest.raises(OSError):  # nothing listens on the port any more
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5)
+    finally:
+        for pgid in groups:  # only if the test failed half-way: leave nothing running
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
