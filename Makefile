@@ -2,8 +2,9 @@
 #   make run   — set up, fill data/ from the synthetic city if empty, run the Prefect flow train-all
 #                end to end (embedded local API), print the results table
 #   make test  — set up, lint (ruff check + ruff format --check), run the test suite
-# Orchestration: `make server` (local Prefect API + UI, SQLite) and, in another shell, `make serve`
-# (serves train-all/train-all and the scheduled reindex/reindex); `make repro` runs the same steps via DVC;
+# Orchestration: `make up` (local Prefect API + UI, SQLite, and serve: train-all/train-all and the scheduled
+# reindex/reindex; `make down` stops both), or `make server` and `make serve` in two shells;
+# `make repro` runs the same steps via DVC;
 # `make study` reproduces docs/results (demo + ablations); `make cpu-study` runs the longer CPU profile.
 # `make api` serves the live release over HTTP (page at http://127.0.0.1:8000/, docs at /docs).
 PYTHON ?= python3
