@@ -126,7 +126,8 @@ def up(host: str, port: int, params: str, root: str) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second stop must not cut this one short
+            signal.signal(signum, signal.SIG_IGN)
         stop_groups({name: p.pid for name, p in procs.items()})
         for p in procs.values():
             p.wait()
