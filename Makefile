@@ -2,8 +2,9 @@
 #   make run   — set up, fill data/ from the synthetic city if empty, run the Prefect flow train-all
 #                end to end (embedded local API), print the results table
 #   make test  — set up, lint (ruff check + ruff format --check), run the test suite
-# Orchestration: `make server` (local Prefect API + UI, SQLite) and, in another shell, `make serve`
-# (serves train-all/train-all and the scheduled reindex/reindex); `make repro` runs the same steps via DVC;
+# Orchestration: `make up` (local Prefect API + UI, SQLite, and serve: train-all/train-all and the scheduled
+# reindex/reindex; `make down` stops both), or `make server` and `make serve` in two shells;
+# `make repro` runs the same steps via DVC;
 # `make study` reproduces docs/results (demo + ablations); `make cpu-study` runs the longer CPU profile.
 # `make api` serves the live release over HTTP (page at http://127.0.0.1:8000/, docs at /docs).
 PYTHON ?= python3
@@ -21,7 +22,7 @@ export PYTHONUNBUFFERED := 1
 PREFECT_HOME ?= $(abspath .prefect)
 PREFECT_PORT ?= 4200
 
-.PHONY: setup run test data repro bench clean server serve up api browser study cpu-study ablations
+.PHONY: setup run test data repro bench clean server serve up down api browser study cpu-study ablations
 
 setup: $(STAMP)
 
@@ -67,12 +68,14 @@ server: $(STAMP)
 serve: $(STAMP)
 	PREFECT_HOME=$(PREFECT_HOME) PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.serve
 
-# server in the background, serve in the foreground once the API answers; Ctrl-C (or a failure) stops both
+# server, then serve once the API answers, each in a process group of its own (flows/up.py); Ctrl-C, a
+# SIGTERM to make, or `make down` from another shell stops both and everything they started
 up: $(STAMP)
-	@PREFECT_HOME=$(PREFECT_HOME) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & server=$$!; \
-	trap 'kill $$server 2>/dev/null; wait $$server 2>/dev/null' EXIT INT TERM; \
-	$(BIN)/python -m flows.wait_for_api http://127.0.0.1:$(PREFECT_PORT)/api --timeout 120 && \
-	PREFECT_HOME=$(PREFECT_HOME) PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.serve
+	exec env PREFECT_HOME=$(PREFECT_HOME) $(BIN)/python -m flows.up --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# stops what `make up` started (its PID and process groups are in $(PREFECT_HOME)/up.json)
+down:
+	PREFECT_HOME=$(PREFECT_HOME) $(BIN)/python -m flows.up --down
 
 api: $(STAMP)
 	$(BIN)/vpr api

@@ -30,7 +30,9 @@ from prefect.futures import PrefectFuture, as_completed
 
 import tasks
 from flows.common import resolve
+from flows.progress import StageProgress, watched_run_logger
 from flows.runners import make_task_runner
+from tasks.artifacts import RESULTS_KEY
 from vpr.foundations.datalock import data_lock
 from vpr.foundations.layout import Layout
 from vpr.foundations.tables import text_table
@@ -58,9 +60,13 @@ def task_graph(specs: dict[str, tasks.StageSpec], lanes: int) -> dict[str, list[
 
 
 def run_when_ready(
-    stages: list[str], graph: dict[str, list[str]], submit: Callable[[str, list[PrefectFuture]], PrefectFuture]
+    stages: list[str],
+    graph: dict[str, list[str]],
+    submit: Callable[[str, list[PrefectFuture]], PrefectFuture],
+    progress: StageProgress | None = None,
 ) -> dict:
-    """Submit each stage once all of its upstream stages completed; wait for all; the futures by stage.
+    """Submit each stage once all of its upstream stages completed; wait for all; the futures by stage
+    (``progress`` hears of each start and finish).
 
     Submitting everything at once with ``wait_for`` would park each waiting task on a worker of the
     task runner, so with ``max_workers`` 2 an evaluation could not start until every training had; here
@@ -75,21 +81,26 @@ def run_when_ready(
             pending.remove(stage)
             submitted[stage] = submit(stage, [submitted[u] for u in graph[stage]])  # the upstream: wait_for edges
             running[submitted[stage]] = stage
+            if progress:
+                progress.started(stage)
         if not running:
             return submitted
         finished = next(iter(as_completed(list(running))))
         stage = running.pop(finished)
         finished.wait()  # the future's state is final only once waited on
+        if progress:
+            progress.finished(stage, finished.state)
         if finished.state.is_completed():
             done.add(stage)
 
 
-@flow(name="train-all-steps", log_prints=True)
+@flow(name="train-all-steps")
 def train_all_steps(params: str, root: str, record_dvc: bool = True) -> dict:
     """The pipeline itself, run as a subflow so that its task runner can come from params.
 
     One task per ``dvc.yaml`` stage, submitted as soon as the stages whose outputs it reads are done
-    (``task_graph``, ``run_when_ready``): nothing here names a stage's inputs a second time.
+    (``task_graph``, ``run_when_ready``): nothing here names a stage's inputs a second time. Each start
+    and finish is a line in the watched run's log (``flows.progress``), the results table the last one.
     """
     cfg, root_path, _ = resolve(params, root)
     root = str(root_path)
@@ -107,20 +118,18 @@ def train_all_steps(params: str, root: str, record_dvc: bool = True) -> dict:
         step = tasks.configure(tasks.run_stage, cfg, root, stage)
         return step.submit(cfg, root, stage, wait_for=upstream + encodes)
 
-    submitted = run_when_ready(list(specs), graph, submit)
+    log = watched_run_logger()
+    progress = StageProgress(len(specs), log)
+    submitted = run_when_ready(list(specs), graph, submit, progress)
     steps = {stage: submitted[stage].state.name if stage in submitted else "NotRun" for stage in specs}
     failed = [stage for stage in specs if stage not in submitted or not submitted[stage].state.is_completed()]
+    log.info(progress.summary())
     if failed:
         raise RuntimeError(f"train-all: step(s) failed or not run: {', '.join(failed)} (see their task runs)")
-    cached = [stage for stage, name in steps.items() if name == "Cached"]
-    print(
-        f"{len(cached)} of {len(steps)} steps unchanged since a previous run (cache hits)"
-        + (f": {', '.join(cached)}" if cached else "")
-    )
     report_path = submitted["report"].result().get("report") if "report" in submitted else None
     rows = tasks.publish_results(cfg, root, report_path)
     recorded = tasks.record_in_dvc(root, list(submitted)) if record_dvc else {"recorded": []}
-    print("results (test split):\n" + text_table(rows))
+    log.info("Recall@N on the test split (artifact %s):\n%s", RESULTS_KEY, text_table(rows))
     return {"results": rows, "report": report_path, "steps": steps, "dvc": recorded}
 
 
@@ -145,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-dvc", action="store_true", help="do not record the outputs in DVC")
     args = parser.parse_args(argv)
     result = train_all(params=args.params, root=args.root, record_dvc=not args.no_dvc)
-    print("\nRecall@N on the test split:\n" + text_table(result["results"]))
+    # the results table is already in the run's log (on this console too): printed once, not again here
     if result.get("report"):
         print(f"\nreport: {result['report']}")
     return 0

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,16 +140,73 @@ def test_train_all_leaves_dvc_clean_and_repro_has_nothing_to_do(trained):
     assert "up to date" in out
 
 
+def _run_log(flow_run_id) -> list:
+    """The log records of one flow run itself (not of its task runs or subflows), oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # records still queued in this process reach the API first
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
+    return sorted((log for log in logs if log.task_run_id is None), key=lambda log: log.timestamp)
+
+
+def test_train_all_shows_each_stage_in_its_own_run_log(trained):
+    """``prefect deployment run train-all/train-all --watch`` and the UI follow the train-all run itself, whose
+    tasks sit in a subflow: each stage's start and finish, the cache hits and the table are in its own log."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    root = trained[0]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["train-all"])))
+    first = min((r for r in runs if r.parameters.get("root") == str(root)), key=lambda r: r.start_time)
+    lines = [log.message for log in _run_log(first.id)]
+    for stage in PIPELINE_STEPS:
+        assert any(line.startswith(f"started  {stage} (") for line in lines), (stage, lines)
+        assert any(line.startswith(f"finished {stage}: ran ") for line in lines), (stage, lines)
+    n = len(PIPELINE_STEPS)
+    assert any(line.startswith(f"stages: {n} of {n} done in ") and "0 cache hits and" in line for line in lines)
+    assert sum(line.startswith("Recall@N on the test split") for line in lines) == 1, lines
+
+
 def test_second_train_all_run_hits_the_cache(trained):
     from flows.train_all import train_all
 
     root, first, _ = trained
     layout = Layout.from_config(load_config(root / "params.yaml"), root)
     before = {h: _sha(layout.checkpoint(h)) for h in HEADS}
-    second = train_all(root=str(root), record_dvc=False)
+    state = train_all(root=str(root), record_dvc=False, return_state=True)
+    second = state.result()
     assert all(state == "Cached" for state in second["steps"].values()), second["steps"]
     assert second["results"] == first["results"]
     assert {h: _sha(layout.checkpoint(h)) for h in HEADS} == before  # nothing retrained
+    # the run's own log counts them: every stage a cache hit
+    lines = [log.message for log in _run_log(state.state_details.flow_run_id)]
+    n = len(PIPELINE_STEPS)
+    assert sum(line.startswith("finished ") and ": cache hit (" in line for line in lines) == n, lines
+    assert any(line.startswith(f"stages: {n} of {n} done") and f"{n} cache hits and 0 ran" in line for line in lines)
+
+
+def test_python_m_flows_train_all_prints_the_table_once_and_no_runtime_warning(trained):
+    """The README's command, in a process of its own (all cache hits): no runpy RuntimeWarning, the stage
+    lines on the console, the results table once (it was printed by the flow and again by ``main``)."""
+    root = trained[0]
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.train_all", "--root", str(root), "--no-dvc"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "RuntimeWarning" not in out and "found in sys.modules" not in out, out
+    assert "finished train@netvlad: cache hit" in out, out
+    headers = [line for line in out.splitlines() if line.startswith("model ") and "R@1" in line]
+    assert len(headers) == 1, out  # the table's header row, once
 
 
 def test_a_cached_rerun_skips_the_dvc_record_until_a_file_changes(trained):
@@ -511,4 +569,79 @@ def test_make_up_waits_for_a_real_api_and_gives_up_on_a_silent_port(tmp_path):
     )
     assert proc.returncode == 1 and "no Prefect API" in proc.stderr
     makefile = (REPO / "Makefile").read_text()
-    assert "flows.wait_for_api" in makefile.split("\nup:")[1].split("\n\n")[0]
+    assert "-m flows.up " in makefile.split("\nup:")[1].split("\n\n")[0]
+    assert "wait_for_api(" in (REPO / "flows" / "up.py").read_text()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _processes_in_groups(groups: set[int]) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) in groups and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_make_up_then_make_down_leaves_no_process_behind(tmp_path):
+    """``make up`` in the background (a real Prefect server, then the served deployments), then ``make down``
+    from elsewhere: make, the launcher, the server, serve and whatever they started are all gone."""
+    import signal
+    import urllib.request
+
+    home, port = tmp_path / "prefect-home", _free_port()
+    # this interpreter's environment instead of .venv (its stamp taken as built: nothing is installed)
+    make = ["make", "-s", "-o", ".venv/.installed", f"BIN={Path(sys.executable).parent}", f"PREFECT_HOME={home}"]
+    make.append(f"PREFECT_PORT={port}")
+    log = tmp_path / "up.log"
+    with open(log, "w") as out:  # its own session: whatever happens, the finally below can end all of it
+        up = subprocess.Popen([*make, "up"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    state = home / "up.json"
+    groups: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and up.poll() is None:
+            if state.exists() and "serve" in (recorded := json.loads(state.read_text()))["groups"]:
+                groups = set(recorded["groups"].values())
+                break
+            time.sleep(0.5)
+        assert groups, f"make up did not start both (status {up.poll()}):\n{log.read_text()}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=10) as response:
+            assert response.status == 200
+        started = {up.pid, recorded["pid"], *_processes_in_groups(groups)}
+        assert len(started) >= 4 and all(_running(pid) for pid in started)
+
+        down = subprocess.run([*make, "down"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0 and "down: stopped server, serve" in down.stdout, down.stdout + down.stderr
+        up.wait(timeout=60)  # make itself ends once its launcher has
+        assert not [pid for pid in started if _running(pid)]
+        assert not _processes_in_groups(groups) and not state.exists()
+        with pytest.raises(OSError):  # nothing listens on the port any more
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5)
+    finally:
+        for pgid in groups:  # only if the test failed half-way: leave nothing running
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()

@@ -8,6 +8,7 @@ failure, the backbone starts from random init with a loud warning that says why.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -67,16 +68,28 @@ def imagenet_weights_path() -> Path:
     return cached_path()
 
 
+_WARNED: set[str] = set()  # fallback warnings given in this process: one per reason, not one per model build
+_WARNED_LOCK = threading.Lock()
+
+
 def imagenet_weights() -> Path | None:
-    """The ImageNet weights file (fetched when missing and reachable), or None after a warning."""
+    """The ImageNet weights file (fetched when missing and reachable), or None after a warning.
+
+    The warning comes once per process and reason: a run builds many models (every head, every task
+    thread), and the same fallback repeated only hides the rest of the log.
+    """
     try:
         return fetch_imagenet()
     except WeightsUnavailable as exc:
-        warnings.warn(
+        message = (
             f"ImageNet weights not found at {cached_path()} and not downloaded ({exc}); using random init "
-            "(run `vpr weights --fetch` with internet, or set model.weights to a local .pth file)",
-            stacklevel=3,
+            "(run `vpr weights --fetch` with internet, or set model.weights to a local .pth file)"
         )
+        with _WARNED_LOCK:
+            first = message not in _WARNED
+            _WARNED.add(message)
+        if first:
+            warnings.warn(message, stacklevel=3)
         return None
 
 
