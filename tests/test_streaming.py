@@ -12,7 +12,8 @@ from vpr.shared.shardio import ShardError, ShardReader
 
 
 def _split_ids(reader: ShardReader, split: str) -> np.ndarray:
-    return reader.index.filter(pl.col("split") == split).sort("id")["id"].to_numpy()
+    """The split's ids in tar order (shard, offset): the order a stream reads them in."""
+    return reader.index.filter(pl.col("split") == split).sort("shard", "offset")["id"].to_numpy()
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -109,7 +109,8 @@ def test_trunk_cache_matches_full_forward_and_is_shared_by_the_heads(micro_proje
     mcfg = ModelConfig(weights="none", gem_dim=32, netvlad_clusters=4)
     model = build_model("gem", mcfg)
     tf = image_transform(cfg.shards.height, cfg.shards.width)
-    ids, cpu, size = np.arange(10), torch.device("cpu"), (cfg.shards.height, cfg.shards.width)
+    ids = reader.index.sort("shard", "offset")["id"].to_numpy()[:10]  # the first ten images, in tar order
+    cpu, size = torch.device("cpu"), (cfg.shards.height, cfg.shards.width)
     folder = tmp_path / "trunk"
     cache = open_trunk_cache(model, reader, ids, tf, cpu, size=size, batch_size=4, folder=folder)
     full = extract(model, reader, ids, tf, device=cpu, batch_size=4)

@@ -82,7 +82,7 @@ def plan_batch(accepted: list[dict], index: pl.DataFrame, split: str, per_shard:
 def index_has(index: pl.DataFrame, plan: dict) -> bool:
     ids = [it["id"] for it in plan["items"]]
     have = index.filter(pl.col("id").is_in(ids)).select("id", "path").sort("id")
-    return have.rows() == [(it["id"], it["row"]["path"]) for it in plan["items"]]
+    return have.rows() == sorted((it["id"], it["row"]["path"]) for it in plan["items"])
 
 
 def plan_state(index: pl.DataFrame, plan: dict) -> str:

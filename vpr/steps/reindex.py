@@ -270,7 +270,7 @@ def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> No
     shards = layout.split_shards(plan["split"])
     index = read_index(shards)
     if plan_state(index, plan) == "applied":
-        rows = index.filter(pl.col("id").is_in([it["id"] for it in plan["items"]])).sort("id").to_dicts()
+        rows = index.filter(pl.col("id").is_in([it["id"] for it in plan["items"]])).sort("shard", "offset").to_dicts()
     else:
         rows = write_batch_shards(plan, layout, cfg)
     reached("shards-written")
