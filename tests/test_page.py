@@ -140,11 +140,11 @@ def scale_m(page) -> float:
 
 
 def test_the_map_fills_its_panel_keeps_its_aspect_and_zooms(page):
-    panel = page.locator("#mapbox").bounding_box()
-    canvas = page.locator("#map").bounding_box()
-    assert panel["width"] > 0.9 * 1100 and panel["height"] >= 250, panel
+    box = page.locator("#mapbox").bounding_box()
+    panel = page.locator("#map").bounding_box()
+    assert box["width"] > 0.9 * 1100 and box["height"] >= 250, box
     for key in ("x", "y", "width", "height"):  # the canvas is the panel (its border aside)
-        assert abs(panel[key] - canvas[key]) <= 2, (panel, canvas)
+        assert abs(box[key] - panel[key]) <= 2, (box, panel)
     spread_over_the_panel(page.evaluate(DRAWN))
     # equal metres per pixel on both axes; every database point inside the panel
     geometry = page.evaluate(GEOMETRY)
@@ -159,14 +159,19 @@ def test_the_map_fills_its_panel_keeps_its_aspect_and_zooms(page):
     assert bar == pytest.approx(metres * geometry["s"], rel=0.05, abs=4)
     assert page.locator("#north").is_visible() and "N" in page.text_content("#north")
     # wheel zooms in at the cursor (the scale bar names fewer metres), drag pans, reset shows all again
-    page.mouse.move(panel["x"] + panel["width"] / 2, panel["y"] + panel["height"] / 2)
+    cursor = (panel["width"] * 0.3, panel["height"] * 0.6)  # off-centre: the zoom keeps this spot under it
+    spot = page.evaluate(f"window.vprMap.toUtm({cursor[0]}, {cursor[1]})")
+    page.mouse.move(panel["x"] + cursor[0], panel["y"] + cursor[1])
     page.mouse.wheel(0, -600)
     page.wait_for_function(f"+document.getElementById('scale').dataset.metres < {metres}")
+    assert page.evaluate(f"window.vprMap.toPx({spot[0]}, {spot[1]})") == pytest.approx(cursor, abs=1.5)
     before = page.evaluate("window.vprMap.state.view.cx")
+    page.mouse.move(panel["x"] + panel["width"] / 2, panel["y"] + panel["height"] / 2)
     page.mouse.down()
     page.mouse.move(panel["x"] + panel["width"] / 2 - 120, panel["y"] + panel["height"] / 2, steps=5)
     page.mouse.up()
-    assert page.evaluate("window.vprMap.state.view.cx") > before  # dragged left: the view moved east
+    view = page.evaluate("window.vprMap.state.view")  # dragged 120 px left: the view moved 120 px east
+    assert view["cx"] == pytest.approx(before + 120 / view["s"], abs=1 / view["s"])
     page.click("#reset")
     page.wait_for_function(f"+document.getElementById('scale').dataset.metres === {metres}")
     spread_over_the_panel(page.evaluate(DRAWN))
@@ -232,17 +237,21 @@ def test_the_gps_prior_is_set_on_the_map_and_an_empty_answer_says_why(page, serv
     located(page, served, photo)
     # shift-click where another database image lies: the prior is centred there, drawn as a circle
     x, y = page.evaluate(f"window.vprMap.toPx({elsewhere['utm_east']}, {elsewhere['utm_north']})")
-    panel = page.locator("#mapbox").bounding_box()
+    panel = page.locator("#map").bounding_box()
     page.keyboard.down("Shift")
-    page.mouse.click(panel["x"] + 1 + x, panel["y"] + 1 + y)  # +1: the panel's border
+    page.mouse.click(panel["x"] + x, panel["y"] + y)
     page.keyboard.up("Shift")
     page.wait_for_selector("#prior-circle")
     lat, lon = float(page.input_value("#prior-lat")), float(page.input_value("#prior-lon"))
-    assert metres(lat, lon, elsewhere["lat"], elsewhere["lon"]) < 5
-    circle = page.locator("#prior-circle").bounding_box()
-    metres_per_px = 1 / page.evaluate("window.vprMap.state.view.s")
-    assert circle["width"] / 2 * metres_per_px == pytest.approx(100, rel=0.05)  # the radius input's 100 m
-    assert circle["x"] + circle["width"] / 2 - panel["x"] == pytest.approx(x, abs=2)
+    metres_per_px = 1 / page.evaluate("window.vprMap.state.view.s")  # a click lands on whole pixels
+    assert metres(lat, lon, elsewhere["lat"], elsewhere["lon"]) < 1.5 * metres_per_px
+    # the map's UTM <-> GPS fit puts that image's UTM position at its own lat/lon, to under a metre
+    fitted = page.evaluate(f"window.vprMap.state.geo.toLatLon({elsewhere['utm_east']}, {elsewhere['utm_north']})")
+    assert metres(*fitted, elsewhere["lat"], elsewhere["lon"]) < 1
+    circle = {k: float(page.get_attribute("#prior-circle", k)) for k in ("cx", "cy", "r")}
+    assert circle["r"] * metres_per_px == pytest.approx(100, rel=0.01)  # the radius input's 100 m
+    assert (circle["cx"], circle["cy"]) == pytest.approx((x, y), abs=1.5)
+    assert page.locator("#prior-circle").is_visible()
     # the photo is located again with the prior: every match inside the circle, none from the photo's place
     page.wait_for_function(f"(window.vprMap.state.answer.matches || []).every(m => m.lat !== {photo['lat']})")
     matches = page.evaluate("window.vprMap.state.answer.matches")
