@@ -33,6 +33,7 @@ from vpr.shared.versions import ReleaseError, current_version, read_manifest, ve
 
 logger = logging.getLogger(__name__)
 MAP_POINTS = 20_000  # database positions sent to the page's map, at most (an even subsample)
+GEO_POINTS = 256  # (east, north, lat, lon) pairs the page fits its map ↔ GPS transform to (the GPS prior)
 
 
 @dataclass(frozen=True)
@@ -47,15 +48,20 @@ class Served:
         return self.release.version
 
     def positions(self) -> dict:
-        """UTM positions of the indexed images (subsampled) and their bounds, for the page's map."""
+        """UTM positions of the indexed images (subsampled) and their bounds, for the page's map, and
+        ``geo``: (east, north, lat, lon) of some of them, so the page draws a GPS prior (lat/lon, as the
+        search filters it) where those images lie on its UTM map."""
         ids = self.release.ids
         step = max(1, ids.height // MAP_POINTS)
         east, north = ids["utm_east"].to_numpy(), ids["utm_north"].to_numpy()
+        geo = ids.filter(pl.col("lat").is_not_nan() & pl.col("lon").is_not_nan())  # NaN: no GPS in the name
+        geo = geo.select("utm_east", "utm_north", "lat", "lon").gather_every(max(1, geo.height // GEO_POINTS))
         return {
             "version": self.version,
             "count": ids.height,
             "bounds": [float(east.min()), float(north.min()), float(east.max()), float(north.max())],
             "points": np.round(np.stack([east[::step], north[::step]], axis=1), 1).tolist(),
+            "geo": np.round(geo.to_numpy(), 7).tolist(),
         }
 
     def thumbnail(self, image_id: int) -> bytes | None:
