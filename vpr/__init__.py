@@ -9,16 +9,9 @@ points are importable from here, loaded on first use (importing ``vpr`` stays ch
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
 
 __version__ = "0.1.0"
-
-# Intel MKL (torch's CPU BLAS) may pick kernels by the memory alignment of their inputs, so two runs of
-# one program could round differently; strict conditional bitwise reproducibility removes that, with no
-# speed cost measured on the micro training run. MKL reads it once, when it loads (after this import in
-# the CLI, the flows and the tests); a value the user set wins.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 _ENTRY_POINTS = {
     "load_config": "vpr.foundations.config",
