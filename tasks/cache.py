@@ -32,7 +32,7 @@ from typing import Any
 from prefect.cache_policies import CachePolicy, TaskSource
 from prefect.context import TaskRunContext
 
-_CHUNK = 1 << 20
+from vpr.foundations.digest import file_sha256
 
 
 @dataclass(frozen=True)
@@ -105,11 +105,7 @@ def hash_file(path: Path) -> str:
         cached = _FILE_HASHES.get(memo)
     if cached is not None:
         return cached
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    value = digest.hexdigest()
+    value = file_sha256(path)
     with _HASH_LOCK:
         _FILE_HASHES[memo] = value
     return value

@@ -35,6 +35,7 @@ import torch
 
 from vpr.foundations.atomic import atomic_path, write_text_atomic
 from vpr.foundations.config import Config
+from vpr.foundations.digest import file_record, file_sha256
 from vpr.foundations.layout import Layout
 from vpr.shared.checkpoints import load_model, untrained_model
 from vpr.shared.descriptors import autocast, eval_transform, image_batches, resolve_device
@@ -50,15 +51,6 @@ _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) of entrie
 
 class DamagedEntry(ValueError):
     """A store entry whose bytes are not the ones its sidecar recorded (the message names the file)."""
-
-
-def file_sha256(path: Path, chunk: int = 2**22) -> str:
-    """SHA-256 of a file, read in bounded chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -166,7 +158,7 @@ class DescriptorStore:
         with atomic_path(target) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, descriptors, allow_pickle=False)
-            info = {**info, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+            info = {**info, **file_record(tmp)}
         write_text_atomic(target.with_suffix(".json"), json.dumps(info, sort_keys=True) + "\n")
         stat = target.stat()
         _VERIFIED.add((str(target), stat.st_size, stat.st_mtime_ns))

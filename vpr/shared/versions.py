@@ -42,6 +42,7 @@ import polars as pl
 from filelock import FileLock
 
 from vpr.foundations.atomic import fsync_dir, write_bytes_atomic, write_text_atomic
+from vpr.foundations.digest import file_record
 
 CURRENT = "CURRENT"
 INDEX_FILE = "index.faiss"
@@ -171,12 +172,6 @@ def copy_private(src: Path, dst: Path) -> None:
 
 
 # --------------------------------------------------------------------------- integrity
-
-
-def file_record(path: Path) -> dict:
-    """``{"bytes", "sha256"}`` of a file (one read)."""
-    with open(path, "rb") as fh:
-        return {"bytes": os.fstat(fh.fileno()).st_size, "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
 
 
 def read_manifest(version: Path) -> tuple[dict, str]:

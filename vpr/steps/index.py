@@ -51,6 +51,7 @@ import numpy as np
 import polars as pl
 
 from vpr.foundations.config import Config, IndexConfig
+from vpr.foundations.digest import file_record
 from vpr.foundations.layout import Layout
 from vpr.shared.checkpoints import load_model
 from vpr.shared.descriptors import resolve_device
@@ -82,7 +83,6 @@ from vpr.shared.versions import (
     copy_private,
     current_version,
     delta_segment,
-    file_record,
     held,
     link_or_copy,
     read_manifest,

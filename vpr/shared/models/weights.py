@@ -33,6 +33,7 @@ from filelock import FileLock, Timeout
 from torchvision.models import ResNet18_Weights
 
 from vpr.foundations.atomic import write_text_atomic
+from vpr.foundations.digest import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,7 @@ def cached_digest(path: Path) -> str:
             return str(memo["sha256"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    with open(path, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    digest = file_sha256(path)
     memo = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
     write_text_atomic(memo_path, json.dumps(memo))
     return digest
