@@ -4,6 +4,10 @@
 to fill the descriptor store of a large database on a Dask cluster (``orchestration.task_runner: dask``,
 ``orchestration.dask_address``) before ``vpr evaluate`` or ``vpr index`` reads it:
 ``python -m flows.encode --stage index``.
+
+With ``orchestration.dask_address`` the workers are taken not to share the project folder: each is sent
+the model and its shard's index rows, reads the shard from ``resources.shards_url`` and sends the
+descriptors back, and this process writes them into the store (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import sys
 
 from prefect import flow
+from prefect.futures import as_completed
 
 import tasks
 from flows.common import resolve
@@ -22,14 +27,17 @@ from flows.runners import make_task_runner
 def encode_shards_steps(params: str, root: str, stage: str) -> dict:
     cfg, root_path, _ = resolve(params, root)
     root = str(root_path)
-    futures = [
-        tasks.configure(tasks.encode_shard, cfg, root, stage).submit(cfg, root, stage, shard)
-        for shard in tasks.stage_shards(cfg, root, stage)
-    ]
-    results = [f.result() for f in futures]
-    encoded = sum(r["encoded"] for r in results)
-    print(f"{stage}: {len(results)} shards, {encoded} encoded, {len(results) - encoded} already in the store")
-    return {"stage": stage, "shards": len(results), "encoded": encoded, "results": results}
+    shards = tasks.stage_shards(cfg, root, stage)
+    if cfg.orchestration.dask_address:  # workers elsewhere: descriptors come back, stored here
+        encode = tasks.encode_detached.with_options(retries=cfg.orchestration.task_retries)
+        futures = [encode.submit(cfg, job) for job in tasks.detached_jobs(cfg, root, stage)]
+        results = [tasks.store_detached(cfg, root, future.result()) for future in as_completed(futures)]
+    else:
+        futures = [tasks.configure(tasks.encode_shard, cfg, root, stage).submit(cfg, root, stage, s) for s in shards]
+        results = [f.result() for f in futures]
+    encoded = sum(bool(r["encoded"]) for r in results)
+    print(f"{stage}: {len(shards)} shards, {encoded} encoded, {len(shards) - encoded} already in the store")
+    return {"stage": stage, "shards": len(shards), "encoded": encoded, "results": results}
 
 
 @flow(name="encode-shards", log_prints=True)

@@ -3,7 +3,7 @@
 from tasks.artifacts import publish_reindex_summary, publish_results
 from tasks.cache import StageInputs, StageSpec, outputs_present, stage_key, stage_specs
 from tasks.dvc import record_in_dvc, stages_writing
-from tasks.encode import encode_shard, stage_shards
+from tasks.encode import detached_jobs, encode_detached, encode_shard, stage_shards, store_detached
 from tasks.logs import show_vpr_logs
 from tasks.pipeline import configure, run_stage
 from tasks.reindex import reindex_batch
@@ -14,6 +14,8 @@ __all__ = [
     "StageInputs",
     "StageSpec",
     "configure",
+    "detached_jobs",
+    "encode_detached",
     "encode_shard",
     "outputs_present",
     "publish_reindex_summary",
@@ -26,4 +28,5 @@ __all__ = [
     "stage_shards",
     "stage_specs",
     "stages_writing",
+    "store_detached",
 ]

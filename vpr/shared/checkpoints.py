@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
@@ -23,24 +24,26 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else f"{type(exc).__name__} (the file is empty or cut short)"
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path | io.BytesIO, name: str | None = None) -> dict:
     """Load a checkpoint safely: ``weights_only=True`` never unpickles arbitrary objects.
 
     A file holding anything but tensors and plain containers (a pickled object whose loading would run
     code) is refused with ``CheckpointError``, as is a damaged archive; nothing in it is executed.
+    ``name`` says what an in-memory ``path`` is in messages.
     """
+    name = name or str(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors and plain "
+            f"refusing to load {name}: it holds objects other than tensors and plain "
             f"data (loaded with weights_only=True; nothing in it was run): "
             f"{_first_line(exc)}"
         ) from None
     except (RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot read checkpoint {name}: {_first_line(exc)}") from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a vpr checkpoint (a {type(state).__name__}, not a dict)")
+        raise CheckpointError(f"{name} is not a vpr checkpoint (a {type(state).__name__}, not a dict)")
     return state
 
 
@@ -60,23 +63,42 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path} (train the head first: `vpr train --head ...`)")
     ckpt = load_checkpoint(path)
+    return model_from_checkpoint(ckpt, str(path), device), ckpt
+
+
+def model_bytes(model: VPRModel, head: str, model_cfg: ModelConfig) -> bytes:
+    """A model as the bytes of a minimal checkpoint (head, model_config, weights): what a worker without
+    the project folder is sent to encode with (``model_from_bytes`` reads it back)."""
+    buffer = io.BytesIO()
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    torch.save({"head": head, "model_config": model_cfg.model_dump(mode="json"), "model": state}, buffer)
+    return buffer.getvalue()
+
+
+def model_from_bytes(data: bytes, device: torch.device | str = "cpu", name: str = "model bytes") -> VPRModel:
+    """``model_bytes`` back into a model, checked as a checkpoint file is (weights only, no code run)."""
+    return model_from_checkpoint(load_checkpoint(io.BytesIO(data), name), name, device)
+
+
+def model_from_checkpoint(ckpt: dict, name: str, device: torch.device | str = "cpu") -> VPRModel:
+    """The model a checkpoint dict describes, every part checked; ``name`` says where it came from."""
     missing = [k for k in ("head", "model_config", "model") if k not in ckpt]
     if missing:
-        raise CheckpointError(f"{path} is not a trained-model checkpoint: no {', '.join(missing)}")
+        raise CheckpointError(f"{name} is not a trained-model checkpoint: no {', '.join(missing)}")
     if not isinstance(ckpt["head"], str) or ckpt["head"] not in head_names():
-        raise CheckpointError(f"{path}: unknown head {ckpt['head']!r} (expected one of {', '.join(head_names())})")
+        raise CheckpointError(f"{name}: unknown head {ckpt['head']!r} (expected one of {', '.join(head_names())})")
     try:  # the same bounds as params.yaml: a forged size fails here, before anything is allocated
         model_cfg = ModelConfig(**{**dict(ckpt["model_config"]), "weights": "none"})
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: invalid model_config: {_first_line(exc)}") from None
+        raise CheckpointError(f"{name}: invalid model_config: {_first_line(exc)}") from None
     model = build_model(ckpt["head"], model_cfg)
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: weights do not fit the {ckpt['head']} model: {_first_line(exc)}") from None
+        raise CheckpointError(f"{name}: weights do not fit the {ckpt['head']} model: {_first_line(exc)}") from None
     if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
-        raise CheckpointError(f"{path}: weights hold NaN or infinite values (a diverged training?)")
-    return _prepare(model, torch.device(device)), ckpt
+        raise CheckpointError(f"{name}: weights hold NaN or infinite values (a diverged training?)")
+    return _prepare(model, torch.device(device))
 
 
 def untrained_model(head: str, model_cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> VPRModel:

@@ -188,7 +188,6 @@ class ShardDescriptors:
     timed_images: int
 
 
-@torch.inference_mode()
 def encode_shard(encoder: Encoder, plan: ShardPlan, store: DescriptorStore) -> ShardDescriptors:
     """Every sample of one shard → one store entry (skipped when the entry exists already)."""
     key = encoder.key(plan)
@@ -196,6 +195,17 @@ def encode_shard(encoder: Encoder, plan: ShardPlan, store: DescriptorStore) -> S
     info = store.info(key)
     if info is not None:
         return ShardDescriptors(str(plan.url), ids, key, False, info["seconds"], info["timed_images"])
+    out, info = encode_plan(encoder, plan)
+    store.save(key, out, info)
+    log.debug("encoded %s: %d images", plan.url, len(ids))
+    return ShardDescriptors(str(plan.url), ids, key, True, info["seconds"], info["timed_images"])
+
+
+@torch.inference_mode()
+def encode_plan(encoder: Encoder, plan: ShardPlan) -> tuple[np.ndarray, dict]:
+    """One shard's descriptors (rows in the plan's order) and the sidecar facts of its store entry;
+    nothing is written (``encode_shard`` stores them; a detached worker sends them back)."""
+    ids = np.asarray(plan.ids, dtype=np.int64)
     model = encoder.model
     was_training = model.training
     model.eval()
@@ -216,9 +226,7 @@ def encode_shard(encoder: Encoder, plan: ShardPlan, store: DescriptorStore) -> S
     else:
         seconds = end - t0
     model.train(was_training)
-    store.save(key, out, {"shard": str(plan.url), "rows": len(ids), "seconds": seconds, "timed_images": timed})
-    log.debug("encoded %s: %d images", plan.url, len(ids))
-    return ShardDescriptors(str(plan.url), ids, key, True, seconds, timed)
+    return out, {"shard": str(plan.url), "rows": len(ids), "seconds": seconds, "timed_images": timed}
 
 
 class DescriptorSet:
