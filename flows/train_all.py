@@ -126,7 +126,9 @@ def train_all_steps(params: str, root: str, record_dvc: bool = True) -> dict:
     log.info(progress.summary())
     if failed:
         raise RuntimeError(f"train-all: step(s) failed or not run: {', '.join(failed)} (see their task runs)")
-    report_path = submitted["report"].result().get("report") if "report" in submitted else None
+    # the step whose summary names a report (the step table says which; no stage name here)
+    summaries = [future.result() for future in submitted.values()]
+    report_path = next((s["report"] for s in summaries if isinstance(s, dict) and s.get("report")), None)
     rows = tasks.publish_results(cfg, root, report_path)
     recorded = tasks.record_in_dvc(root, list(submitted)) if record_dvc else {"recorded": []}
     log.info("Recall@N on the test split (artifact %s):\n%s", RESULTS_KEY, text_table(rows))
