@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 
 from vpr.shared.checkpoints import load_checkpoint
-from vpr.shared.distributed import Ranks, gather_descriptors, my_batches, my_share
+from vpr.shared.distributed import Ranks, gather_descriptors, my_batches, my_rows, my_share, same_buffers
 
 
 def test_shares_and_batches_cover_everything_once_with_equal_steps():
@@ -29,6 +30,10 @@ def test_shares_and_batches_cover_everything_once_with_equal_steps():
         per_rank = [my_batches(n_batches, Ranks(r, 2)) for r in range(2)]
         assert len(per_rank[0]) == len(per_rank[1]) >= 1  # every rank steps as often: all-reduce never hangs
         assert len(set(per_rank[0]) & set(per_rank[1])) == 0 or n_batches < 2
+    for n_rows, batch in ((7, 2), (8, 2), (3, 4)):  # the rows of each rank's batches: disjoint, in order
+        rows = [my_rows(n_rows, batch, Ranks(r, 2)).tolist() for r in range(2)]
+        assert rows[0] == sorted(rows[0]) and rows[1] == sorted(rows[1])
+        assert not set(rows[0]) & set(rows[1]) or n_rows <= batch  # fewer batches than ranks: shared
 
 
 def _gather_worker(rank: int, port: int, ids: np.ndarray, out: str) -> None:
@@ -44,6 +49,13 @@ def _gather_worker(rank: int, port: int, ids: np.ndarray, out: str) -> None:
         got = gather_descriptors(ids, encode, 2, Ranks(rank, 2), torch.device("cpu"))
         np.save(f"{out}.{rank}.npy", got)
         np.save(f"{out}.{rank}.calls.npy", np.array(calls))
+
+        # a training forward leaves each rank the BatchNorm statistics of its own batch; same_buffers gives rank 0's
+        norm = torch.nn.BatchNorm1d(2)
+        DistributedDataParallel(norm)(torch.arange(8, dtype=torch.float32).view(4, 2) * (rank + 1))
+        np.save(f"{out}.{rank}.own.npy", norm.running_mean.numpy().copy())
+        same_buffers(norm, Ranks(rank, 2))
+        np.save(f"{out}.{rank}.synced.npy", torch.cat([norm.running_mean, norm.running_var]).numpy())
     finally:
         dist.destroy_process_group()
 
@@ -54,13 +66,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_gathered_descriptors_equal_the_single_process_ones(tmp_path):
+def test_gathered_descriptors_equal_the_single_process_ones_and_ranks_take_rank_0s_buffers(tmp_path):
     ids = np.arange(7, dtype=np.int64) * 10
     mp.spawn(_gather_worker, args=(_free_port(), ids, str(tmp_path / "g")), nprocs=2, join=True)
     single = np.stack([ids * 1.5, ids - 0.25], axis=1).astype(np.float32)
     for rank in range(2):
         np.testing.assert_array_equal(np.load(tmp_path / f"g.{rank}.npy"), single)
     assert sorted(int(np.load(tmp_path / f"g.{r}.calls.npy")[0]) for r in range(2)) == [3, 4]  # each a share
+    own = [np.load(tmp_path / f"g.{r}.own.npy") for r in range(2)]
+    assert not np.array_equal(own[0], own[1])
+    np.testing.assert_array_equal(np.load(tmp_path / "g.0.synced.npy"), np.load(tmp_path / "g.1.synced.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "g.1.synced.npy")[:2], own[0])
 
 
 def _cli_train(root, params, args: list[str]) -> subprocess.CompletedProcess:

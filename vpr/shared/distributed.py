@@ -7,13 +7,14 @@ Outside torchrun there is one rank and nothing here changes a thing.
 
 What each rank does is in ``vpr.steps.train``: mining refreshes split their descriptor computation over the
 ranks and all-gather the result (``gather_descriptors``), each rank steps on its share of the
-triplet batches (``my_batches``) with gradients averaged by ``DistributedDataParallel``, every rank
-validates the same weights and so takes the same decisions, and only rank 0 writes checkpoints,
-history and metrics.
+triplet batches (``my_batches``) with gradients averaged by ``DistributedDataParallel``, after each
+chunk's steps every rank takes rank 0's BatchNorm statistics (``same_buffers``), so every rank validates
+the same model and takes the same decisions, and only rank 0 writes checkpoints, history and metrics.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -117,6 +118,26 @@ def my_batches(n_batches: int, ranks: Ranks) -> list[int]:
         return [ranks.rank % n_batches] if n_batches else []
     rounds = n_batches // ranks.world
     return [r * ranks.world + ranks.rank for r in range(rounds)]
+
+
+def my_rows(n_rows: int, batch: int, ranks: Ranks) -> np.ndarray:
+    """Rows of a chunk's ``n_rows`` triplets in this rank's batches of ``batch`` (``my_batches``), in order."""
+    mine = my_batches(math.ceil(n_rows / batch), ranks)
+    return np.concatenate([np.arange(k * batch, min((k + 1) * batch, n_rows)) for k in mine] or [np.empty(0, int)])
+
+
+def same_buffers(module: torch.nn.Module, ranks: Ranks) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), in place.
+
+    ``DistributedDataParallel`` broadcasts rank 0's buffers at the start of each training forward, so
+    after a step each rank holds what its own batch left. Encoding then (mining and validation: each
+    rank encodes a share) would mix the ranks' statistics, and a run resumed from rank 0's checkpoint
+    would not repeat the uninterrupted one.
+    """
+    if ranks.world == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def mean_over_ranks(values: Sequence[float], ranks: Ranks) -> float:

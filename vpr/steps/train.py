@@ -11,7 +11,6 @@ Recall@``train.select_by`` improves, the kept ``model.pt``). All randomness of e
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,7 +37,7 @@ from vpr.shared.descriptors import (
     resolve_device,
     use_bf16,
 )
-from vpr.shared.distributed import Ranks, join_from_env, leave, mean_over_ranks, my_batches
+from vpr.shared.distributed import Ranks, join_from_env, leave, mean_over_ranks, my_rows, same_buffers
 from vpr.shared.history import write_history
 from vpr.shared.models import VPRModel, build_model
 from vpr.shared.retrieval import exact_search, recall_at_n
@@ -92,12 +91,6 @@ class _Step(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_from_trunk(x) if self.from_trunk else self.model(x)
-
-
-def _my_rows(n_rows: int, batch: int, ranks: Ranks) -> np.ndarray:
-    """Rows of a chunk's triplets in this rank's batches (``vpr.shared.distributed.my_batches``), in order."""
-    mine = my_batches(math.ceil(n_rows / batch), ranks)
-    return np.concatenate([np.arange(k * batch, min((k + 1) * batch, n_rows)) for k in mine] or [np.empty(0, int)])
 
 
 @contextmanager
@@ -249,7 +242,7 @@ def train_epoch(
     t0, images, losses = time.perf_counter(), 0, []
     order = rng.permutation(len(train.q_ids))[: tc.queries_per_epoch]
     chunks = [order[i : i + tc.refresh_every] for i in range(0, len(order), tc.refresh_every)]
-    n_batches = sum(len(_my_rows(len(c), tc.batch_queries, ranks)) for c in chunks) // tc.batch_queries
+    n_batches = sum(len(my_rows(len(c), tc.batch_queries, ranks)) for c in chunks) // tc.batch_queries
     with step_progress("train", loss=True) as progress:
         task = progress.add_task(f"{run.head} epoch {epoch}/{tc.epochs}", total=n_batches, loss=0.0)
         for chunk in chunks:
@@ -258,7 +251,7 @@ def train_epoch(
                     run.model, run.reader, train, chunk, run.eval_tf, run.cfg, run.device, rng, run.cache
                 )
             ids = np.concatenate([train.q_ids[chunk][:, None], train.db_ids[triplets]], axis=1)
-            ids = ids[_my_rows(len(ids), tc.batch_queries, ranks)]
+            ids = ids[my_rows(len(ids), tc.batch_queries, ranks)]
             run.model.train()
             batches = triplet_batches(run, ids, rng)
             while True:
@@ -281,6 +274,7 @@ def train_epoch(
                 progress.update(task, advance=1, loss=float(np.mean(losses)))
                 if stop_after_batches is not None and batches_done >= stop_after_batches:
                     return losses, images, time.perf_counter() - t0, batches_done
+            same_buffers(run.model, ranks)  # the next mining and the validation encode with rank 0's statistics
     return losses, images, time.perf_counter() - t0, batches_done
 
 
