@@ -85,13 +85,22 @@ def test_a_retried_append_adds_each_image_once(tmp_path):
     assert read_catalog(tmp_path).equals(_ingested(BASE + BATCHES[0] + BATCHES[1]))
 
 
-def test_an_appended_image_never_becomes_the_original_of_a_cataloged_one(tmp_path):
-    """Rows already cataloged are not rewritten: a new image sorting before a cataloged copy is the copy."""
+def test_an_appended_image_can_become_the_original_of_a_cataloged_copy(tmp_path):
+    """As ``vpr ingest`` would mark it (a copy of a query re-indexed into the database sorts before it):
+    the cataloged row is written again in the part, the base is not rewritten."""
     _ingest(tmp_path, BASE)
+    base = catalog_file(tmp_path, "test")
+    before = _stat(base)
     earlier = _row("test", "a0", "dd")  # sorts before images/test/database/a1.jpg, same bytes
-    append_to_catalog(catalog_file(tmp_path, "test"), [earlier])
+    query_copy = _row("test", "q0", "ee")  # a database copy of the query a2 (database < queries)
+    append_to_catalog(base, [earlier, query_copy])
+    assert read_catalog(tmp_path).equals(_ingested([*BASE, earlier, query_copy]))
     dup = dict(read_catalog(tmp_path).select("path", "duplicate_of").iter_rows())
-    assert dup[earlier["path"]] == "images/test/database/a1.jpg" and dup["images/test/database/a1.jpg"] is None
+    assert dup["images/test/database/a1.jpg"] == earlier["path"] and dup[earlier["path"]] is None
+    assert dup["images/test/queries/a2.jpg"] == query_copy["path"]
+    assert _stat(base) == before and pl.read_parquet(live_parts(base)[0]).height == 4
+    compact(base, key="path", keep="last")  # folded: one row per path
+    assert read_catalog(tmp_path).equals(_ingested([*BASE, earlier, query_copy]))
 
 
 def test_parts_are_folded_into_the_base_past_the_bound(tmp_path):
@@ -120,7 +129,7 @@ def test_a_crash_between_the_new_base_and_the_parts_removal_reads_each_row_once(
     expected = _ingested(BASE + [r for b in BATCHES for r in b])
     kept = tmp_path / "kept"
     shutil.copytree(parts_dir(base), kept)
-    compact(base, key="path")
+    compact(base, key="path", keep="last")
     shutil.copytree(kept, parts_dir(base), dirs_exist_ok=True)  # the crash: the folded parts still there
     assert len(list(parts_dir(base).glob("*.parquet"))) == 3 and live_parts(base) == []
     assert read_catalog(tmp_path).equals(expected)

@@ -373,8 +373,9 @@ def ingest(root: str | Path, out_dir: str | Path, cfg: IngestConfig) -> IngestRe
 
 
 def read_split_catalog(path: str | Path) -> pl.DataFrame:
-    """One catalog table: its base file and the batches re-indexing appended (``vpr.foundations.parts``)."""
-    return read_table(path, key="path")
+    """One catalog table: its base file and the batches re-indexing appended (``vpr.foundations.parts``;
+    a part may hold a cataloged row again, with the ``duplicate_of`` a new image gave it: the last wins)."""
+    return read_table(path, key="path", keep="last")
 
 
 def read_catalog(out_dir: str | Path, splits: Sequence[str] = SPLITS) -> pl.DataFrame:

@@ -4,12 +4,13 @@ The new rows go to ``SPLIT.parts/`` beside ``SPLIT.parquet`` (``vpr.foundations.
 costs the size of its batch, not of the catalog; ``read_catalog`` returns what ``vpr ingest`` would write
 for the same images (rows sorted by path, the same columns and types).
 
-``duplicate_of`` of a new row is ``mark_duplicates``' answer over every split's catalog, for which only the
-existing rows' ``sha256`` (and, for the matches, ``path`` and ``split``) are read. Rows already cataloged
-are never rewritten, and a new row cannot change their ``duplicate_of``, with one exception that is
-settled in their favour: a new image whose path sorts before an existing copy of its bytes in the same
-or a later split (ingest would make the new image the original) is marked as the copy of the
-cataloged image instead; the next ``vpr ingest`` re-derives the order by split and path.
+``duplicate_of`` is ``mark_duplicates``' answer over every split's catalog, for which only the existing
+rows with the batch's bytes are read (``sha256`` first, by predicate). A new image can become the
+original of a cataloged copy in its own table (a copy of a query re-indexed into the database sorts
+before it): that row is written again in the part with its new ``duplicate_of``, and readers keep the
+last row of a path (the part's). Other splits' tables are never written: a new image in an earlier split
+than a copy of its bytes (re-indexing into train or val) leaves that copy's mark as it was until the
+next ``vpr ingest``, as before parts.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import polars as pl
 
 from vpr.foundations.layout import SPLITS
 from vpr.foundations.parts import append_part, scan_table
-from vpr.steps.catalog import CATALOG_SCHEMA, ROW_SCHEMA, catalog_file
+from vpr.steps.catalog import CATALOG_SCHEMA, ROW_SCHEMA, catalog_file, mark_duplicates
 
 
 def _catalogs_beside(catalog_path: Path) -> list[Path]:
@@ -30,20 +31,27 @@ def _catalogs_beside(catalog_path: Path) -> list[Path]:
     ]
 
 
-def mark_appended(new: pl.DataFrame, existing: pl.DataFrame) -> pl.DataFrame:
-    """``new`` (``ROW_SCHEMA``) with ``duplicate_of``: the first image with the same bytes among the
-    ``existing`` rows (``path``, ``split``, ``sha256``) by split then path, else among the new rows."""
-    rank = pl.col("split").replace_strict({s: i for i, s in enumerate(SPLITS)}, default=len(SPLITS))
-    both = pl.concat(
-        [
-            existing.select("path", "split", "sha256").with_columns(pl.lit(0).alias("_new")),
-            new.select("path", "split", "sha256").with_columns(pl.lit(1).alias("_new")),
-        ]
+def _with_hashes(path: Path, hashes: list[str], columns: list[str]) -> pl.LazyFrame:
+    """The current rows (the last of each path) of one table whose bytes are among ``hashes``."""
+    rows = scan_table(path).filter(pl.col("sha256").is_in(hashes)).select(columns)
+    return rows.unique(subset="path", keep="last", maintain_order=True)
+
+
+def mark_appended(new: pl.DataFrame, own: pl.DataFrame, others: pl.DataFrame) -> pl.DataFrame:
+    """The rows a part holds: ``new`` (``ROW_SCHEMA``) with ``duplicate_of``, and those of ``own`` (the
+    table's current rows with the same bytes) whose ``duplicate_of`` the new rows change; ``others``
+    (``path``, ``split``, ``sha256``): the other splits' rows with the same bytes."""
+    cols = ["path", "split", "sha256"]
+    group = pl.concat([others.select(cols), own.select(cols), new.select(cols)])
+    marks = mark_duplicates(group).select("path", "duplicate_of")
+    changed = (
+        own.rename({"duplicate_of": "was"})
+        .join(marks, on="path", how="left", maintain_order="left")
+        .filter(pl.col("duplicate_of").ne_missing(pl.col("was")))
     )
-    first = pl.col("path").sort_by(pl.col("_new"), rank, pl.col("path")).first().over("sha256")
-    marks = both.with_columns(pl.when(pl.col("path") != first).then(first).otherwise(None).alias("duplicate_of"))
-    marks = marks.filter(pl.col("_new") == 1).select("path", "duplicate_of")
-    return new.join(marks, on="path", how="left", maintain_order="left").select(list(CATALOG_SCHEMA))
+    marked = new.join(marks, on="path", how="left", maintain_order="left")
+    both = pl.concat([changed.select(list(CATALOG_SCHEMA)), marked.select(list(CATALOG_SCHEMA))])
+    return both.sort("path")
 
 
 def append_to_catalog(catalog_path: str | Path, rows: list[dict]) -> Path:
@@ -63,10 +71,7 @@ def append_to_catalog(catalog_path: str | Path, rows: list[dict]) -> Path:
     table = pl.DataFrame([{k: r.get(k) for k in ROW_SCHEMA} for r in new], schema=ROW_SCHEMA)
     table = table.unique(subset="path", keep="first", maintain_order=True).sort("path")
     hashes = table["sha256"].drop_nulls().unique().to_list()
-    existing = pl.concat(
-        [
-            scan_table(f).select("path", "split", "sha256").filter(pl.col("sha256").is_in(hashes))
-            for f in _catalogs_beside(catalog_path)
-        ]
-    ).collect()
-    return append_part(catalog_path, mark_appended(table, existing), key="path")
+    own = _with_hashes(catalog_path, hashes, list(CATALOG_SCHEMA)).collect()
+    others = [_with_hashes(f, hashes, ["path", "split", "sha256"]) for f in _catalogs_beside(catalog_path)[1:]]
+    other = pl.concat(others).collect() if others else own.select("path", "split", "sha256").clear()
+    return append_part(catalog_path, mark_appended(table, own, other), key="path", keep="last")

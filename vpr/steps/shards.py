@@ -153,7 +153,7 @@ def sample_metadata(row: dict[str, Any], sample_id: int, key: str) -> bytes:
 def _load_catalog(catalog_path: Path) -> pl.DataFrame:
     if not catalog_path.exists():
         raise ShardError(f"catalog not found: {catalog_path} (run `vpr ingest` first)")
-    catalog = read_table(catalog_path, key="path")  # the base and the batches appended to it
+    catalog = read_table(catalog_path, key="path", keep="last")  # the base and the batches appended to it
     missing = [c for c in ("path", "split", "role", "utm_east", "utm_north") if c not in catalog.columns]
     if missing:
         raise ShardError(f"{catalog_path} lacks column(s): {', '.join(missing)}")

@@ -157,5 +157,5 @@ def mine_all(
     Each split is written batch by batch, so memory stays at one query batch plus the database's
     coordinates and paths instead of growing with every query's positive lists.
     """
-    catalog = read_table(catalog_path, key="path")  # the base and the batches re-indexing appended
+    catalog = read_table(catalog_path, key="path", keep="last")  # the base and the batches re-indexing appended
     return {s: write_mining_batches(mine_batches(catalog, s, cfg), Path(out_dir) / f"{s}.parquet") for s in splits}
