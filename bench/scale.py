@@ -14,7 +14,7 @@ and its children, torch's ~0.4 GB import included) is its own; times are the sta
 * ``evaluate``: 250k database × 1,000 queries at 4,096-d float32 and 16,384-d float16, chunked exact
   search within ``memory_gb`` 8 (and 1), beside the in-memory exact search where it fits.
 * ``reindex``: 10⁴ new vectors appended to releases of two sizes, rounds interleaved, beside loading the
-  whole release (the pre-segment cost) and the O(N) catalog rewrite of ``append_to_catalog``.
+  whole release (the pre-segment cost) and ``append_to_catalog`` (one new part beside the catalog's base).
 
     .venv/bin/python bench/scale.py real --sizes 1000 10000 100000
     .venv/bin/python bench/scale.py synthetic --sizes 10000 100000 1000000 10000000
@@ -149,21 +149,23 @@ def ingest(root: str) -> dict:
 
 @stage
 def shard(root: str) -> dict:
+    from vpr.steps.catalog import read_split_catalog
     from vpr.steps.shards import write_shards
 
     cfg, layout = _project(root)
     for split in ("train", "val", "test"):
         write_shards(layout.catalog(split), layout.data, layout.split_shards(split), cfg.shards)
-    return {"items": len(__import__("polars").read_parquet(layout.catalog("test")))}
+    return {"items": read_split_catalog(layout.catalog("test")).height}
 
 
 @stage
 def mine(root: str) -> dict:
+    from vpr.steps.catalog import read_split_catalog
     from vpr.steps.mining import mine_all
 
     cfg, layout = _project(root)
     mine_all(layout.catalog("test"), layout.mining_dir, cfg.mining, ("test",))
-    return {"items": len(__import__("polars").read_parquet(layout.catalog("test")))}
+    return {"items": read_split_catalog(layout.catalog("test")).height}
 
 
 def _test_sets(root: str):
@@ -501,16 +503,22 @@ def load_whole(folder: str) -> dict:
 
 @stage
 def catalog_append(folder: str, n: int, new: int) -> dict:
-    """``append_to_catalog`` of ``new`` rows to an ``n``-row catalog (re-indexing rewrites it: O(N))."""
+    """``append_to_catalog`` of ``new`` rows to an ``n``-row catalog (one new part beside the base)."""
     import polars as pl
 
-    from vpr.steps.catalog import CATALOG_SCHEMA, append_to_catalog
+    from vpr.foundations.parts import write_base
+    from vpr.steps.catalog import CATALOG_SCHEMA
+    from vpr.steps.catalogappend import append_to_catalog
 
-    cat = synthetic_catalog(n)
+    def hashed(table):  # distinct sha256 values, so the duplicate check reads a real hash column
+        raw = np.random.default_rng(table.height).bytes(32 * table.height)
+        return table.with_columns(sha256=pl.Series([raw[i : i + 32].hex() for i in range(0, len(raw), 32)]))
+
+    cat = hashed(synthetic_catalog(n))
     full = pl.DataFrame({k: cat[k] if k in cat.columns else None for k in CATALOG_SCHEMA}).cast(CATALOG_SCHEMA)
     path = Path(folder) / "catalog.parquet"
-    full.write_parquet(path)
-    extra = synthetic_catalog(new, seed=1).with_columns(pl.col("path").str.replace("test/", "new/"))
+    write_base(full, path)  # as ingest writes it (the parts of an earlier round are superseded)
+    extra = hashed(synthetic_catalog(new, seed=1).with_columns(pl.col("path").str.replace("test/", "new/")))
     rows = [{**{k: None for k in CATALOG_SCHEMA}, **r} for r in extra.to_dicts()]
     t0 = time.perf_counter()
     append_to_catalog(path, rows)

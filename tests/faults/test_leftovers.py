@@ -13,6 +13,7 @@ import polars as pl
 
 from tests.faults.conftest import REPO, env, kill9, start_victim, wait_for
 from vpr.foundations.atomic import write_text_atomic
+from vpr.shared.shardio import read_index
 from vpr.steps.index import current_version
 
 KILLED_WRITER = """
@@ -84,7 +85,7 @@ def test_small_reindex_batches_fill_the_tail_shard_instead_of_adding_tars(releas
     for q in queries:  # six batches of one image each
         shutil.copy(q, layout.inbox / q.name)
         assert len(run_reindex(cfg, layout).added) == 1
-    index = pl.read_parquet(shards / "index.parquet")
+    index = read_index(shards)
     per_shard = cfg.shards.samples_per_shard
     database = index.filter(pl.col("role") == "database")
     expected = -(-database.height // per_shard) + index.filter(pl.col("role") != "database")["shard"].n_unique()

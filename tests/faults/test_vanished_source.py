@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 import vpr.steps.reindex as rx
+from vpr.shared.shardio import read_index
 from vpr.steps.catalog import read_catalog
 from vpr.steps.index import load_release
 
@@ -71,6 +72,6 @@ def test_a_batch_whose_files_all_vanished_is_rolled_back(released, monkeypatch):
     assert not (rx.work_dir(layout) / rx.PENDING).exists()
     assert load_release(layout.release_dir("avg")).version == before
     unreferenced = {p.name for p in layout.split_shards("test").glob("*.tar")} - set(
-        pl.read_parquet(layout.split_shards("test") / "index.parquet")["shard"]
+        read_index(layout.split_shards("test"))["shard"]
     )
     assert unreferenced == set()

@@ -25,6 +25,7 @@ import polars as pl
 from PIL import Image
 
 from vpr.foundations.layout import SPLITS
+from vpr.foundations.parts import read_table
 from vpr.shared.shardnet import RemoteShards, Transfer, TransferError, promised_bytes, tar_samples
 
 INDEX_FILE = "index.parquet"
@@ -62,18 +63,22 @@ def read_index(shards_dir: str | Path, splits: Sequence[str] | None = None) -> p
 
     A folder with its own ``index.parquet`` is one shard set. Otherwise it is the root of one set per
     split (``train/``, ``val/``, ``test/``: what the pipeline writes): the tables of ``splits`` (default:
-    every split folder present) are joined, ``shard`` naming each tar relative to the root.
+    every split folder present) are joined, ``shard`` naming each tar relative to the root. Each table is
+    its base file and the batches re-indexing appended (``index.parts/``, ``vpr.foundations.parts``), an
+    id's last row winning (a sample carried into a new tar).
     """
     root = Path(shards_dir)
     if (root / INDEX_FILE).exists():
-        return pl.read_parquet(root / INDEX_FILE)
+        return read_table(root / INDEX_FILE, key="id", keep="last")
     names = list(splits) if splits is not None else [s for s in SPLITS if (root / s / INDEX_FILE).exists()]
     missing = [root / s / INDEX_FILE for s in names if not (root / s / INDEX_FILE).exists()]
     if missing or not names:
         where = missing[0] if missing else root / INDEX_FILE
         raise ShardError(f"shard index not found: {where} (run `vpr shard` first)")
     parts = [
-        pl.read_parquet(root / s / INDEX_FILE).with_columns((pl.lit(f"{s}/") + pl.col("shard")).alias("shard"))
+        read_table(root / s / INDEX_FILE, key="id", keep="last").with_columns(
+            (pl.lit(f"{s}/") + pl.col("shard")).alias("shard")
+        )
         for s in names
     ]
     return pl.concat(parts, how="diagonal_relaxed").sort("id")

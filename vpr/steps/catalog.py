@@ -34,6 +34,7 @@ from vpr.foundations.imageio import REASON_TOO_MANY_PIXELS as REASON_TOO_MANY_PI
 from vpr.foundations.imageio import REASON_TRUNCATED as REASON_TRUNCATED
 from vpr.foundations.imageio import UnreadableFile, decode_facts, read_image_file, strict_pillow
 from vpr.foundations.layout import ROLES, SPLITS
+from vpr.foundations.parts import read_table, write_base
 from vpr.foundations.procs import worker_pool
 from vpr.foundations.progress import step_progress
 
@@ -52,7 +53,9 @@ WARNINGS_FILE = "warnings.parquet"  # kept images with an optional name field le
 
 
 def catalog_file(out_dir: str | Path, split: str) -> Path:
-    """One table per split (``train.parquet``...): a split's table changes only when its images do."""
+    """One table per split (``train.parquet``...): a split's table changes only when its images do.
+
+    Its base file, that is: re-indexing appends its batches beside it, in ``train.parts/`` (``read_split_catalog``)."""
     return Path(out_dir) / f"{split}.parquet"
 
 
@@ -363,10 +366,16 @@ def ingest(root: str | Path, out_dir: str | Path, cfg: IngestConfig) -> IngestRe
     if catalog.height == 0:
         raise IngestError(f"no usable images under {root / 'images'} ({found} file(s) found, all rejected)")
     for split in SPLITS:  # every split's file, empty when it has no images: stages can depend on each
-        write_parquet_atomic(catalog.filter(pl.col("split") == split), catalog_file(out_dir, split))
+        write_base(catalog.filter(pl.col("split") == split), catalog_file(out_dir, split), keep_dir=True)
     write_parquet_atomic(rejected, out_dir / REJECTED_FILE)
     write_parquet_atomic(warnings, out_dir / WARNINGS_FILE)
     return IngestResult(catalog.height, rejected.height, catalog, rejected, warnings)
+
+
+def read_split_catalog(path: str | Path) -> pl.DataFrame:
+    """One catalog table: its base file and the batches re-indexing appended (``vpr.foundations.parts``;
+    a part may hold a cataloged row again, with the ``duplicate_of`` a new image gave it: the last wins)."""
+    return read_table(path, key="path", keep="last")
 
 
 def read_catalog(out_dir: str | Path, splits: Sequence[str] = SPLITS) -> pl.DataFrame:
@@ -375,26 +384,4 @@ def read_catalog(out_dir: str | Path, splits: Sequence[str] = SPLITS) -> pl.Data
     missing = [f for f in files if not f.exists()]
     if missing:
         raise IngestError(f"catalog not found: {missing[0]} (run `vpr ingest` first)")
-    return pl.concat([pl.read_parquet(f) for f in files]).sort("path")
-
-
-def append_to_catalog(catalog_path: str | Path, rows: list[dict]) -> Path:
-    """Add validated rows to a catalog in one atomic replace, kept as ``ingest`` writes it.
-
-    Sorted by path, duplicates re-marked; rows whose path is already cataloged are skipped, so a
-    retried append adds each image once.
-    """
-    catalog_path = Path(catalog_path)
-    catalog = pl.read_parquet(catalog_path)
-    have = set(catalog["path"].to_list())
-    new = [r for r in rows if r["path"] not in have]
-    if not new:
-        return catalog_path
-    schema = ROW_SCHEMA
-    merged = pl.concat(
-        [
-            catalog.select(list(schema)).cast(schema),  # type: ignore[arg-type]
-            pl.DataFrame([{k: r.get(k) for k in schema} for r in new], schema=schema),
-        ]
-    ).sort("path")
-    return write_parquet_atomic(mark_duplicates(merged).select(list(CATALOG_SCHEMA)), catalog_path)
+    return pl.concat([read_split_catalog(f) for f in files]).sort("path")

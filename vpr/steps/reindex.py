@@ -25,8 +25,9 @@ are skipped — copy a file in under a hidden name, then rename it, so a half-co
    are skipped). This switch is the commit point that ``locate`` sees. A live version whose files fail
    their check (``vpr.shared.versions``) gets nothing added: the run stops with the damaged file named,
    the batch stays pending, and the run after a ``vpr index`` adds it.
-5. **Append** the rows to the shard index, then to the catalog (each an atomic file replace; the
-   catalog stays sorted by path with duplicates marked, as ``vpr ingest`` would write it), and
+5. **Append** the rows to the shard index, then to the catalog (each one new file beside the table's
+   base, ``vpr.foundations.parts``: the cost of the batch, not of the table; read back, the catalog is
+   sorted by path with duplicates marked, as ``vpr ingest`` would write it), and
    **move** the files from the inbox to ``data/images/<reindex_split>/database/``.
 6. Remove the plan, append the batch to ``artifacts/reindex/history.jsonl``.
 
@@ -71,14 +72,8 @@ from vpr.steps.batch import (
     write_batch_shards,
 )
 from vpr.steps.catalog import REASON_OTHER_ZONE as REASON_OTHER_ZONE  # the catalog's reason, re-checked per batch
-from vpr.steps.catalog import (
-    IngestError,
-    append_to_catalog,
-    leaks,
-    mark_duplicates,
-    printable_path,
-    read_catalog,
-)
+from vpr.steps.catalog import IngestError, leaks, printable_path, read_catalog
+from vpr.steps.catalogappend import append_to_catalog
 from vpr.steps.inbox import QUARANTINE, move_file, scan_inbox, utc_now, validate_inbox
 from vpr.steps.shards import append_to_index
 
@@ -296,7 +291,7 @@ def _apply(plan: dict, cfg: Config, layout: Layout, result: ReindexResult) -> No
     _move_files(layout, plan)
     reached("files-moved")
     paths = [it["row"]["path"] for it in plan["items"]]
-    everything = mark_duplicates(_catalog(layout))  # across splits: a copy of a train or val image is leakage
+    everything = _catalog(layout)  # duplicate_of as recorded, across splits: a copy of a train or val image is leakage
     duplicate_of = dict(everything.filter(pl.col("path").is_in(paths)).select("path", "duplicate_of").iter_rows())
     leaked = {row["path"]: row["duplicate_of"] for row in leaks(everything).iter_rows(named=True)}
     for it in plan["items"]:

@@ -6,7 +6,8 @@ and parameters (fixed tar headers, sorted order), so DVC sees no change when not
 
 ``index.parquet`` gives, for every image id, the shard file, the byte range of its JPEG data
 inside the tar and the CRC-32 of those bytes; the readers that check every sample against it live
-in ``vpr.shared.shardio``.
+in ``vpr.shared.shardio``. Re-indexing appends its rows in ``index.parts/`` (``vpr.foundations.parts``);
+a full rebuild's index supersedes them.
 
 Writing is all-or-nothing for readers: every new tar and the new index are first written to
 staging names (``*.tar.tmp``); only when all of them are on disk is the old index removed, the tars
@@ -31,13 +32,14 @@ from typing import Any
 import polars as pl
 from PIL import Image
 
-from vpr.foundations.atomic import fsync_dir, write_parquet_atomic
+from vpr.foundations.atomic import fsync_dir
 from vpr.foundations.config import ShardConfig
 from vpr.foundations.imageio import encode_jpeg, read_image_file, shard_rendition, strict_pillow
 from vpr.foundations.layout import SPLITS, assign_ids
+from vpr.foundations.parts import append_part, base_metadata, read_table, remove_superseded
 from vpr.foundations.procs import worker_pool
 from vpr.foundations.progress import step_progress
-from vpr.shared.shardio import INDEX_FILE, INDEX_SCHEMA, ShardError, checksum, read_index
+from vpr.shared.shardio import INDEX_FILE, INDEX_SCHEMA, ShardError, checksum
 
 STAGED_INDEX_FILE = "index.parquet.tmp"  # the next index, written before the commit (never read)
 META_FIELDS = ("path", "split", "role", "utm_east", "utm_north", "lat", "lon", "heading", "sha256")
@@ -151,7 +153,7 @@ def sample_metadata(row: dict[str, Any], sample_id: int, key: str) -> bytes:
 def _load_catalog(catalog_path: Path) -> pl.DataFrame:
     if not catalog_path.exists():
         raise ShardError(f"catalog not found: {catalog_path} (run `vpr ingest` first)")
-    catalog = pl.read_parquet(catalog_path)
+    catalog = read_table(catalog_path, key="path", keep="last")  # the base and the batches appended to it
     missing = [c for c in ("path", "split", "role", "utm_east", "utm_north") if c not in catalog.columns]
     if missing:
         raise ShardError(f"{catalog_path} lacks column(s): {', '.join(missing)}")
@@ -288,7 +290,7 @@ def write_shards(
         rows = _pack(plan, data_root, out_dir, cfg, workers or os.cpu_count() or 1)
         index = pl.DataFrame([{k: r[k] for k in INDEX_SCHEMA} for r in rows], schema=INDEX_SCHEMA)
         try:
-            index.sort("id").write_parquet(out_dir / STAGED_INDEX_FILE)
+            index.sort("id").write_parquet(out_dir / STAGED_INDEX_FILE, metadata=base_metadata(out_dir / INDEX_FILE))
             with open(out_dir / STAGED_INDEX_FILE, "rb") as fh:
                 os.fsync(fh.fileno())
         except Exception as exc:  # noqa: BLE001 - OSError or polars' own I/O error (full disk...)
@@ -300,6 +302,7 @@ def write_shards(
         _discard_staged(out_dir, names)
         raise
     index_path = _commit(out_dir, names)
+    remove_superseded(index_path)  # the batches appended to the previous index
     _remove_stale(out_dir, set(names))
     return index_path
 
@@ -381,14 +384,13 @@ def rows_in_tar(path: Path, items: Sequence[dict]) -> list[dict] | None:
 
 
 def append_to_index(shards_dir: str | Path, rows: list[dict]) -> Path:
-    """Add rows (from ``write_new_shards``) to the shard index in one atomic replace; the new tars go live.
+    """Add rows (from ``write_new_shards``) to the shard index as one new part (``vpr.foundations.parts``):
+    the new tars go live, the index's base is not rewritten. Returns the part written.
 
-    A row whose id is already indexed replaces it (a sample carried into a new tar)."""
-    shards_dir = Path(shards_dir)
-    index = read_index(shards_dir)
-    if "crc32" not in index.columns:  # an index from before checksums: its rows stay unchecked
-        index = index.with_columns(pl.lit(None, pl.Int64).alias("crc32"))
-    new = pl.DataFrame(rows, schema=INDEX_SCHEMA)
-    kept = index.filter(~pl.col("id").is_in(new["id"].implode()))  # rows of moved samples are replaced
-    merged = pl.concat([kept.cast(INDEX_SCHEMA), new]).sort("id")  # type: ignore[arg-type]
-    return write_parquet_atomic(merged, shards_dir / INDEX_FILE)
+    A row whose id is already indexed replaces it (a sample carried into a new tar): readers keep an id's
+    last row."""
+    index_path = Path(shards_dir) / INDEX_FILE
+    if not index_path.exists():
+        raise ShardError(f"shard index not found: {index_path} (run `vpr shard` first)")
+    new = pl.DataFrame(rows, schema=INDEX_SCHEMA).unique(subset="id", keep="last", maintain_order=True).sort("id")
+    return append_part(index_path, new, key="id", keep="last")

@@ -21,6 +21,7 @@ from scipy.spatial import cKDTree
 
 from vpr.foundations.atomic import atomic_path
 from vpr.foundations.config import MiningConfig
+from vpr.foundations.parts import read_table
 
 
 def radius_neighbours(
@@ -156,5 +157,5 @@ def mine_all(
     Each split is written batch by batch, so memory stays at one query batch plus the database's
     coordinates and paths instead of growing with every query's positive lists.
     """
-    catalog = pl.read_parquet(catalog_path)
+    catalog = read_table(catalog_path, key="path", keep="last")  # the base and the batches re-indexing appended
     return {s: write_mining_batches(mine_batches(catalog, s, cfg), Path(out_dir) / f"{s}.parquet") for s in splits}
