@@ -62,7 +62,7 @@ def _pose(
     streets = index_.streets
     if role == "database":
         position, side = divmod(index, 2)
-        # the street holding this position; past the last street, the last one (as the walk did)
+        # the street holding this position, bisected (walking the streets made planning O(N x streets))
         street_id = min(int(np.searchsorted(index_.db_starts, position, side="right")) - 1, len(streets) - 1)
         street = streets[street_id]
         position -= int(index_.db_starts[street_id])
