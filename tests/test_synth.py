@@ -170,3 +170,25 @@ def test_rendering_streams_with_a_bounded_number_of_tasks_held(micro_city, tmp_p
     assert pulled[0] == done[0] == summary["images"] == 90
     assert max(ahead) <= city.IN_FLIGHT * 2 + 1
     assert digests(tmp_path) == digests(micro_city)  # the same bytes, whatever the chunking
+
+
+def test_dead_temporaries_are_swept_once_per_folder_and_live_ones_kept(tmp_path):
+    """Images are written without a folder listing each (that made N writes O(N²)); generate_city sweeps
+    each folder once instead: a killed writer's temporary goes, a live writer's (locked) stays."""
+    import fcntl
+    import os
+
+    small = MICRO.model_copy(update={"splits": ["test"]})
+    folder = tmp_path / "images" / "test" / "database"
+    folder.mkdir(parents=True)
+    dead = folder / ".@0584000.00@4477000.00@.jpg.99999999.deadbeef.tmp"
+    live = folder / ".@0584000.00@4477000.00@.jpg.4194000.abcd1234.tmp"
+    dead.write_bytes(b"half")
+    live.write_bytes(b"busy")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        generate_city(tmp_path, small)
+        assert not dead.exists() and live.exists()
+    finally:
+        os.close(fd)

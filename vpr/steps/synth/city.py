@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from vpr.foundations.atomic import write_bytes_atomic
+from vpr.foundations.atomic import remove_dead_temporaries_in, write_bytes_atomic
 from vpr.foundations.config import SynthConfig
 from vpr.foundations.layout import ROLES, SPLITS, TEST_SETS_DIR
 from vpr.foundations.procs import fork_is_safe, imap_bounded, worker_pool
@@ -91,7 +91,7 @@ def _render_task(task: tuple[str, str, int, int]) -> tuple[str, str, list[str], 
     for cap in caps:
         street = index.streets[cap.street]
         image = render_capture(cap, street, s["styles"], s["seed"], s["width"], s["height"], s["distractors"])
-        write_bytes_atomic(folder / cap.name, encode_jpeg(image))
+        write_bytes_atomic(folder / cap.name, encode_jpeg(image), sweep=False)  # generate_city swept the folder once
     xy = np.array([camera_utm(index.streets[c.street], c.offset, c.lateral) for c in caps], dtype=np.float64)
     return split, role, [c.name for c in caps], xy.reshape(-1, 2)
 
@@ -153,6 +153,7 @@ def generate_city(out_root: str | Path, cfg: SynthConfig, workers: int | None = 
     for split in splits:
         for role in ROLES:
             (root / "images" / split / role).mkdir(parents=True, exist_ok=True)
+            remove_dead_temporaries_in(root / "images" / split / role)  # once, not a folder listing per image
     state = {
         "cfg": cfg,
         "streets": {split: StreetIndex(city[split]) for split in splits},
