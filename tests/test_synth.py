@@ -104,3 +104,91 @@ def test_full_resolution_renders(tmp_path):
     for path in (tmp_path / "images").rglob("*.jpg"):
         with Image.open(path) as im:
             assert im.size == (640, 480)
+
+
+def test_captures_planned_in_ranges_equal_the_whole_plan():
+    from vpr.steps.synth import make_styles, plan_captures, plan_city
+
+    city = plan_city(MICRO, make_styles(MICRO.seed, MICRO.facade_styles))
+    for role in ROLES:
+        whole = plan_captures(MICRO, "test", role, city["test"])
+        parts = [
+            c
+            for start in range(0, len(whole), 3)
+            for c in plan_captures(MICRO, "test", role, city["test"], range(start, min(start + 3, len(whole))))
+        ]
+        assert parts == whole and len(whole) > 3
+
+
+def test_imap_bounded_pulls_items_only_as_results_are_read():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vpr.foundations.procs import imap_bounded
+
+    pulled, ahead = [0], []
+
+    def items():
+        for k in range(5000):
+            pulled[0] += 1
+            yield k
+
+    with ThreadPoolExecutor(2) as pool:
+        out = []
+        for value in imap_bounded(pool, lambda k: k * k, items(), in_flight=4):
+            out.append(value)
+            ahead.append(pulled[0] - len(out))
+    assert out == [k * k for k in range(5000)]
+    assert max(ahead) <= 4
+
+
+def test_rendering_streams_with_a_bounded_number_of_tasks_held(micro_city, tmp_path, monkeypatch):
+    """The parent pulls a range of captures only as a rendered one comes back: however many images,
+    at most IN_FLIGHT tasks per worker are outstanding (here 90 one-image tasks, at most 5 held)."""
+    from vpr.foundations.procs import fork_is_safe
+    from vpr.steps.synth import city
+
+    if not fork_is_safe():
+        pytest.skip("the worker pool forks; this process has other threads")
+    monkeypatch.setattr(city, "CHUNK", 1)
+    tasks, render_all = city._tasks, city._render_all
+    pulled, done, ahead = [0], [0], []
+
+    def counting_tasks(*args):
+        for task in tasks(*args):
+            pulled[0] += 1
+            ahead.append(pulled[0] - done[0])
+            yield task
+
+    def counting_render_all(*args):
+        for result in render_all(*args):
+            done[0] += 1
+            yield result
+
+    monkeypatch.setattr(city, "_tasks", counting_tasks)
+    monkeypatch.setattr(city, "_render_all", counting_render_all)
+    summary = city.generate_city(tmp_path, MICRO, workers=2)
+    assert pulled[0] == done[0] == summary["images"] == 90
+    assert max(ahead) <= city.IN_FLIGHT * 2 + 1
+    assert digests(tmp_path) == digests(micro_city)  # the same bytes, whatever the chunking
+
+
+def test_dead_temporaries_are_swept_once_per_folder_and_live_ones_kept(tmp_path):
+    """Images are written without a folder listing each (that made N writes O(N²)); generate_city sweeps
+    each folder once instead: a killed writer's temporary goes, a live writer's (locked) stays."""
+    import fcntl
+    import os
+
+    small = MICRO.model_copy(update={"splits": ["test"]})
+    folder = tmp_path / "images" / "test" / "database"
+    folder.mkdir(parents=True)
+    dead = folder / ".@0584000.00@4477000.00@.jpg.99999999.deadbeef.tmp"
+    live = folder / ".@0584000.00@4477000.00@.jpg.4194000.abcd1234.tmp"
+    dead.write_bytes(b"half")
+    live.write_bytes(b"busy")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        generate_city(tmp_path, small)
+        assert not dead.exists() and live.exists()
+    finally:
+        os.close(fd)

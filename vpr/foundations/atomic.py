@@ -20,11 +20,17 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it is fsynced and renamed over it."""
+def atomic_path(target: str | Path, *, sweep: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it is fsynced and renamed over it.
+
+    ``sweep``: first remove ``target``'s dead temporaries, which lists the whole folder; a writer of many
+    files into one folder passes False and calls ``remove_dead_temporaries_in`` once instead (a listing
+    per file makes writing N files O(N²)).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temporaries(target)
+    if sweep:
+        remove_dead_temporaries(target)
     fd, tmp_path = _locked_temporary(target)
     try:
         yield tmp_path
@@ -57,10 +63,18 @@ def _locked_temporary(target: Path) -> tuple[int, Path]:
 def remove_dead_temporaries(target: str | Path) -> list[Path]:
     """Remove the temporaries of ``target`` that no writer holds (their writer died); the paths removed."""
     target = Path(target)
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.[^.]+\.tmp$")
+    return _remove_unheld(target.parent, re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.[^.]+\.tmp$"))
+
+
+def remove_dead_temporaries_in(folder: str | Path) -> list[Path]:
+    """Remove the dead temporaries of every target in ``folder`` (one listing); the paths removed."""
+    return _remove_unheld(Path(folder), re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$"))
+
+
+def _remove_unheld(folder: Path, pattern: re.Pattern) -> list[Path]:
     removed = []
     try:
-        entries = list(os.scandir(target.parent))
+        entries = list(os.scandir(folder))
     except FileNotFoundError:
         return removed
     for entry in entries:
@@ -101,8 +115,8 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(target: str | Path, data: bytes) -> Path:
-    with atomic_path(target) as tmp:
+def write_bytes_atomic(target: str | Path, data: bytes, *, sweep: bool = True) -> Path:
+    with atomic_path(target, sweep=sweep) as tmp:
         tmp.write_bytes(data)
     return Path(target)
 

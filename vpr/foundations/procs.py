@@ -6,8 +6,9 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
 
 
 def exit_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:
@@ -59,3 +60,19 @@ def worker_pool(
         initializer=_start_worker,
         initargs=(os.getpid(), initializer, initargs),
     )
+
+
+def imap_bounded(pool: Executor, fn: Callable, items: Iterable, in_flight: int) -> Iterator:
+    """``pool.map(fn, items)``, in order, with at most ``in_flight`` tasks submitted and not yet read.
+
+    ``Executor.map`` submits every item up front and keeps each result until it is read, so its memory
+    grows with the number of items; this pulls the next item from ``items`` (a generator, say) only
+    as a result is read, so a stream of any length runs in bounded memory.
+    """
+    pending: deque = deque()
+    for item in items:
+        if len(pending) >= max(1, in_flight):
+            yield pending.popleft().result()
+        pending.append(pool.submit(fn, item))
+    while pending:
+        yield pending.popleft().result()

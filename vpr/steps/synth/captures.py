@@ -44,19 +44,30 @@ class Capture:
     name: str
 
 
+class StreetIndex:
+    """What ``_pose`` needs of the streets, computed once: the first database position of each street
+    (bisected instead of walking the streets) and the street-length weights of the query draw."""
+
+    def __init__(self, streets: tuple[Street, ...]) -> None:
+        self.streets = streets
+        self.db_starts = np.cumsum([0] + [len(s.db_offsets) for s in streets])
+        lengths = np.array([s.length for s in streets])
+        self.weights = lengths / lengths.sum()
+
+
 def _pose(
-    rng: np.random.Generator, streets: tuple[Street, ...], role: str, index: int, spacing: float
+    rng: np.random.Generator, index_: StreetIndex, role: str, index: int, spacing: float
 ) -> tuple[int, int, float, float]:
     """(street, side, offset, lateral): database on a grid, both sides; queries anywhere."""
+    streets = index_.streets
     if role == "database":
         position, side = divmod(index, 2)
-        for street_id, street in enumerate(streets):  # noqa: B007 - street_id is the result
-            if position < len(street.db_offsets):
-                break
-            position -= len(street.db_offsets)
+        # the street holding this position, bisected (walking the streets made planning O(N x streets))
+        street_id = min(int(np.searchsorted(index_.db_starts, position, side="right")) - 1, len(streets) - 1)
+        street = streets[street_id]
+        position -= int(index_.db_starts[street_id])
         return (street_id, side, street.db_offsets[position] + float(rng.normal(0, 0.3)), float(rng.normal(0, 0.4)))
-    lengths = np.array([s.length for s in streets])
-    street_id = int(rng.choice(len(streets), p=lengths / lengths.sum()))
+    street_id = int(rng.choice(len(streets), p=index_.weights))
     offset = float(rng.uniform(-spacing, streets[street_id].length + spacing))
     return street_id, int(rng.integers(0, 2)), offset, float(rng.uniform(-3.0, 3.0))
 
@@ -79,14 +90,23 @@ def camera_utm(street: Street, offset: float, lateral: float) -> tuple[float, fl
     )
 
 
-def plan_captures(cfg: SynthConfig, split: str, role: str, streets: tuple[Street, ...]) -> list[Capture]:
-    """Every capture of one split/role, each drawn from its own (seed, split, role, index) RNG."""
+def plan_captures(
+    cfg: SynthConfig,
+    split: str,
+    role: str,
+    streets: tuple[Street, ...] | StreetIndex,
+    indices: range | None = None,
+) -> list[Capture]:
+    """The captures ``indices`` (default: all) of one split/role, each from its own (seed, split, role,
+    index) RNG, so any range can be planned on its own (the renderer plans a chunk at a time)."""
     split_id, role_id = SPLITS.index(split), ROLES.index(role)
     query = role == "queries"
+    index_ = streets if isinstance(streets, StreetIndex) else StreetIndex(streets)
+    streets = index_.streets
     captures = []
-    for index in range(getattr(getattr(cfg, split), role)):
+    for index in indices if indices is not None else range(getattr(getattr(cfg, split), role)):
         rng = keyed_rng(cfg.seed, 2, split_id, role_id, index)
-        street_id, side, offset, lateral = _pose(rng, streets, role, index, cfg.place_spacing_m)
+        street_id, side, offset, lateral = _pose(rng, index_, role, index, cfg.place_spacing_m)
         kind = str(rng.choice(QUERY_CONDITIONS, p=QUERY_WEIGHTS)) if query else "day"
         if cfg.season == "winter" and kind == "day":  # the same draws, a colder, paler day
             kind = "winter"

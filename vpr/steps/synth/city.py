@@ -1,7 +1,10 @@
 """The driver: render every capture (facade view, distractors, weather) and write the datasets_vg tree.
 
 Rendering runs in-process or in a forked worker pool; each image depends only on its own capture and
-keyed RNG, so the files are identical whatever the number of workers.
+keyed RNG, so the files are identical whatever the number of workers. It streams: the parent hands out
+ranges of capture indices (``CHUNK`` at a time, at most ``IN_FLIGHT`` per worker outstanding); a worker
+plans, renders and writes its range and returns only the names and camera positions, so memory does not
+grow with the number of images beyond those few bytes per image (the stale-file check and the summary).
 """
 
 from __future__ import annotations
@@ -9,16 +12,18 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy.spatial import cKDTree
 
-from vpr.foundations.atomic import write_bytes_atomic
+from vpr.foundations.atomic import remove_dead_temporaries_in, write_bytes_atomic
 from vpr.foundations.config import SynthConfig
 from vpr.foundations.layout import ROLES, SPLITS, TEST_SETS_DIR
-from vpr.foundations.procs import fork_is_safe, worker_pool
-from vpr.steps.synth.captures import Capture, camera_utm, plan_captures
+from vpr.foundations.procs import fork_is_safe, imap_bounded, worker_pool
+from vpr.steps.synth.captures import Capture, StreetIndex, camera_utm, plan_captures
 from vpr.steps.synth.distractors import draw_distractors
 from vpr.steps.synth.helpers import keyed_rng
 from vpr.steps.synth.plan import Street, Style, make_styles, plan_city
@@ -57,6 +62,9 @@ def encode_jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+CHUNK = 16  # captures per task: a worker plans, renders and writes them, and returns their names
+IN_FLIGHT = 2  # tasks submitted per worker and not yet collected: the parent's only per-image state
+
 _WORKER: dict = {}
 
 
@@ -64,13 +72,28 @@ def _init_worker(state: dict) -> None:
     _WORKER.update(state)
 
 
-def _render_and_write(cap: Capture) -> str:
+def _tasks(cfg: SynthConfig, splits: list[str]) -> Iterator[tuple[str, str, int, int]]:
+    """(split, role, start, stop) ranges of capture indices, produced lazily (nothing per image is planned here)."""
+    for split in splits:
+        for role in ROLES:
+            count = getattr(getattr(cfg, split), role)
+            for start in range(0, count, CHUNK):
+                yield split, role, start, min(start + CHUNK, count)
+
+
+def _render_task(task: tuple[str, str, int, int]) -> tuple[str, str, list[str], np.ndarray]:
+    """Plan, render and write one range of captures; their names and camera UTM (for the summary)."""
+    split, role, start, stop = task
     s = _WORKER
-    image = render_capture(
-        cap, s["city"][cap.split][cap.street], s["styles"], s["seed"], s["width"], s["height"], s["distractors"]
-    )
-    write_bytes_atomic(Path(s["root"]) / "images" / cap.split / cap.role / cap.name, encode_jpeg(image))
-    return cap.name
+    index: StreetIndex = s["streets"][split]
+    caps = plan_captures(s["cfg"], split, role, index, range(start, stop))
+    folder = Path(s["root"]) / "images" / split / role
+    for cap in caps:
+        street = index.streets[cap.street]
+        image = render_capture(cap, street, s["styles"], s["seed"], s["width"], s["height"], s["distractors"])
+        write_bytes_atomic(folder / cap.name, encode_jpeg(image), sweep=False)  # generate_city swept the folder once
+    xy = np.array([camera_utm(index.streets[c.street], c.offset, c.lateral) for c in caps], dtype=np.float64)
+    return split, role, [c.name for c in caps], xy.reshape(-1, 2)
 
 
 def _workers(n_jobs: int, requested: int | None) -> int:
@@ -85,17 +108,17 @@ def _workers(n_jobs: int, requested: int | None) -> int:
     return max(1, min(cpus, 8))
 
 
-def _render_all(jobs: list[Capture], state: dict, workers: int) -> None:
+def _render_all(tasks: Iterator[tuple[str, str, int, int]], state: dict, workers: int) -> Iterator[tuple]:
+    """Each task's result, in order, as it is rendered: tasks are pulled only as results are read, so
+    at most ``IN_FLIGHT`` tasks per worker (and nothing else per image) are held at once."""
     # fork, or one process: spawn would re-import the caller's ``__main__`` (scripts without a main guard)
     pool = worker_pool(workers, _init_worker, (state,), start_method="fork") if fork_is_safe() else None
     if pool is None:
         _init_worker(state)
-        for cap in jobs:
-            _render_and_write(cap)
+        yield from map(_render_task, tasks)
         return
     with pool:
-        for _ in pool.map(_render_and_write, jobs, chunksize=8):
-            pass
+        yield from imap_bounded(pool, _render_task, tasks, IN_FLIGHT * workers)
 
 
 def _remove_stale(folder: Path, keep: set[str]) -> None:
@@ -105,13 +128,14 @@ def _remove_stale(folder: Path, keep: set[str]) -> None:
             path.unlink()
 
 
-def _queries_without_match(captures: list[Capture], streets: tuple[Street, ...], radius: float) -> int:
-    def xy(role: str) -> np.ndarray:
-        return np.array([camera_utm(streets[c.street], c.offset, c.lateral) for c in captures if c.role == role])
-
-    db, q = xy("database"), xy("queries")
-    d2 = ((q[:, None, :] - db[None, :, :]) ** 2).sum(-1)
-    return int((d2.min(1) > radius * radius).sum())
+def _queries_without_match(db_xy: np.ndarray, query_xy: np.ndarray, radius: float) -> int:
+    """Queries with no database camera within ``radius`` metres (a KD-tree: no query x database matrix)."""
+    if len(query_xy) == 0:
+        return 0
+    if len(db_xy) == 0:
+        return len(query_xy)
+    distance, _ = cKDTree(db_xy).query(query_xy, k=1)
+    return int((distance > radius).sum())
 
 
 def generate_city(out_root: str | Path, cfg: SynthConfig, workers: int | None = None) -> dict:
@@ -125,12 +149,14 @@ def generate_city(out_root: str | Path, cfg: SynthConfig, workers: int | None = 
     styles = make_styles(cfg.seed, cfg.facade_styles)
     city = plan_city(cfg, styles)
     splits = [s for s in SPLITS if s in cfg.splits]
-    captures = {(split, role): plan_captures(cfg, split, role, city[split]) for split in splits for role in ROLES}
-    jobs = [cap for caps in captures.values() for cap in caps]
-    for split, role in captures:
-        (root / "images" / split / role).mkdir(parents=True, exist_ok=True)
+    counts = {split: {role: getattr(getattr(cfg, split), role) for role in ROLES} for split in splits}
+    for split in splits:
+        for role in ROLES:
+            (root / "images" / split / role).mkdir(parents=True, exist_ok=True)
+            remove_dead_temporaries_in(root / "images" / split / role)  # once, not a folder listing per image
     state = {
-        "city": city,
+        "cfg": cfg,
+        "streets": {split: StreetIndex(city[split]) for split in splits},
         "styles": styles,
         "seed": cfg.seed,
         "width": cfg.width,
@@ -138,15 +164,19 @@ def generate_city(out_root: str | Path, cfg: SynthConfig, workers: int | None = 
         "distractors": cfg.distractors,
         "root": str(root),
     }
-    _render_all(jobs, state, _workers(len(jobs), workers))
-    for (split, role), caps in captures.items():
-        _remove_stale(root / "images" / split / role, {c.name for c in caps})
-    counts = {split: {role: len(captures[split, role]) for role in ROLES} for split in splits}
+    total = sum(n for roles in counts.values() for n in roles.values())
+    names: dict[tuple[str, str], set[str]] = {(split, role): set() for split in splits for role in ROLES}
+    xy: dict[tuple[str, str], list[np.ndarray]] = {key: [] for key in names}
+    for split, role, done, where in _render_all(_tasks(cfg, splits), state, _workers(total, workers)):
+        names[split, role].update(done)
+        xy[split, role].append(where)
+    for (split, role), keep in names.items():
+        _remove_stale(root / "images" / split / role, keep)
+    stacked = {key: np.concatenate([np.empty((0, 2)), *parts]) for key, parts in xy.items()}
     unmatched = {
-        split: _queries_without_match(captures[split, "database"] + captures[split, "queries"], city[split], 25.0)
-        for split in splits
+        split: _queries_without_match(stacked[split, "database"], stacked[split, "queries"], 25.0) for split in splits
     }
-    summary = {"out_root": str(root), "counts": counts, "images": len(jobs), "queries_without_db_within_25m": unmatched}
+    summary = {"out_root": str(root), "counts": counts, "images": total, "queries_without_db_within_25m": unmatched}
     for name in cfg.test_sets:  # the towns tested on apart from the city (evaluate.test_sets)
         summary.setdefault("test_sets", {})[name] = generate_city(root / TEST_SETS_DIR / name, cfg.town(name), workers)
     return summary
