@@ -319,7 +319,9 @@ def reference_recalls(output: str) -> dict[int, float]:
     found = RECALLS.findall(output)
     if not found:
         raise SystemExit("no test recalls in the reference's output")
-    return {int(n): float(v) for n, v in re.findall(r"R@(\d+): ([\d.]+)", found[-1])}
+    rec = {int(n): float(v) for n, v in re.findall(r"R@(\d+): ([\d.]+)", found[-1])}
+    print(f"  reference: R@1/5/10/20 {fmt_recall(rec)}", file=sys.stderr, flush=True)
+    return rec
 
 
 def reference_phases(output: str) -> dict[str, float]:
@@ -384,7 +386,9 @@ class Ours:
     def evaluate(self, label: str, root: Path) -> tuple[Run, dict[int, float]]:
         run = self.cli(label, root, "evaluate", "--head", "netvlad")
         metrics = json.loads((root / "metrics" / "netvlad.json").read_text())
-        return run, {n: float(metrics[f"recall@{n}"]) for n in (1, 5, 10, 20) if f"recall@{n}" in metrics}
+        rec = {n: float(metrics[f"recall@{n}"]) for n in (1, 5, 10, 20) if f"recall@{n}" in metrics}
+        print(f"  {label}: R@1/5/10/20 {fmt_recall(rec)}", file=sys.stderr, flush=True)
+        return run, rec
 
 
 class Reference:
@@ -430,6 +434,38 @@ def check_reference_python(env: dict) -> None:
 
 def fmt_recall(r: dict[int, float]) -> str:
     return " / ".join(f"{r[n]:.1f}" for n in (1, 5, 10, 20) if n in r)
+
+
+def report(times, recalls, phases, prep: dict[str, Run], eval_row: str, rounds: int) -> None:
+    """The tables: seconds and peak RSS per row (medians over rounds) with reference / ours, recalls."""
+
+    def med(runs: list[Run], attr: str) -> float:
+        return _common.median([getattr(x, attr) for x in runs])
+
+    print()
+    print("| run | ours s | reference s | reference / ours | ours peak RSS MiB | reference peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row, sides in times.items():
+        o, f = med(sides["ours"], "seconds"), med(sides["reference"], "seconds")
+        print(
+            f"| {row if row != 'test evaluation' else eval_row} | {o:.1f} | {f:.1f} | {f / o:.2f} | "
+            f"{med(sides['ours'], 'peak_mb'):.0f} | {med(sides['reference'], 'peak_mb'):.0f} |"
+        )
+    print()
+    print("| test recall R@1 / 5 / 10 / 20 | ours | reference |")
+    print("|---|---|---|")
+    for e, rec in recalls.items():
+        print(f"| after {e} | {fmt_recall(rec['ours'])} | {fmt_recall(rec['reference'])} |")
+        if "reference eval.py" in rec:
+            print(f"| after {e}, reference's eval.py | | {fmt_recall(rec['reference eval.py'])} |")
+    print()
+    print(f"ours, preparation (not counted above): {', '.join(f'{k} {v.seconds:.1f} s' for k, v in prep.items())}")
+    for e, ph in phases.items():
+        detail = ", ".join(f"{k} {v:.0f} s" for k, v in ph.items())
+        print(f"reference train {e}, of which (its log's times, 1 s resolution): {detail}")
+    print("the reference has no trunk cache: its row (trunk cache already built) repeats its cold run")
+    if rounds > 1:
+        print(f"medians of {rounds} rounds")
 
 
 def main() -> None:
@@ -502,33 +538,8 @@ def main() -> None:
             recalls[e3]["reference eval.py"] = rec
         load_after = os.getloadavg()
 
-        def med(runs: list[Run], attr: str) -> float:
-            return _common.median([getattr(x, attr) for x in runs])
-
         n_test = sum(1 for _ in (layout.data / "images" / "test").rglob("*.jpg"))
-        print()
-        print("| run | ours s | reference s | reference / ours | ours peak RSS MiB | reference peak RSS MiB |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for row, sides in times.items():
-            o, f = med(sides["ours"], "seconds"), med(sides["reference"], "seconds")
-            name = row if row != "test evaluation" else f"test evaluation ({n_test} images, {e3} model)"
-            print(
-                f"| {name} | {o:.1f} | {f:.1f} | {f / o:.2f} | {med(sides['ours'], 'peak_mb'):.0f} | "
-                f"{med(sides['reference'], 'peak_mb'):.0f} |"
-            )
-        print()
-        print("| test recall R@1 / 5 / 10 / 20 | ours | reference |")
-        print("|---|---|---|")
-        for e, rec in recalls.items():
-            print(f"| after {e} | {fmt_recall(rec['ours'])} | {fmt_recall(rec['reference'])} |")
-        print()
-        prep = ", ".join(f"{k} {v.seconds:.1f} s" for k, v in ours.prep.items())
-        print(f"ours, preparation (not counted above): {prep}")
-        for e, ph in phases.items():
-            detail = ", ".join(f"{k} {v:.0f} s" for k, v in ph.items())
-            print(f"reference train {e}, of which (its log's times, 1 s resolution): {detail}")
-        if args.rounds > 1:
-            print(f"medians of {args.rounds} rounds")
+        report(times, recalls, phases, ours.prep, f"test evaluation ({n_test} images, {e3} model)", args.rounds)
         load = lambda xs: " ".join(f"{x:.2f}" for x in xs)  # noqa: E731
         print(f"load average before {load(load_before)}, after {load(load_after)}")
     finally:
