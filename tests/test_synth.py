@@ -141,34 +141,51 @@ def test_imap_bounded_pulls_items_only_as_results_are_read():
     assert max(ahead) <= 4
 
 
-def test_rendering_streams_with_a_bounded_number_of_tasks_held(micro_city, tmp_path, monkeypatch):
+# Run in a fresh interpreter: the worker pool forks, which is only safe in a process without other
+# threads (a test session has Prefect's). Counts what the parent pulls against what comes back.
+_STREAMING = """
+import json, sys
+from vpr.foundations.config import SynthConfig
+from vpr.steps.synth import city
+
+city.CHUNK = 1
+tasks, render_all = city._tasks, city._render_all
+pulled, done, ahead = [0], [0], []
+
+def counting_tasks(*args):
+    for task in tasks(*args):
+        pulled[0] += 1
+        ahead.append(pulled[0] - done[0])
+        yield task
+
+def counting_render_all(*args):
+    for result in render_all(*args):
+        done[0] += 1
+        yield result
+
+city._tasks, city._render_all = counting_tasks, counting_render_all
+summary = city.generate_city(sys.argv[1], SynthConfig.model_validate_json(sys.argv[2]), workers=2)
+print(json.dumps({"pulled": pulled[0], "done": done[0], "images": summary["images"], "ahead": max(ahead),
+                  "bound": city.IN_FLIGHT * 2 + 1}))
+"""
+
+
+def test_rendering_streams_with_a_bounded_number_of_tasks_held(micro_city, tmp_path):
     """The parent pulls a range of captures only as a rendered one comes back: however many images,
     at most IN_FLIGHT tasks per worker are outstanding (here 90 one-image tasks, at most 5 held)."""
-    from vpr.foundations.procs import fork_is_safe
-    from vpr.steps.synth import city
+    import json
+    import os
+    import subprocess
+    import sys
 
-    if not fork_is_safe():
-        pytest.skip("the worker pool forks; this process has other threads")
-    monkeypatch.setattr(city, "CHUNK", 1)
-    tasks, render_all = city._tasks, city._render_all
-    pulled, done, ahead = [0], [0], []
-
-    def counting_tasks(*args):
-        for task in tasks(*args):
-            pulled[0] += 1
-            ahead.append(pulled[0] - done[0])
-            yield task
-
-    def counting_render_all(*args):
-        for result in render_all(*args):
-            done[0] += 1
-            yield result
-
-    monkeypatch.setattr(city, "_tasks", counting_tasks)
-    monkeypatch.setattr(city, "_render_all", counting_render_all)
-    summary = city.generate_city(tmp_path, MICRO, workers=2)
-    assert pulled[0] == done[0] == summary["images"] == 90
-    assert max(ahead) <= city.IN_FLIGHT * 2 + 1
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(repo), os.environ.get("PYTHONPATH"))))}
+    cmd = [sys.executable, "-c", _STREAMING, str(tmp_path), MICRO.model_dump_json()]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counts["pulled"] == counts["done"] == counts["images"] == 90, counts
+    assert counts["ahead"] <= counts["bound"], counts
     assert digests(tmp_path) == digests(micro_city)  # the same bytes, whatever the chunking
 
 
