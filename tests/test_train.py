@@ -1,6 +1,8 @@
 """Training on a micro city: every head learns, CRN starts from NetVLAD, resume is exact."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import polars as pl
@@ -113,29 +115,81 @@ def test_trunk_cache_matches_full_forward_and_is_shared_by_the_heads(micro_proje
     cpu, size = torch.device("cpu"), (cfg.shards.height, cfg.shards.width)
     folder = tmp_path / "trunk"
     cache = open_trunk_cache(model, reader, ids, tf, cpu, size=size, batch_size=4, folder=folder)
+    assert cache.cached == 0 and cache.encoded == 0  # nothing is encoded up front
     full = extract(model, reader, ids, tf, device=cpu, batch_size=4)
+    # asked for in pieces, in any order: each image encoded once, the same maps as all at once
+    assert cache.descriptors(ids[7:2:-1], 3).shape == (5, model.descriptor_dim) and cache.encoded == 5
     # stored in bfloat16: the descriptors are the full forward's up to that rounding
     np.testing.assert_allclose(cache.descriptors(ids[::-1], 3), full[::-1], atol=2e-2)
+    assert cache.encoded == 10 and cache.cached == 10
     assert np.abs(cache.descriptors(ids, 3) - full).max() > 0  # the rounding is there (not a float32 cache)
+    in_memory = open_trunk_cache(model, reader, ids, tf, cpu, size=size, batch_size=4, folder=None)
+    assert torch.equal(in_memory.get(ids), cache.get(ids))  # encoded all at once: the same bits
     with pytest.raises(KeyError):
         cache.get(np.array([999]))
-    (stored,) = folder.glob("*.pt")
+    (key,) = [p for p in folder.iterdir() if p.is_dir()]
+    segments = sorted(key.glob("seg-*.pt"))
+    assert len(segments) == 2
 
-    # another head of the same run: the same trunk, so the same file, loaded instead of encoded
+    # another head of the same run: the same trunk, so the same folder, read instead of encoded
     netvlad = build_model("netvlad", mcfg)
-    assert cache_key(netvlad, reader, ids, size) == stored.stem
+    assert cache_key(netvlad, reader, ids, size) == key.name
     again = open_trunk_cache(netvlad, reader, ids[::-1], tf, cpu, size=size, batch_size=4, folder=folder)
-    assert torch.equal(again.get(ids), cache.get(ids)) and list(folder.glob("*.pt")) == [stored]
+    assert again.cached == 10 and torch.equal(again.get(ids), cache.get(ids)) and again.encoded == 0
+    assert sorted(key.glob("seg-*.pt")) == segments
 
     # other trunk weights, another input size or other image bytes: another key
     other = build_model("gem", mcfg, seed=1)
-    assert cache_key(other, reader, ids, size) != stored.stem
-    assert cache_key(model, reader, ids, (size[0] // 2, size[1] // 2)) != stored.stem
-    assert cache_key(model, reader, ids[:5], size) != stored.stem
-    # a damaged file is rebuilt, not trusted
-    stored.write_bytes(b"not a cache")
+    assert cache_key(other, reader, ids, size) != key.name
+    assert cache_key(model, reader, ids, (size[0] // 2, size[1] // 2)) != key.name
+    assert cache_key(model, reader, ids[:5], size) != key.name
+    # a damaged segment is set aside and its images encoded again, not trusted
+    maps = in_memory.get(ids)
+    del cache, again  # a file truncated in place under a mapping would fault its readers (writers rename)
+    segments[0].write_bytes(b"not a cache")
     rebuilt = open_trunk_cache(model, reader, ids, tf, cpu, size=size, batch_size=4, folder=folder)
-    assert torch.equal(rebuilt.get(ids), cache.get(ids))
+    assert rebuilt.cached == 5 and segments[0].with_name(segments[0].name + ".damaged").exists()
+    assert torch.equal(rebuilt.get(ids), maps) and rebuilt.encoded == 5
+
+
+def test_trunk_cache_segments_are_merged_and_shared_between_processes(micro_project, tmp_path):
+    """Many small encodes stay a bounded number of files; a second process reads what the first wrote."""
+    from vpr.foundations.config import ModelConfig
+    from vpr.shared import trunk
+    from vpr.shared.models import build_model
+
+    root, cfg, layout = micro_project
+    reader = ShardReader(layout.shards_dir)
+    model = build_model("avg", ModelConfig(weights="none"))
+    tf = image_transform(cfg.shards.height, cfg.shards.width)
+    ids = np.sort(reader.index["id"].to_numpy())[: trunk.MAX_SEGMENTS + 4]
+    size, folder = (cfg.shards.height, cfg.shards.width), tmp_path / "trunk"
+    cache = trunk.open_trunk_cache(model, reader, ids, tf, torch.device("cpu"), size=size, batch_size=4, folder=folder)
+    for i in ids:  # one image per call: one segment each, merged past MAX_SEGMENTS
+        cache.get(np.array([i]))
+    (key,) = [p for p in folder.iterdir() if p.is_dir()]
+    assert 1 <= len(list(key.glob("seg-*.pt"))) <= trunk.MAX_SEGMENTS and cache.encoded == len(ids)
+    whole = trunk.open_trunk_cache(model, reader, ids, tf, torch.device("cpu"), size=size, batch_size=4, folder=None)
+    assert torch.equal(cache.get(ids), whole.get(ids))
+    code = (
+        "import sys, numpy as np, torch\n"
+        "from vpr.foundations.config import ModelConfig\n"
+        "from vpr.shared.descriptors import image_transform\n"
+        "from vpr.shared.models import build_model\n"
+        "from vpr.shared.shardio import ShardReader\n"
+        "from vpr.shared.trunk import open_trunk_cache\n"
+        f"reader = ShardReader({str(layout.shards_dir)!r})\n"
+        f"tf = image_transform({cfg.shards.height}, {cfg.shards.width})\n"
+        "model = build_model('avg', ModelConfig(weights='none'))\n"
+        f"ids = np.array({ids.tolist()})\n"
+        f"c = open_trunk_cache(model, reader, ids, tf, torch.device('cpu'), size={size}, batch_size=4, "
+        f"folder=__import__('pathlib').Path({str(folder)!r}))\n"
+        "torch.save(c.get(ids), sys.argv[1]); print(c.encoded)\n"
+    )
+    out = tmp_path / "maps.pt"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "0" and torch.equal(torch.load(out), whole.get(ids))
 
 
 def test_precision_setting_and_bf16_step_agree_with_fp32(micro_project):

@@ -44,8 +44,9 @@ def test_damaged_descriptor_entries_are_encoded_again_not_indexed(released):
 
 def test_a_damaged_trunk_cache_is_rebuilt_not_trained_on(released):
     root, _, layout = released
-    (cache,) = layout.trunk_cache_dir.glob("*.pt")
-    features = torch.load(cache, weights_only=True)["features"]
+    cache = max(layout.trunk_cache_dir.glob("*/seg-*.pt"), key=lambda p: p.stat().st_size)  # the largest segment
+    stored = torch.load(cache, weights_only=True)
+    features, ids = stored["features"], stored["ids"]
     data = bytearray(cache.read_bytes())
     middle = len(data) // 2
     data[middle : middle + 4096] = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
@@ -56,8 +57,12 @@ def test_a_damaged_trunk_cache_is_rebuilt_not_trained_on(released):
     proc = vpr(root, "train", "--head", "avg")
     assert proc.returncode == 0, proc.stderr
     assert str(cache.relative_to(root)) in proc.stderr and "damaged" in proc.stderr
-    assert not stale_lock.exists()
-    assert torch.equal(torch.load(cache, weights_only=True)["features"], features)
+    assert not stale_lock.exists() and cache.with_name(cache.name + ".damaged").exists()  # set aside
+    maps = {}
+    for segment in cache.parent.glob("seg-*.pt"):
+        kept = torch.load(segment, weights_only=True)
+        maps.update({int(i): row for i, row in zip(kept["ids"], kept["features"])})
+    assert all(torch.equal(maps[int(i)], features[n]) for n, i in enumerate(ids))  # encoded again, alike
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_good_checkpoint(released):

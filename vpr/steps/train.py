@@ -94,13 +94,16 @@ class _Step(nn.Module):
 
 
 @contextmanager
-def timed(phases: dict[str, float], name: str) -> Iterator[None]:
-    """Add the block's wall time to ``phases[name]`` (where a training's time goes: bench/train_phases.py)."""
-    t0 = time.perf_counter()
+def timed(phases: dict[str, float], name: str, cache: TrunkCache | None = None) -> Iterator[None]:
+    """Add the block's wall time to ``phases[name]`` (where a training's time goes: bench/train_phases.py);
+    the time ``cache`` spent encoding trunk maps meanwhile goes to ``phases["trunk cache"]`` instead."""
+    t0, encoding = time.perf_counter(), cache.encode_seconds if cache is not None else 0.0
     try:
         yield
     finally:
-        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+        encoding = cache.encode_seconds - encoding if cache is not None else 0.0
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0 - encoding
+        phases["trunk cache"] = phases.get("trunk cache", 0.0) + encoding
 
 
 @dataclass
@@ -246,7 +249,7 @@ def train_epoch(
     with step_progress("train", loss=True) as progress:
         task = progress.add_task(f"{run.head} epoch {epoch}/{tc.epochs}", total=n_batches, loss=0.0)
         for chunk in chunks:
-            with timed(run.phases, "mining"):
+            with timed(run.phases, "mining", run.cache):
                 triplets = mine_triplets(
                     run.model, run.reader, train, chunk, run.eval_tf, run.cfg, run.device, rng, run.cache
                 )
@@ -255,7 +258,7 @@ def train_epoch(
             run.model.train()
             batches = triplet_batches(run, ids, rng)
             while True:
-                with timed(run.phases, "loading"):
+                with timed(run.phases, "loading", run.cache):
                     batch = next(batches, None)
                 if batch is None:
                     break
@@ -286,7 +289,7 @@ def finish_epoch(run: TrainingRun, epoch: int, losses: list[float], images: int,
     """
     tc, ranks = run.tc, run.ranks
     epoch_loss, images = mean_over_ranks(losses, ranks), images * ranks.world
-    with timed(run.phases, "validation"):
+    with timed(run.phases, "validation", run.cache):
         recalls = validate(
             run.model,
             run.reader,

@@ -74,6 +74,8 @@ def mine_triplets(
     positives = np.concatenate([train.hard[i] for i in chunk])
     pool_idx = np.unique(np.concatenate([positives, candidates]))
     kw = {"batch_size": cfg.evaluate.batch_size, "workers": cfg.train.workers}
+    if cache is not None:  # the refresh's images not cached yet, encoded together
+        cache.ensure(np.concatenate([train.db_ids[pool_idx], train.q_ids[chunk]]))
     pool_desc = encode_ids(model, reader, train.db_ids[pool_idx], transform, device, cache, **kw)
     q_desc = encode_ids(model, reader, train.q_ids[chunk], transform, device, cache, **kw)
     return select_triplets(
