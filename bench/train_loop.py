@@ -106,7 +106,8 @@ def bench_cfg(cfg, args, device: torch.device, cache: str, precision: str = "aut
 
 
 def cache_build_seconds(cfg, layout, device: torch.device) -> tuple[float, int]:
-    """Wall time of building the trunk cache for every train/val image (once per training run)."""
+    """Wall time of encoding every train/val image into the trunk cache (the most a run can pay: a run
+    encodes an image the first time it needs it)."""
     reader = ShardReader(layout.shards_dir)
     ids = reader.index.filter(reader.index["split"].is_in(TRAIN_ID_SPLITS))["id"].to_numpy()
     with warnings.catch_warnings():
@@ -115,7 +116,8 @@ def cache_build_seconds(cfg, layout, device: torch.device) -> tuple[float, int]:
     tf = image_transform(cfg.shards.height, cfg.shards.width, cfg.train.image_scale)
     t0 = time.perf_counter()
     size = (round(cfg.shards.height * cfg.train.image_scale), round(cfg.shards.width * cfg.train.image_scale))
-    open_trunk_cache(model, reader, ids, tf, device, size=size, batch_size=cfg.evaluate.batch_size, folder=None)
+    cache = open_trunk_cache(model, reader, ids, tf, device, size=size, batch_size=cfg.evaluate.batch_size, folder=None)
+    cache.ensure(ids)
     return time.perf_counter() - t0, len(ids)
 
 

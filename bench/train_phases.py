@@ -3,8 +3,9 @@
 Whole ``vpr.steps.train.train_head`` runs on the benchmark project (the default city); each phase is what the
 training reports in its summary's ``phases`` (``vpr.steps.train.timed``):
 
-- ``trunk cache``: opening it — building it (the run's first head) or loading it (the others: every
-  head of a run shares it, ``vpr.shared.trunk``);
+- ``trunk cache``: opening it and encoding the images the run needs that no earlier head encoded
+  (each the first time a refresh or the validation asks for it; every head of a run shares the cache,
+  ``vpr.shared.trunk``), taken out of the phase that asked;
 - ``init``: building the model and starting it (NetVLAD: the k-means sample and centroids);
 - ``mining``: the refreshes (``vpr.steps.mining.negatives.mine_triplets``); ``loading``: waiting for triplet
   batches; ``steps``: forward, loss, backward, optimiser;

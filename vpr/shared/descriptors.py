@@ -126,10 +126,16 @@ class ShardStream(IterableDataset):
                     positions.append(pos)
                     images.append(self.transform(decode_sample(plan, n, jpg)))
                 if len(positions) == self.batch_size:
-                    yield torch.tensor(positions), torch.stack(images)
+                    yield torch.tensor(positions), stack(images)
                     positions, images = [], []
             if positions:
-                yield torch.tensor(positions), torch.stack(images)
+                yield torch.tensor(positions), stack(images)
+
+
+def stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` as one single-threaded numpy copy: torch's intra-op threads made stacking a batch
+    20-50× slower with the cores busy (the same contention as in ``normalize_uint8``; BENCHMARKS.md)."""
+    return torch.from_numpy(np.stack([image.numpy() for image in images]))
 
 
 def cpu_has_native_bf16() -> bool:

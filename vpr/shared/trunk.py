@@ -40,7 +40,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from vpr.foundations.atomic import atomic_path
-from vpr.shared.descriptors import autocast, image_batches
+from vpr.shared.descriptors import autocast, stack
 from vpr.shared.models import VPRModel
 from vpr.shared.shardio import ShardReader
 
@@ -160,39 +160,27 @@ class TrunkCache:
     def _encode(self, rows: np.ndarray) -> torch.Tensor:
         """Trunk maps of the images at ``rows`` in row order, computed in float32, stored bf16.
 
-        Every forward has exactly ``batch_size`` images (the last padded by repeating one): oneDNN picks its
-        kernels by batch size, and at small inputs a batch of one differs from larger ones in the last bits
-        (measured here), so this keeps an image's maps independent of which images were asked for with it.
+        Images are read by random access (a refresh asks for a scattered few: streaming whole shards would
+        parse every tar header to decode a tenth of them). Every forward has exactly ``batch_size`` images
+        (the last padded by repeating one): oneDNN picks its kernels by batch size, and at small inputs a
+        batch of one differs from larger ones in the last bits (measured here), so this keeps an image's
+        maps independent of which images were asked for with it.
         """
         t0 = time.perf_counter()
         ids = self.ids[rows]
         features: torch.Tensor | None = None
-        model = self.model
+        model, size = self.model, self.batch_size
         was_training = model.training
         model.eval()
-        held_at: list[torch.Tensor] = []
-        held: list[torch.Tensor] = []
-
-        def forward(positions: torch.Tensor, batch: torch.Tensor) -> None:
-            nonlocal features
-            n = len(batch)
-            padded = torch.cat([batch, batch[-1:].expand(self.batch_size - n, *batch.shape[1:])])
-            out = model.backbone.trunk(padded)[:n].to(STORAGE).cpu()
-            if features is None:
-                features = torch.empty((len(ids), *out.shape[1:]), dtype=STORAGE)
-            features[positions] = out
-
         with torch.inference_mode():
-            batches = image_batches(self.reader, ids, self.transform, device=self.device, batch_size=self.batch_size)
-            for positions, batch in batches:  # batches end with each shard: regrouped to full ones
-                held_at.append(torch.from_numpy(positions))
-                held.append(batch)
-                while sum(len(b) for b in held) >= self.batch_size:
-                    at, images = torch.cat(held_at), torch.cat(held)
-                    forward(at[: self.batch_size], images[: self.batch_size])
-                    held_at, held = [at[self.batch_size :]], [images[self.batch_size :]]
-            if held and sum(len(b) for b in held):
-                forward(torch.cat(held_at), torch.cat(held))
+            for start in range(0, len(ids), size):
+                part = ids[start : start + size]
+                batch = stack([self.transform(self.reader.load(int(i))) for i in part])
+                batch = torch.cat([batch, batch[-1:].expand(size - len(part), *batch.shape[1:])])
+                out = model.backbone.trunk(batch.to(self.device))[: len(part)].to(STORAGE).cpu()
+                if features is None:
+                    features = torch.empty((len(ids), *out.shape[1:]), dtype=STORAGE)
+                features[start : start + len(part)] = out
         model.train(was_training)
         if features is None:
             raise ValueError("no images to cache")
