@@ -4,7 +4,9 @@ The stage's dependencies, params and outputs are read from ``dvc.yaml`` through 
 (foreach stages resolved), so Prefect and DVC agree on what a step depends on without a second list:
 
 * every dependency path (data, upstream outputs, the ``vpr`` source files the stage names) is hashed
-  by content (SHA-256 of each file, directories walked in sorted order);
+  by content (SHA-256 of each file, directories walked in sorted order); a file's hash is remembered
+  across processes while its inode, size, mtime and ctime are unchanged (``tasks.filehashes``), so a
+  cached re-run reads file metadata, not file contents;
 * every params key of the stage (``train``, ``shards.height``...) is taken from the run's validated
   config, so an edit to an unrelated section does not invalidate the step;
 * the wrapper's own source (Prefect's ``TASK_SOURCE`` policy) is part of the key too.
@@ -32,7 +34,7 @@ from typing import Any
 from prefect.cache_policies import CachePolicy, TaskSource
 from prefect.context import TaskRunContext
 
-from vpr.foundations.digest import file_sha256
+from tasks.filehashes import file_hashes
 
 
 @dataclass(frozen=True)
@@ -93,22 +95,11 @@ def stage_spec(root: str | Path, name: str) -> StageSpec | None:
 
 # --------------------------------------------------------------------------- content hashing
 
-_FILE_HASHES: dict[tuple[str, int, int, int], str] = {}
-_HASH_LOCK = threading.Lock()
-
 
 def hash_file(path: Path) -> str:
-    """SHA-256 of a file's bytes, memoised per (path, inode, size, mtime) within the process."""
-    st = path.stat()
-    memo = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
-    with _HASH_LOCK:
-        cached = _FILE_HASHES.get(memo)
-    if cached is not None:
-        return cached
-    value = file_sha256(path)
-    with _HASH_LOCK:
-        _FILE_HASHES[memo] = value
-    return value
+    """SHA-256 of a file's bytes, remembered across processes while its metadata is unchanged
+    (``tasks.filehashes``)."""
+    return file_hashes().sha256(path)
 
 
 # Written by DVC itself beside the outputs it tracks (``dvc commit`` lists them in the parent folder's
@@ -123,12 +114,13 @@ def hash_path(path: str | Path) -> str:
         return hash_file(path)
     if not path.is_dir():
         return "missing"
-    digest = hashlib.sha256()
+    files = []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()
-        for name in sorted(set(filenames) - _NOT_DATA):
-            f = Path(dirpath) / name
-            digest.update(f.relative_to(path).as_posix().encode() + b"\0" + hash_file(f).encode() + b"\n")
+        files += [Path(dirpath) / name for name in sorted(set(filenames) - _NOT_DATA)]
+    digest = hashlib.sha256()
+    for f, value in zip(files, file_hashes().many(files), strict=True):
+        digest.update(f.relative_to(path).as_posix().encode() + b"\0" + value.encode() + b"\n")
     return digest.hexdigest()
 
 
