@@ -14,6 +14,9 @@ process start:
 * ``server running``: with ``--server``, this tree's re-run against a Prefect server started once
   beforehand (``PREFECT_API_URL``, what ``make up`` gives), so no temporary server is started.
 
+Then, per project, the 20 stages' cache keys alone in a fresh process (``tasks.cache.stage_key``, after
+``stage_specs``): what the file-hash memo saves (it is kept across processes in this tree).
+
 Each run's phases come from its log's timestamps: Python and imports (to "Starting temporary server"),
 the server's start (to the flow run's first line), the flow until its first stage starts, the 20
 stages, and the rest (results table, DVC record, the server's stop, exit).
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import re
 import resource
@@ -143,6 +147,26 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
     return proc, api
 
 
+KEYS = """
+import json, time
+from tasks.cache import stage_key, stage_specs
+from vpr.foundations.config import load_config
+cfg = load_config("params.yaml")
+t0 = time.perf_counter(); specs = stage_specs("."); t1 = time.perf_counter()
+for name in specs:
+    stage_key(".", name, cfg)
+print(json.dumps({"parse dvc.yaml": t1 - t0, "20 keys": time.perf_counter() - t1}))
+"""
+
+
+def key_times(root: Path) -> dict[str, float]:
+    """Seconds to parse dvc.yaml and to compute every stage's key, in a fresh process in ``root``."""
+    proc = subprocess.run([sys.executable, "-c", KEYS], cwd=root, env=_env(root), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"stage keys failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _commit(repo: Path) -> str:
     out = subprocess.run(["git", "-C", str(repo), "log", "-1", "--format=%h"], capture_output=True, text=True)
     return out.stdout.strip() or "?"
@@ -197,6 +221,7 @@ def main() -> None:
             if server is not None:
                 server.terminate()
                 server.wait(30)
+        keys = _common.interleaved({name: lambda root=root: key_times(root) for name, (root, _) in projects.items()}, 3)
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(f"# {_common.machine()}; micro project, 20 stages")
         for name, (_, repo) in projects.items():
@@ -219,6 +244,10 @@ def main() -> None:
                 xs = [r[phase] for r in runs if r]
                 cells.append(f"{_common.median(xs):.1f}" if xs else "?")
             print(f"| {phase} | " + " | ".join(cells) + " |")
+        print("\n| in a fresh process, median s | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys))
+        for what in ("parse dvc.yaml", "20 keys"):
+            cells = [f"{_common.median([k[what] for k in ks]):.2f}" for ks in keys.values()]
+            print(f"| {what} | " + " | ".join(cells) + " |")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

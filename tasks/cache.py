@@ -35,6 +35,7 @@ from prefect.cache_policies import CachePolicy, TaskSource
 from prefect.context import TaskRunContext
 
 from tasks.filehashes import file_hashes
+from vpr.foundations.atomic import write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -52,41 +53,92 @@ class StageSpec:
 
 _SPECS: dict[tuple[str, str], dict[str, StageSpec]] = {}
 _SPECS_LOCK = threading.Lock()
+SPECS_DIR = "vpr-stage-specs"  # under $PREFECT_HOME: the stages parsed by earlier processes
+_KEEP_SPECS = 32  # files kept there, the most recently written
 
 
 def stage_specs(root: str | Path) -> dict[str, StageSpec]:
-    """Every stage of ``ROOT/dvc.yaml`` by its name (``train@netvlad``), in file order; {} without dvc.yaml."""
+    """Every stage of ``ROOT/dvc.yaml`` by its name (``train@netvlad``), in file order; {} without dvc.yaml.
+
+    DVC's parser takes a second or more (most of it reading ``dvc.lock`` through a pure-Python YAML
+    parser, which the stage list does not need): what it returned is kept in ``$PREFECT_HOME/vpr-stage-specs``
+    for the next process, keyed by the bytes of ``dvc.yaml`` and ``params.yaml`` (what it interpolates),
+    DVC's version and this module's source. Not kept when ``dvc.yaml`` names ``vars`` (other files it
+    would interpolate from).
+    """
     root = Path(root).resolve()
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.exists():
         return {}
     params = root / "params.yaml"  # dvc.yaml interpolates paths and foreach lists from it
-    text = dvc_yaml.read_bytes() + (params.read_bytes() if params.exists() else b"")
+    text = dvc_yaml.read_bytes() + b"\0" + (params.read_bytes() if params.exists() else b"")
     memo_key = (str(root), hashlib.sha256(text).hexdigest())
     with _SPECS_LOCK:
         if memo_key in _SPECS:
             return _SPECS[memo_key]
-        from dvc.repo import Repo  # heavy import, only when a key is computed
-
-        specs: dict[str, StageSpec] = {}
-        with Repo(str(root), uninitialized=True) as repo:
-            graph = repo.index.graph  # edges: stage → the stages whose outputs it depends on
-            for stage in repo.index.stages:
-                if Path(stage.path).resolve() != dvc_yaml:  # e.g. data.dvc, nested dvc.yaml files
-                    continue
-                upstream = tuple(s.name for s in graph.successors(stage) if Path(s.path).resolve() == dvc_yaml)
-                deps, params = [], []
-                for dep in stage.deps:
-                    keys = getattr(dep, "params", None)
-                    if keys is not None:
-                        params += list(keys) if not isinstance(keys, dict) else list(keys)
-                    else:
-                        deps.append(dep.def_path)
-                specs[stage.name] = StageSpec(
-                    stage.name, tuple(deps), tuple(params), tuple(o.def_path for o in stage.outs), upstream
-                )
+        kept = None if b"vars" in dvc_yaml.read_bytes() else _kept_specs_file(root, text)
+        specs = read_specs(kept) if kept is not None else None
+        if specs is None:
+            specs = parse_specs(root)
+            if kept is not None:
+                keep_specs(kept, specs)
         _SPECS[memo_key] = specs
         return specs
+
+
+def parse_specs(root: Path) -> dict[str, StageSpec]:
+    """The stages of ``ROOT/dvc.yaml`` as DVC's own parser and graph give them (foreach stages resolved)."""
+    from dvc.repo import Repo  # heavy import, only when a key is computed
+
+    dvc_yaml = root / "dvc.yaml"
+    specs: dict[str, StageSpec] = {}
+    with Repo(str(root), uninitialized=True) as repo:
+        graph = repo.index.graph  # edges: stage → the stages whose outputs it depends on
+        for stage in repo.index.stages:
+            if Path(stage.path).resolve() != dvc_yaml:  # e.g. data.dvc, nested dvc.yaml files
+                continue
+            upstream = tuple(s.name for s in graph.successors(stage) if Path(s.path).resolve() == dvc_yaml)
+            deps, params = [], []
+            for dep in stage.deps:
+                keys = getattr(dep, "params", None)
+                if keys is not None:
+                    params += list(keys) if not isinstance(keys, dict) else list(keys)
+                else:
+                    deps.append(dep.def_path)
+            specs[stage.name] = StageSpec(
+                stage.name, tuple(deps), tuple(params), tuple(o.def_path for o in stage.outs), upstream
+            )
+    return specs
+
+
+def _kept_specs_file(root: Path, text: bytes) -> Path:
+    import dvc
+    from prefect.settings import get_current_settings
+
+    digest = hashlib.sha256(b"stage-specs-v1\0" + dvc.__version__.encode() + b"\0" + Path(__file__).read_bytes())
+    digest.update(b"\0" + str(root).encode() + b"\0" + text)
+    return Path(get_current_settings().home).expanduser() / SPECS_DIR / f"{digest.hexdigest()}.json"
+
+
+def read_specs(path: Path) -> dict[str, StageSpec] | None:
+    """The stages kept in ``path``; None if there are none (or the file is not what ``keep_specs`` writes)."""
+    try:
+        rows = json.loads(path.read_text())
+        return {row[0]: StageSpec(row[0], *(tuple(str(x) for x in col) for col in row[1:5])) for row in rows}
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
+
+
+def keep_specs(path: Path, specs: dict[str, StageSpec]) -> None:
+    """Write the stages for the next process (atomically), keeping only the ``_KEEP_SPECS`` newest files."""
+    rows = [[s.name, list(s.deps), list(s.params), list(s.outs), list(s.upstream)] for s in specs.values()]
+    try:
+        write_text_atomic(path, json.dumps(rows))
+        files = sorted(path.parent.glob("*.json"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
+        for old in files[_KEEP_SPECS:]:
+            old.unlink(missing_ok=True)
+    except OSError:  # only ever a shortcut: the next process parses again
+        pass
 
 
 def stage_spec(root: str | Path, name: str) -> StageSpec | None:
