@@ -11,11 +11,16 @@ On a Dask cluster whose workers do not share the project folder (``orchestration
 ``encode_detached`` runs on the workers instead: each gets the model's bytes and its shard's index rows,
 streams the shard from ``resources.shards_url`` and sends the descriptors back; ``store_detached`` writes
 them into the store in the flow's process (``vpr.shared.detached``).
+
+Nothing here imports torch until a task body runs: a cached re-run of ``train-all`` (every task a cache
+hit) never loads it (tests/test_flows.py checks). The task bodies import the steps' modules first, one
+thread at a time (``vpr.pipeline.import_steps``), as ``run_stage`` does.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -23,9 +28,11 @@ from prefect.cache_policies import NO_CACHE
 from tasks.cache import StageInputs
 from vpr.foundations.config import Config
 from vpr.foundations.layout import Layout
-from vpr.pipeline import stage_model
+from vpr.pipeline import import_steps, stage_model
 from vpr.pipeline import stage_shards as shards_of
-from vpr.shared.detached import EncodedShard, ShardJob, encode_job, shard_jobs, store_encoded
+
+if TYPE_CHECKING:
+    from vpr.shared.detached import EncodedShard, ShardJob
 
 
 @task(
@@ -36,6 +43,7 @@ from vpr.shared.detached import EncodedShard, ShardJob, encode_job, shard_jobs, 
 )
 def encode_shard(cfg: Config, root: str, stage: str, shard: str) -> dict:
     """The descriptors of one shard with the model of ``stage`` → the descriptor store."""
+    import_steps()
     from vpr.shared.descstore import encode_named_shards
 
     head, untrained = stage_model(cfg, stage)
@@ -50,6 +58,9 @@ def stage_shards(cfg: Config, root: str | Path, stage: str) -> list[str]:
 
 def detached_jobs(cfg: Config, root: str, stage: str) -> list[ShardJob]:
     """The shards of ``stage`` that the store lacks, as jobs for workers without the project folder."""
+    import_steps()
+    from vpr.shared.detached import shard_jobs
+
     layout = Layout.from_config(cfg, Path(root))
     head, untrained = stage_model(cfg, stage)
     return shard_jobs(head, cfg, layout, shards_of(cfg, layout, stage), untrained=untrained)
@@ -58,11 +69,17 @@ def detached_jobs(cfg: Config, root: str, stage: str) -> list[ShardJob]:
 @task(name="encode-detached", task_run_name="encode@{job.shard}", cache_policy=NO_CACHE, persist_result=False)
 def encode_detached(cfg: Config, job: ShardJob) -> EncodedShard:
     """One shard encoded on whichever worker runs this: the descriptors come back to the flow."""
+    import_steps()
+    from vpr.shared.detached import encode_job
+
     return encode_job(job, cfg)
 
 
 @task(name="store-detached", task_run_name="store@{result.shard}", cache_policy=NO_CACHE, persist_result=False)
 def store_detached(cfg: Config, root: str, result: EncodedShard) -> dict:
     """A worker's descriptors into the project's store, from the flow's own process."""
+    import_steps()
+    from vpr.shared.detached import store_encoded
+
     stored = store_encoded(result, Layout.from_config(cfg, Path(root)))
     return {"shard": result.shard, "encoded": stored, "images": len(result.descriptors)}

@@ -191,10 +191,11 @@ def test_second_train_all_run_hits_the_cache(trained):
 
 def test_python_m_flows_train_all_prints_the_table_once_and_no_runtime_warning(trained):
     """The README's command, in a process of its own (all cache hits): no runpy RuntimeWarning, the stage
-    lines on the console, the results table once (it was printed by the flow and again by ``main``)."""
+    lines on the console, the results table once (it was printed by the flow and again by ``main``), and
+    torch never imported (seconds of a cached re-run's start and exit: no step runs, none needs it)."""
     root = trained[0]
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.train_all", "--root", str(root), "--no-dvc"],
+        [sys.executable, "-X", "importtime", "-m", "flows.train_all", "--root", str(root), "--no-dvc"],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
@@ -207,6 +208,8 @@ def test_python_m_flows_train_all_prints_the_table_once_and_no_runtime_warning(t
     assert "finished train@netvlad: cache hit" in out, out
     headers = [line for line in out.splitlines() if line.startswith("model ") and "R@1" in line]
     assert len(headers) == 1, out  # the table's header row, once
+    imported = {line.rpartition("|")[2].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "prefect" in imported and not imported & {"torch", "torchvision", "vpr.steps.evaluate"}
 
 
 def test_a_cached_rerun_skips_the_dvc_record_until_a_file_changes(trained):

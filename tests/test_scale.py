@@ -185,7 +185,7 @@ def test_extraction_on_a_two_worker_dask_cluster_matches_one_process(prefect_har
 
 
 def _shard_names(layout) -> list[str]:
-    from vpr.steps.evaluate import evaluation_shards
+    from vpr.shared.shardio import evaluation_shards
 
     return evaluation_shards(layout)
 

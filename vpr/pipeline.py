@@ -179,19 +179,19 @@ def _cross_evaluate(cfg: Config, layout: Layout, key: str) -> dict:
 
 
 def _evaluation_shards(cfg: Config, layout: Layout, key: str) -> list[str]:
-    from vpr.steps.evaluate import evaluation_shards
+    from vpr.shared.shardio import evaluation_shards  # not the step's module: listing shards needs no torch
 
     return evaluation_shards(layout)
 
 
 def _test_set_shards(cfg: Config, layout: Layout, key: str) -> list[str]:
-    from vpr.steps.evaluate import evaluation_shards
+    from vpr.shared.shardio import evaluation_shards
 
     return evaluation_shards(layout.test_set(_head_and_set(key)[1]))
 
 
 def _release_shards(cfg: Config, layout: Layout, key: str) -> list[str]:
-    from vpr.steps.index import release_shards
+    from vpr.shared.shardio import release_shards
 
     return release_shards(cfg, layout)
 

@@ -331,8 +331,3 @@ def encode_named_shards(
     plans = shard_plans(rows, remote_shards(cfg.resources) or layout.shards_dir)
     store = DescriptorStore(layout.descriptors_dir)
     return [encode_shard(encoder, plan, store) for plan in plans]
-
-
-def shards_of(rows: pl.DataFrame) -> list[str]:
-    """Names of the shards holding the images of shard-index ``rows``, in name order."""
-    return sorted(rows["shard"].unique().to_list())

@@ -7,7 +7,9 @@ payload) is refused; nothing is ever unpickled.
 
 - ``ShardReader``: random access (triplet batches) with one ``pread`` per image;
 - ``iter_split`` / ``stream_shard``: sequential reads of whole shards through ``webdataset``
-  (descriptor extraction), so the same code runs per shard on many workers.
+  (descriptor extraction), so the same code runs per shard on many workers;
+- ``evaluation_shards`` / ``release_shards``: the shards an evaluation or a release encodes, here
+  rather than beside those steps so that a flow lists them without importing torch.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from vpr.foundations.layout import SPLITS
+from vpr.foundations.config import Config
+from vpr.foundations.layout import SPLITS, Layout
 from vpr.foundations.parts import read_table
 from vpr.shared.shardnet import RemoteShards, Transfer, TransferError, promised_bytes, tar_samples
 
@@ -353,3 +356,31 @@ def iter_split(shards_dir: str | Path, split: str, role: str) -> Iterator[tuple[
     """Stream ``(key, RGB image, metadata)`` of one split/role in id order (descriptor extraction)."""
     for plan in split_shards(shards_dir, split, role):
         yield from stream_shard(plan)
+
+
+# --------------------------------------------------------------------------- which shards a step encodes
+
+
+def shards_of(rows: pl.DataFrame) -> list[str]:
+    """Names of the shards holding the images of shard-index ``rows``, in name order."""
+    return sorted(rows["shard"].unique().to_list())
+
+
+def release_images(index: pl.DataFrame, splits: Sequence[str] | None) -> pl.DataFrame:
+    """The shard-index rows a release indexes: database images (of ``splits``; None = all), by id."""
+    rows = index.filter(pl.col("role") == "database")
+    if splits is not None:
+        rows = rows.filter(pl.col("split").is_in(list(splits)))
+    return rows.sort("id")
+
+
+def evaluation_shards(layout: Layout) -> list[str]:
+    """The shards ``vpr.steps.evaluate.evaluate_head`` encodes (the test split's): what a flow maps its
+    encode tasks over."""
+    return shards_of(ShardReader(layout.shards_dir, ("test",)).index)
+
+
+def release_shards(cfg: Config, layout: Layout) -> list[str]:
+    """The shards ``vpr.steps.index.build_release`` encodes: what a flow maps its encode tasks over."""
+    splits = cfg.index.splits
+    return shards_of(release_images(ShardReader(layout.shards_dir, splits).index, splits))

@@ -24,7 +24,6 @@ from vpr.shared.descstore import (
     head_model,
     ms_per_image,
     plans_for,
-    shards_of,
 )
 from vpr.shared.retrieval import approximate_recall, chunked_search, recall_at_n, rows_within
 from vpr.shared.shardio import ShardReader
@@ -103,11 +102,6 @@ def rows_to_positions(rows: np.ndarray, set_ids: np.ndarray, order: np.ndarray) 
     if not np.array_equal(order[pos], set_ids):
         raise ValueError("the descriptor set holds images that are not in the split")
     return np.where(rows >= 0, pos[np.maximum(rows, 0)], -1)
-
-
-def evaluation_shards(layout: Layout) -> list[str]:
-    """The shards ``evaluate_head`` encodes (the test split's): what a flow maps its encode tasks over."""
-    return shards_of(ShardReader(layout.shards_dir, ("test",)).index)
 
 
 def evaluate_head(head: str, cfg: Config, layout: Layout, *, untrained: bool = False) -> dict:

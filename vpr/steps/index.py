@@ -62,11 +62,10 @@ from vpr.shared.descstore import (
     encoder_for,
     ms_per_image,
     plans_for,
-    shards_of,
 )
 from vpr.shared.release import ID_SCHEMA, Release, ReleaseModel, haversine_m, load_release, open_for_append
 from vpr.shared.retrieval import make_index, rows_within
-from vpr.shared.shardio import ShardReader
+from vpr.shared.shardio import ShardReader, release_images, release_shards
 from vpr.shared.shardnet import remote_shards
 from vpr.shared.versions import (
     CURRENT,
@@ -142,24 +141,10 @@ def index_from_set(descriptors: DescriptorSet, params: IndexConfig, kind: str, m
     return index
 
 
-def release_images(index: pl.DataFrame, splits: Sequence[str] | None) -> pl.DataFrame:
-    """The shard-index rows a release indexes: database images (of ``splits``; None = all), by id."""
-    rows = index.filter(pl.col("role") == "database")
-    if splits is not None:
-        rows = rows.filter(pl.col("split").is_in(list(splits)))
-    return rows.sort("id")
-
-
 def release_metadata(rows: pl.DataFrame) -> pl.DataFrame:
     """The release's id table (``ID_SCHEMA``) from shard-index rows; columns they lack are left empty."""
     cols = {c: (rows[c] if c in rows.columns else pl.Series(c, [None] * rows.height)) for c in ID_SCHEMA}
     return pl.DataFrame(cols).cast(ID_SCHEMA)  # type: ignore[arg-type]
-
-
-def release_shards(cfg: Config, layout: Layout) -> list[str]:
-    """The shards ``build_release`` encodes: what a flow maps its encode tasks over."""
-    reader = ShardReader(layout.shards_dir, cfg.index.splits)
-    return shards_of(release_images(reader.index, cfg.index.splits))
 
 
 def build_release(head: str, cfg: Config, layout: Layout) -> Path:
