@@ -5,7 +5,8 @@ split with an empty descriptor store each time (every image is decoded and encod
 under test (``--tree PATH``, repeatable: the code put first on ``PYTHONPATH``; default: this
 checkout), beside the model bound measured in this process as bench/extraction.py does (the same
 model and batch size on a synthetic batch already in memory, warm-up excluded, as many images as the
-split) and ``python -c "import torch"`` (what any fresh process that uses torch pays). Everything runs
+split), ``python -c "import torch"`` (what any fresh process that uses torch pays) and, per tree, a
+fresh ``import vpr.cli, vpr.steps.evaluate`` (the command's imports). Everything runs
 interleaved, ``--rounds`` times; medians. The calls run in a scratch project beside PROJECT (its
 params, its shards and mining tables linked, its own descriptor store): PROJECT's files are only read.
 Every tree's metrics (but ``ms_per_image``, a timing) and predictions table must be the same bytes:
@@ -81,6 +82,14 @@ def fresh(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def imports(tree: Path) -> float:
+    """Seconds of a fresh process that imports what ``vpr evaluate`` imports, ``tree`` first on the path."""
+    env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import vpr.cli, vpr.steps.evaluate"], check=True, env=env, cwd="/")
+    return time.perf_counter() - t0
+
+
 def same_outputs(runs: list[Path]) -> bool:
     first = [(runs[0] / f).read_bytes() for f in ("metrics.json", "predictions.parquet")]
     return all([(r / f).read_bytes() for f in ("metrics.json", "predictions.parquet")] == first for r in runs[1:])
@@ -110,6 +119,7 @@ def main() -> None:
         outputs: list[Path] = []
         for n, tree in enumerate(trees):
             keep = Path(tmp) / f"out{n}"
+            probes[f"import vpr.cli, vpr.steps.evaluate, {tree}"] = lambda tree=tree: imports(tree)
             probes[f"vpr evaluate, {tree}"] = lambda tree=tree, keep=keep: evaluate(tree, root, args.head, keep)
             outputs.append(keep)
         loads = [os.getloadavg()[0]]

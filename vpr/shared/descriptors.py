@@ -6,6 +6,7 @@ descriptor in the project is computed by the same code path.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import TypedDict, Unpack
@@ -53,6 +54,9 @@ def normalize_uint8(image: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+_TORCHVISION_IMPORT = threading.Lock()  # two threads inside torchvision's first import fail (vpr.pipeline)
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL image → uint8 ``C×H×W``, a view of a copy of its pixels: what torchvision's ``PILToTensor`` gives
     for the 8-bit modes, without importing torchvision."""
@@ -77,7 +81,8 @@ def image_transform(
     augmenting = augment is not None and augment.enabled
     if size == (height, width) and not augmenting:
         return to_normalized_tensor
-    from torchvision.transforms import v2 as T  # resizing and augmenting only
+    with _TORCHVISION_IMPORT:  # resizing and augmenting only; Prefect runs trainings as threads
+        from torchvision.transforms import v2 as T
 
     steps: list = [T.PILToTensor()]
     if size != (height, width):
