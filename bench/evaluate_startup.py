@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--tree", type=Path, action="append", help="code to run (default: this checkout)")
     parser.add_argument("--head", default="avg")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-imports", action="store_true", help="only the bound and the calls (a short quiet window)")
     args = parser.parse_args()
     trees = args.tree or [_common.ROOT]
     cfg = load_config(args.project / "params.yaml")
@@ -115,11 +116,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vpr-eval-bench-") as tmp:
         root = scratch_project(args.project, Path(tmp))
         probes = {"model bound": lambda: images / bound(model, images, batch, shape, device)}
-        probes['python -c "import torch"'] = lambda: fresh([sys.executable, "-c", "import torch"])
+        if not args.no_imports:
+            probes['python -c "import torch"'] = lambda: fresh([sys.executable, "-c", "import torch"])
         outputs: list[Path] = []
         for n, tree in enumerate(trees):
             keep = Path(tmp) / f"out{n}"
-            probes[f"import vpr.cli, vpr.steps.evaluate, {tree}"] = lambda tree=tree: imports(tree)
+            if not args.no_imports:
+                probes[f"import vpr.cli, vpr.steps.evaluate, {tree}"] = lambda tree=tree: imports(tree)
             probes[f"vpr evaluate, {tree}"] = lambda tree=tree, keep=keep: evaluate(tree, root, args.head, keep)
             outputs.append(keep)
         loads = [os.getloadavg()[0]]
