@@ -8,6 +8,8 @@ training format, so every test here exercises the same code paths as ``dvc repro
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +137,30 @@ def test_untrained_baseline_has_its_own_files(micro):
     metrics = evaluate_head("avg", cfg, layout, untrained=True)
     assert metrics["untrained"] is True
     assert layout.metrics_file("avg-untrained").exists() and layout.predictions("avg-untrained").exists()
+
+
+def test_vpr_evaluate_never_imports_torchvision(micro, tmp_path):
+    """``vpr evaluate`` builds its ResNet-18 and transform without torchvision: importing torchvision
+    pulls ``torch._dynamo`` (via ``torchvision.ops``) and cost about as much as torch itself."""
+    cfg, layout = micro
+    params = tmp_path / "params.yaml"
+    params.write_text(cfg.model_dump_json())  # JSON is YAML
+    args = ["-q", "evaluate", "--head", "avg", "--untrained", "--params", str(params)]
+    heavy = ("torchvision", "torch._dynamo")
+    probe = (
+        "import json, sys\n"
+        "from typer.testing import CliRunner\n"
+        "from vpr.cli import app\n"
+        f"r = CliRunner().invoke(app, {args!r})\n"
+        f"loaded = [m for m in {heavy!r} if m in sys.modules]\n"
+        "print(json.dumps({'code': r.exit_code, 'out': r.output, 'loaded': loaded}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=layout.root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["code"] == 0, report["out"]
+    assert report["loaded"] == []
+    assert json.loads(layout.metrics_file("avg-untrained").read_text())["queries"] == PLACES + 1
 
 
 def test_evaluate_reports_approximate_loss(micro):

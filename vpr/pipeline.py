@@ -327,7 +327,8 @@ _IMPORT_LOCK = threading.Lock()
 def import_steps() -> None:
     """Import every step's module, one thread at a time. The binders import lazily (a CLI command loads
     only what it runs), but a flow runs stages in parallel threads, and two threads starting
-    torchvision's import at once fail ("partially initialized module 'torchvision.transforms'")."""
+    torchvision's import at once fail ("partially initialized module 'torchvision.transforms'"). The step
+    modules no longer import torchvision (only ``image_transform`` does, to resize or augment, under a lock)."""
     with _IMPORT_LOCK:
         for name in _STEP_MODULES:
             importlib.import_module(name)

@@ -6,6 +6,7 @@ descriptor in the project is computed by the same code path.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import TypedDict, Unpack
@@ -15,7 +16,6 @@ import polars as pl
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.transforms import v2 as T
 
 from vpr.foundations.config import AugmentConfig, ShardConfig
 from vpr.foundations.rng import Locked
@@ -54,11 +54,36 @@ def normalize_uint8(image: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+_TORCHVISION_IMPORT = threading.Lock()  # two threads inside torchvision's first import fail (vpr.pipeline)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image → uint8 ``C×H×W``, a view of a copy of its pixels: what torchvision's ``PILToTensor`` gives
+    for the 8-bit modes, without importing torchvision."""
+    pixels = np.array(image)
+    return torch.from_numpy(pixels.reshape(image.size[1], image.size[0], -1)).permute(2, 0, 1)
+
+
+def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB → normalised float32 ``3×H×W``: ``PILToTensor`` then ``normalize_uint8`` (the plain transform)."""
+    return normalize_uint8(pil_to_tensor(image))
+
+
 def image_transform(
     height: int, width: int, scale: float = 1.0, augment: AugmentConfig | None = None
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB → normalised float tensor, resized to ``scale`` × (height, width), with optional augmentation."""
+    """PIL RGB → normalised float tensor, resized to ``scale`` × (height, width), with optional augmentation.
+
+    Without resizing or augmentation (evaluation, indexing at the shards' size) no torchvision is
+    imported: its import alone costs about as much as torch's (BENCHMARKS.md).
+    """
     size = (max(16, round(height * scale)), max(16, round(width * scale)))
+    augmenting = augment is not None and augment.enabled
+    if size == (height, width) and not augmenting:
+        return to_normalized_tensor
+    with _TORCHVISION_IMPORT:  # resizing and augmenting only; Prefect runs trainings as threads
+        from torchvision.transforms import v2 as T
+
     steps: list = [T.PILToTensor()]
     if size != (height, width):
         steps.append(T.Resize(size, antialias=True))
@@ -72,7 +97,7 @@ def image_transform(
     steps.append(normalize_uint8)  # = ToDtype(float32, scale=True) + Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if augment is not None and augment.random_erasing > 0:
         steps.append(T.RandomErasing(p=augment.random_erasing))
-    if augment is not None and augment.enabled:
+    if augmenting:
         return Locked(T.Compose(steps))  # random draws from torch's global generator (vpr.foundations.rng)
     return T.Compose(steps)
 
@@ -126,15 +151,18 @@ class ShardStream(IterableDataset):
                     positions.append(pos)
                     images.append(self.transform(decode_sample(plan, n, jpg)))
                 if len(positions) == self.batch_size:
-                    yield torch.tensor(positions), stack(images)
+                    yield torch.tensor(positions), stack_images(images)
                     positions, images = [], []
             if positions:
-                yield torch.tensor(positions), stack(images)
+                yield torch.tensor(positions), stack_images(images)
 
 
-def stack(images: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack`` as one single-threaded numpy copy: torch's intra-op threads made stacking a batch
-    20-50× slower with the cores busy (the same contention as in ``normalize_uint8``; BENCHMARKS.md)."""
+def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` of CPU image tensors, the copy made by numpy in this thread (the same bits).
+
+    torch spreads the copy over its intra-op threads; with the cores busy, that synchronisation made
+    stacking one 32-image batch cost up to a third of a second against 1 ms here (BENCHMARKS.md).
+    """
     return torch.from_numpy(np.stack([image.numpy() for image in images]))
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from vpr.shared.descriptors import stack
+from vpr.shared.descriptors import stack_images
 from vpr.shared.shardio import ShardReader
 
 
@@ -75,7 +75,7 @@ class TripletImages(Dataset):
         row = self.ids[i]
         images = [self.query_transform(self.reader.load(int(row[0])))]
         images += [self.db_transform(self.reader.load(int(j))) for j in row[1:]]
-        return stack(images)
+        return stack_images(images)
 
 
 def triplet_loss(desc: torch.Tensor, margin: float) -> torch.Tensor:

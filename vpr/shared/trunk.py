@@ -40,7 +40,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from vpr.foundations.atomic import atomic_path
-from vpr.shared.descriptors import autocast, stack
+from vpr.shared.descriptors import autocast, stack_images
 from vpr.shared.models import VPRModel
 from vpr.shared.shardio import ShardReader
 
@@ -175,7 +175,7 @@ class TrunkCache:
         with torch.inference_mode():
             for start in range(0, len(ids), size):
                 part = ids[start : start + size]
-                batch = stack([self.transform(self.reader.load(int(i))) for i in part])
+                batch = stack_images([self.transform(self.reader.load(int(i))) for i in part])
                 batch = torch.cat([batch, batch[-1:].expand(size - len(part), *batch.shape[1:])])
                 out = model.backbone.trunk(batch.to(self.device))[: len(part)].to(STORAGE).cpu()
                 if features is None:

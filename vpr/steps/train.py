@@ -35,7 +35,7 @@ from vpr.shared.descriptors import (
     loader_kwargs,
     on_cuda_by_default,
     resolve_device,
-    stack,
+    stack_images,
     use_bf16,
 )
 from vpr.shared.distributed import Ranks, join_from_env, leave, mean_over_ranks, my_rows, same_buffers
@@ -378,7 +378,7 @@ def triplet_batches(run: TrainingRun, ids: np.ndarray, rng: np.random.Generator)
             feats = cache.get(rows).view(b, n, *cache.shape)
             if augment:
                 with torch.no_grad():
-                    queries = stack([query_tf(reader.load(int(i))) for i in rows[:, 0]]).to(device)
+                    queries = stack_images([query_tf(reader.load(int(i))) for i in rows[:, 0]]).to(device)
                     feats[:, 0] = cache.model.backbone.trunk(queries)
             yield feats.flatten(0, 1), b, n
         return

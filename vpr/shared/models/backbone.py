@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import resnet18
 
 from vpr.foundations.config import ModelConfig
+from vpr.shared.models.resnet import resnet18
 from vpr.shared.models.weights import WeightsUnavailable, cached_path, fetch_imagenet
 
 BACKBONE_CHANNELS = 256
@@ -111,7 +111,7 @@ def _load_state(net: nn.Module, path: Path) -> None:
 
 def build_backbone(cfg: ModelConfig) -> ResNetConv4:
     """Build the conv4 backbone with ``cfg.weights`` = ``"imagenet"`` (cache, else download), ``"none"``, or a .pth."""
-    net = resnet18(weights=None)  # weights=None never touches the network
+    net = resnet18()  # torchvision's definition and init, without importing torchvision (.resnet)
     weights = cfg.weights
     if weights == "imagenet":
         path = imagenet_weights()

@@ -30,7 +30,6 @@ from urllib.parse import urlparse
 
 import torch
 from filelock import FileLock, Timeout
-from torchvision.models import ResNet18_Weights
 
 from vpr.foundations.atomic import write_text_atomic
 from vpr.foundations.digest import file_sha256
@@ -47,6 +46,9 @@ SPEED_WINDOW_S = 30.0
 LOCK_TIMEOUT_S = DEADLINE_S + 60.0  # a waiter outlasts a live download, not a frozen one
 SIDECAR_SUFFIX = ".sha256.json"  # the cached file's size, mtime and SHA-256: hashed once, checked on use
 _CHUNK = 2**20
+# torchvision's ``ResNet18_Weights.IMAGENET1K_V1.url``, written out: importing torchvision for one string
+# cost every model build ~2 s (BENCHMARKS.md); tests/test_resnet.py checks it against torchvision's
+TORCHVISION_RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 
 
 class WeightsUnavailable(Exception):
@@ -55,7 +57,7 @@ class WeightsUnavailable(Exception):
 
 def imagenet_url() -> str:
     """Where the weights come from: ``$VPR_IMAGENET_URL`` or torchvision's URL."""
-    return os.environ.get(URL_ENV) or ResNet18_Weights.IMAGENET1K_V1.url
+    return os.environ.get(URL_ENV) or TORCHVISION_RESNET18_URL
 
 
 def cached_path(url: str | None = None) -> Path:
