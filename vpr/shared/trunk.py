@@ -329,7 +329,7 @@ def open_trunk_cache(
     own.mkdir(parents=True, exist_ok=True)
     os.utime(own)  # the newest is kept by _prune
     cache = TrunkCache(model, reader, ids, transform, device, batch_size=batch_size, folder=own, bf16=bf16)
-    logger.info("trunk cache %s: %d of %d images cached", own, cache.cached, len(ids))
+    logger.debug("trunk cache %s: %d of %d images cached", own, cache.cached, len(ids))
     _prune(folder, keep=own)
     return cache
 
