@@ -1,12 +1,15 @@
 """Load test of `vpr api` on loopback: latency and images/s at several concurrencies, the model bound, a swap.
 
 Serves a project's live release (default: the repository's own, after `make run`) with a real uvicorn
-server on 127.0.0.1 and posts its test-split query photos, one image per request:
+server on 127.0.0.1 and posts its test-split query photos, one image per request, from clients in a
+process of their own (``bench/apiload.py``: in the server's process they would share its GIL;
+``--clients thread`` puts them there, as this benchmark used to):
 
 - for each concurrency (default 1, 8, 32): ``--requests`` requests (or ``--seconds``, whichever ends
-  first), p50/p99 latency and images/s;
-- the model-only inference bound measured in the same run: ``Release.encode_images`` on prepared images
-  in batches of ``api.batch_images`` (what the micro-batcher calls), images/s;
+  first), p50/p99 latency, images/s, images per model pass and per search call, the load average;
+- the model-only inference bound measured in the same run, before and after the loads (their mean):
+  ``Release.encode_images`` on prepared images in batches of ``api.batch_images`` (what the
+  micro-batcher calls), images/s;
 - the same load at concurrency 8 while a new release is published in the middle (``add_to_release`` of
   a few query images, as a re-index does): failed requests, and the seconds from the publish until
   the first answer from the new version.
@@ -16,8 +19,8 @@ hostile mix (pixel-bomb PNGs of ``--bomb-side``² pixels, four per request, from
 Retry-After; ``--slow`` uploads announcing 58 MB that stall after 2 MB; ``--half`` connections that
 never finish their headers, reopened as the server closes them): the normal requests' p50/p99, what
 the hostile clients got, how long the server kept them, and the process's peak RSS in each phase
-(server and clients share the process). ``--micro`` serves the synthetic micro project with an
-untrained avg head (built in a temporary folder) instead of a project's release.
+(the server and the hostile clients; the normal clients run in their own). ``--micro`` serves the
+synthetic micro project with an untrained avg head (built in a temporary folder) instead of a project's release.
 
     .venv/bin/python bench/api.py                       # the repository's project (after make run)
     .venv/bin/python bench/api.py --root /tmp/run1 --concurrency 1 8 32
@@ -28,16 +31,18 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
+import pickle
 import selectors
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import _common
@@ -61,39 +66,42 @@ def query_photos(layout: Layout) -> list[tuple[str, bytes]]:
     return [(Path(p).name, (layout.data / p).read_bytes()) for p in rows.sort("id")["path"].to_list()]
 
 
+CLIENTS_IN_PROCESS = False  # --clients thread: the load generator in this process (the old way), not its own
+
+
 def load(url: str, photos, concurrency: int, requests: int, seconds: float, versions: list | None = None) -> dict:
-    """``requests`` one-image POSTs from ``concurrency`` clients; latencies, failures, images/s."""
-    latencies: list[float] = []
-    failures: list[str] = []
-    counter = iter(range(requests))
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
+    """``requests`` one-image POSTs from ``concurrency`` clients; latencies, failures, images/s.
 
-    def client() -> None:
-        with httpx.Client(timeout=120) as http:
-            while time.monotonic() < deadline:
-                with lock:
-                    n = next(counter, None)
-                if n is None:
-                    return
-                name, data = photos[n % len(photos)]
-                t0 = time.perf_counter()
-                r = http.post(f"{url}/v1/locate", files=[("images", (name, data, "image/jpeg"))])
-                done = time.perf_counter()
-                with lock:
-                    latencies.append(done - t0)
-                    if r.status_code != 200 or not r.json()["results"][0]["ok"]:
-                        failures.append(f"{r.status_code} {r.text[:100]}")
-                    elif versions is not None:
-                        versions.append((time.monotonic(), r.json()["version"]))
+    The clients run in a process of their own (``bench/apiload.py``): in this one they would take the
+    GIL from the server they measure. ``--clients thread`` runs the same clients here instead (where this
+    bench ran its httpx clients before): what sharing the server's GIL costs."""
+    if not CLIENTS_IN_PROCESS:
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = Path(tmp) / "photos.pickle"
+            bundle.write_bytes(pickle.dumps(photos))
+            cmd = [sys.executable, str(Path(__file__).with_name("apiload.py")), url, str(bundle)]
+            cmd += ["--concurrency", str(concurrency), "--requests", str(requests), "--seconds", str(seconds)]
+            out = subprocess.run(cmd + (["--versions"] if versions is not None else []), capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"the load generator failed: {out.stderr[-2000:]}")
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        if versions is not None:
+            versions.extend((t, v) for t, v in got["versions"])
+        return _summary(got["latencies"], got["failures"], got["wall"], got["cpu_s"])
+    from apiload import run
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for _ in range(concurrency):
-            pool.submit(client)
-    wall = time.perf_counter() - t0
+    got = run(url, photos, concurrency, requests, seconds, versions is not None)
+    if versions is not None:
+        versions.extend(got["versions"])
+    return _summary(got["latencies"], got["failures"], got["wall"], got["cpu_s"])
+
+
+def _summary(latencies: list[float], failures: list[str], wall: float, cpu_s: float = 0.0) -> dict:
     ms = sorted(1000 * x for x in latencies)
     return {
+        "ms": ms,
+        "wall": wall,
+        "cpu_s": cpu_s,
         "requests": len(ms),
         "failed": len(failures),
         "p50_ms": statistics.median(ms),
@@ -238,14 +246,19 @@ def micro_project(root: Path):
     return cfg, layout
 
 
-def model_bound(release, photos, img: dict, batch: int, rounds: int = 3) -> float:
-    """Images/s of ``encode_images`` alone on prepared images (no HTTP, no decoding, no search)."""
+def prepared_images(photos, img: dict, batch: int) -> list:
+    """Two batches of query photos prepared as the service prepares them (what ``model_bound`` encodes)."""
     with tempfile.TemporaryDirectory() as tmp:
         prepared = []
         for name, data in photos[: batch * 2]:
             path = Path(tmp) / name
             path.write_bytes(data)
             prepared.append(prepare_image(path, img["height"], img["width"], img.get("jpeg_quality", 90), 10**9))
+    return prepared
+
+
+def model_bound(release, prepared: list, batch: int, rounds: int = 1) -> float:
+    """Images/s of ``encode_images`` alone on prepared images (no HTTP, no decoding, no search)."""
     release.encode_images(prepared[:batch], batch_size=batch)  # warm-up
     rates = []
     for _ in range(rounds):
@@ -256,23 +269,58 @@ def model_bound(release, photos, img: dict, batch: int, rounds: int = 3) -> floa
 
 
 def throughput_and_swap(url: str, app, release, photos, cfg, layout, release_dir: Path, args) -> None:
-    """The concurrency table beside the model bound, then a release published under load."""
-    bound = model_bound(release, photos, release.manifest["image"], cfg.api.batch_images)
+    """The concurrency table beside the model bound, then a release published under load.
+
+    Each concurrency runs in ``--rounds`` slices, each right after a model-bound measurement: the
+    ratio to the bound is the median of the slices' ratios (a shared machine's load drifts within a
+    run; a bound measured once, minutes away from a load, would not be its bound)."""
+    batch = cfg.api.batch_images
+    prepared = prepared_images(photos, release.manifest["image"], batch)
+    batcher = app.state.batcher
     rows = []
     for c in args.concurrency:
-        batches0, images0 = app.state.batcher.batches, app.state.batcher.images
-        r = load(url, photos, c, args.requests, args.seconds)
-        per_pass = (app.state.batcher.images - images0) / max(1, app.state.batcher.batches - batches0)
-        rows.append((c, r, per_pass))
-    print("\n| concurrency | requests | failed | p50 ms | p99 ms | images/s | / bound | images per pass |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for c, r, per_pass in rows:
+        slices, ms, failed, wall, cpu, busy, images, passes, searches = [], [], 0, 0.0, 0.0, 0.0, 0, 0, 0
+        for _ in range(args.rounds):
+            bound = model_bound(release, prepared, batch)
+            batches0, images0, searches0 = batcher.batches, batcher.images, getattr(batcher, "searches", 0)
+            encode0 = getattr(batcher, "encode_s", 0.0)
+            r = load(url, photos, c, max(1, args.requests // args.rounds), args.seconds / args.rounds)
+            images += batcher.images - images0
+            passes += batcher.batches - batches0
+            searches += getattr(batcher, "searches", 0) - searches0  # stays 0 where the service searched per request
+            ms += r["ms"]
+            failed += r["failed"]
+            wall += r["wall"]
+            cpu += r["cpu_s"]
+            busy += getattr(batcher, "encode_s", 0.0) - encode0
+            slices.append((r["images_per_s"] / bound, bound, os.getloadavg()[0]))
+        r = _summary([x / 1000 for x in ms], ["x"] * failed, wall, cpu)
+        r["busy"] = busy / wall
+        rows.append((c, r, slices, images / max(1, passes), images / searches if searches else 1.0))
+    print(
+        "\n| concurrency | requests | failed | p50 ms | p99 ms | images/s | / model bound | model bound | "
+        "images per model pass | images per search | load |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c, r, slices, per_pass, per_search in rows:
+        ratios, bounds, loads = zip(*slices)
         print(
             f"| {c} | {r['requests']} | {r['failed']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
-            f"{r['images_per_s']:.1f} | {r['images_per_s'] / bound:.2f} | {per_pass:.1f} |"
+            f"{r['images_per_s']:.1f} | {statistics.median(ratios):.2f} | {statistics.median(bounds):.1f} | "
+            f"{per_pass:.1f} | {per_search:.1f} | {min(loads):.1f}–{max(loads):.1f} |"
         )
-    print(f"\nmodel-only bound (encode_images, batches of {cfg.api.batch_images}): {bound:.1f} images/s")
+    print(
+        f"\n/ model bound: median over {args.rounds} slices of images/s ÷ the model-only bound measured just "
+        f"before (encode_images, batches of {batch}; its median shown); load: 1-min load average after each slice"
+    )
+    client = ", ".join(f"{c}: {1000 * r['cpu_s'] / max(1, r['requests']):.2f}" for c, r, *_ in rows)
+    print(f"load generator CPU per request (ms), by concurrency: {client}")
+    if hasattr(batcher, "encode_s"):
+        busy = ", ".join(f"{c}: {100 * r['busy']:.0f}%" for c, r, *_ in rows)
+        print(f"model busy (share of the wall time in model passes), by concurrency: {busy}")
 
+    if args.no_swap:
+        return
     # a release published in the middle of the load
     versions: list[tuple[float, str]] = []
     published: dict = {}
@@ -308,12 +356,19 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=400, help="per concurrency level, at most")
     parser.add_argument("--seconds", type=float, default=30.0, help="per concurrency level, at most")
+    parser.add_argument("--rounds", type=int, default=3, help="slices per concurrency level, each after a model bound")
+    parser.add_argument("--no-swap", action="store_true", help="skip the release published under load")
     parser.add_argument("--micro", action="store_true", help="serve a synthetic micro release instead of --root")
     parser.add_argument("--hostile", action="store_true", help="normal p99 and peak RSS with and without attackers")
     parser.add_argument("--bomb-side", type=int, default=9999, help="pixel-bomb PNG side (--hostile)")
     parser.add_argument("--slow", type=int, default=20, help="stalled 58 MB uploads held open (--hostile)")
     parser.add_argument("--half", type=int, default=1000, help="half-sent header connections held (--hostile)")
+    parser.add_argument(
+        "--clients", choices=["process", "thread"], default="process", help="load generator: own process or here"
+    )
     args = parser.parse_args()
+    global CLIENTS_IN_PROCESS
+    CLIENTS_IN_PROCESS = args.clients == "thread"
     if args.micro:
         args.root = Path(tempfile.mkdtemp(prefix="vpr-bench-api-micro-"))
         cfg, layout = micro_project(args.root)
@@ -338,7 +393,8 @@ def main() -> None:
     print(
         f"# release {release.version} ({release.manifest['head']}, {release.index.ntotal} images, "
         f"{release.index.d}-d, {release.manifest['index_kind']}); {len(photos)} query photos; "
-        f"api.batch_images {cfg.api.batch_images}, batch_wait_ms {cfg.api.batch_wait_ms:g}"
+        f"api.batch_images {cfg.api.batch_images}, batch_wait_ms {cfg.api.batch_wait_ms:g}; clients: "
+        + ("threads of this process (they share the server's GIL)" if CLIENTS_IN_PROCESS else "a process of their own")
     )
     with running(app, cfg.api) as url:
         load(url, photos, 2, 8, 30)  # warm-up

@@ -189,13 +189,63 @@ def test_the_micro_batcher_encodes_concurrent_jobs_together_per_release(micro):
     try:
         jobs = [(release, images[:2]), (release, images[2:3]), (other, images[3:])]
         futures = [batcher.submit(r, ims) for r, ims in jobs]
-        got = [f.result(timeout=60) for f in futures]
+        got = [f.result(timeout=60).descriptors for f in futures]
         assert batcher.batches == 2 and batcher.images == 5
         expected = release.encode_images(images)
         np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-5)
-        assert batcher.submit(release, []).result().shape == (0, release.model.descriptor_dim)
+        assert batcher.submit(release, []).result().descriptors.shape == (0, release.model.descriptor_dim)
     finally:
         batcher.close()
+
+
+def _same(got, want, where: str = "") -> None:
+    """Equal JSON, floats to 1e-4 (the model's float rounding differs with the batch it encodes; the search,
+    ranking and everything else must not: ``tests/test_search_alone.py`` holds the search to the bit)."""
+    assert type(got) is type(want), where
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for key in want:
+            _same(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _same(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4), where
+    else:
+        assert got == want, where
+
+
+def test_concurrent_requests_are_encoded_and_searched_together_and_answered_as_alone(micro):
+    """The batcher encodes and searches concurrent requests' images together (decoded off the event loop);
+    every answer is the one the same request gets on its own."""
+    root, cfg, layout = micro
+    rows = _db_rows(layout)
+    photos = [_file(root, rows.row(i, named=True)) for i in range(0, 12, 2)]
+    near = rows.row(3, named=True)
+    prior = {"lat": near["lat"], "lon": near["lon"], "radius_m": 40, "top_k": 4}
+    requests = [({"top_k": 4}, [p]) for p in photos[:4]]  # one image each
+    requests += [({"top_k": 4}, photos[4:6]), (prior, photos[:1])]  # two images; a GPS prior
+    images = sum(len(files) for _, files in requests)
+    live = LiveRelease(layout.release_dir("avg"), shards_dir=layout.shards_dir)
+
+    def post(url: str, params: dict, files: list) -> dict:
+        r = httpx.post(f"{url}/v1/locate", params=params, files=[("images", f) for f in files], timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    alone_api = API.model_copy(update={"batch_wait_ms": 0})
+    with running(create_app(live, alone_api, LocateConfig(), watch=False), alone_api) as url:
+        alone = [post(url, params, files) for params, files in requests]  # one at a time: a batch each
+    together_api = API.model_copy(update={"batch_images": images, "batch_wait_ms": 10_000})  # full: all at once
+    app = create_app(live, together_api, LocateConfig(), watch=False)
+    with running(app, together_api) as url, ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda r: post(url, *r), requests))
+        batcher = app.state.batcher
+    for got, want in zip(together, alone):  # the same answer: matches, ranks, ids exactly; numbers to rounding
+        _same(got, want)
+    assert all(res["ok"] for body in together for res in body["results"])
+    assert batcher.images == images and batcher.batches < len(requests) and batcher.searches < len(requests)
 
 
 def test_a_release_that_fails_to_load_leaves_the_served_one_answering(micro, tmp_path):

@@ -3,6 +3,7 @@
 One implementation of each, so ingest, sharding, re-indexing and locate agree on what an image is:
 
 - ``strict_pillow``: truncated data is an error and Pillow's bomb guard sits at our limit;
+  ``strict_decoding``: the same strictness for the pixels of an image opened under it, without its lock;
 - ``decode_facts``: open and fully decode bytes once → size/format, or the reason they are unusable;
 - ``shard_rendition``: upright (EXIF orientation), RGB, resized to the shard size — what the shards
   store and what a query photo is turned into before it is described;
@@ -60,6 +61,22 @@ def strict_pillow(max_pixels: int | None) -> Iterator[None]:
                 yield
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
+
+
+@contextmanager
+def strict_decoding() -> Iterator[None]:
+    """For decoding pixels of an image opened under ``strict_pillow``: truncated data stays an error.
+
+    Without the lock while the process keeps Pillow's default (truncated images refused; ``strict_pillow``
+    only ever restores it), so many images decode at once — a large one never holds up the others; under
+    ``strict_pillow``'s lock where something changed that default for good."""
+    with _PILLOW_GLOBALS:  # read where no strict_pillow block has it changed
+        lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    if lenient:
+        with strict_pillow(None):
+            yield
+    else:
+        yield
 
 
 class UnreadableFile(OSError):

@@ -28,6 +28,7 @@ from PIL import Image
 from vpr.shared.checkpoints import CheckpointError, load_model
 from vpr.shared.descriptors import autocast, extract, image_transform, resolve_device
 from vpr.shared.models import VPRModel
+from vpr.shared.retrieval import flat_vectors, search_alone
 from vpr.shared.shardio import INDEX_SCHEMA, ShardReader
 from vpr.shared.versions import (
     MODEL_FILE,
@@ -60,6 +61,7 @@ class Release:
     ids: pl.DataFrame  # ID_SCHEMA, one row per indexed vector
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     digest: str = ""  # the SHA-256 of its manifest: which release this is (a name can be reused)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # lookups built once
 
     @property
     def release_dir(self) -> Path:
@@ -96,15 +98,64 @@ class Release:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(L2 distances, image ids), each Q×k; rows are padded with id −1 when fewer images qualify.
 
-        ``allowed``: only these image ids are candidates (FAISS's id selector, inside the search).
+        Each row gets the answer it gets searched alone, however many rows come together (the service
+        searches the queries of concurrent requests in one call): an exact index is searched for all rows
+        at once and scored with FAISS's one-row kernel (``vpr.shared.retrieval.search_alone``), any other
+        kind in FAISS calls of fewer rows × dimensions than ``faiss.cvar.distance_compute_blas_threshold``
+        (where FAISS scores each row on its own; from there on it switches to a BLAS product for all rows,
+        whose last bits differ). ``allowed``: only these image ids are candidates (FAISS's id selector,
+        or the exact search's candidate positions).
         """
         x = np.ascontiguousarray(descriptors, dtype=np.float32)
-        if allowed is None:
-            sq, ids = self.index.search(x, k)
-        else:
+        flat = self._flat()
+        if flat is not None:
+            vectors, id_map, norms = flat
+            candidates = None
+            if allowed is not None:
+                candidates = np.flatnonzero(np.isin(id_map, np.asarray(allowed, dtype=np.int64)))
+            sq, pos = search_alone(vectors, x, k, candidates, norms=norms)
+            ids = np.where(pos >= 0, id_map[pos], -1)
+            return np.sqrt(np.maximum(sq, 0)), ids
+        params = None
+        if allowed is not None:
             selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
-            sq, ids = self.index.search(x, k, params=_search_params(self.index, selector))
+            params = _search_params(self.index, selector)
+        rows = max(1, (faiss.cvar.distance_compute_blas_threshold - 1) // max(1, self.index.d))
+        parts = [self.index.search(x[i : i + rows], k, params=params) for i in range(0, len(x), rows)]
+        if not parts:
+            return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+        sq, ids = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return np.sqrt(np.maximum(sq, 0)), ids
+
+    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """(stored vectors, id of each, their squared norms — None unless all finite) of an exact index, read
+        once per loaded index; None for other kinds."""
+        key = ("flat", self.index.ntotal)
+        if key not in self._cache:
+            found = flat_vectors(self.index)
+            if found is not None:
+                vectors, id_map = found
+                norms = np.einsum("ij,ij->i", vectors, vectors)
+                ids = np.arange(len(vectors), dtype=np.int64) if id_map is None else id_map
+                found = (vectors, ids, norms if np.isfinite(norms).all() else None)
+            self._cache[key] = found
+        return self._cache[key]
+
+    def rows(self, ids: Sequence[int] | np.ndarray) -> dict[int, dict]:
+        """The id table's rows (``ID_SCHEMA`` fields, Python values as polars gives them) of these image
+        ids, by id; ids not indexed are left out. Columns are read out once per loaded release."""
+        if "columns" not in self._cache:
+            order = np.argsort(self.ids["id"].to_numpy(), kind="stable")
+            columns = {name: _values(col) for name, col in self.ids.to_dict().items()}
+            self._cache["columns"] = (self.ids["id"].to_numpy()[order], order, columns)
+        sorted_ids, order, columns = self._cache["columns"]
+        wanted = np.asarray(ids, dtype=np.int64)
+        if not len(sorted_ids) or not len(wanted):
+            return {}
+        at = np.searchsorted(sorted_ids, wanted).clip(max=len(sorted_ids) - 1)
+        at = order[at[sorted_ids[at] == wanted]]
+        picked = {name: values[at].tolist() for name, values in columns.items()}
+        return {row["id"]: row for row in (dict(zip(picked, values)) for values in zip(*picked.values()))}
 
     def ids_within(self, lat: float, lon: float, radius_m: float) -> np.ndarray:
         """Ids of the indexed images within ``radius_m`` of (lat, lon) (great-circle distance)."""
@@ -113,6 +164,11 @@ class Release:
             raise ReleaseError("this release has no latitude/longitude for its images: a GPS prior cannot apply")
         metres = haversine_m(lat, lon, rows["lat"].to_numpy(), rows["lon"].to_numpy())
         return rows["id"].to_numpy()[metres <= radius_m]
+
+
+def _values(col: pl.Series) -> np.ndarray:
+    """A column's values to pick rows from: numbers as numpy, anything else (or with nulls) as Python objects."""
+    return col.to_numpy() if col.dtype.is_numeric() and not col.null_count() else np.array(col.to_list(), dtype=object)
 
 
 def haversine_m(lat: float, lon: float, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-import polars as pl
 from PIL import Image, UnidentifiedImageError
 
 from vpr.foundations.imageio import (
@@ -35,6 +34,7 @@ from vpr.foundations.imageio import (
     pixel_format_problem,
     read_image_file,
     shard_rendition,
+    strict_decoding,
     strict_pillow,
 )
 from vpr.shared.release import Release, load_release
@@ -70,7 +70,7 @@ def prepare_bytes(data: bytes, height: int, width: int, quality: int, max_pixels
     """Encoded image bytes (a file's, an upload's) → RGB image at the shard size; see ``prepare_image``."""
     if not data:
         raise LocateInputError("file is empty")
-    with strict_pillow(None):  # Pillow's own guard off: the header check below refuses with the real size
+    with strict_pillow(None):  # the header, with Pillow's own guard off: the check below refuses with the real size
         try:
             im = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:
@@ -79,20 +79,21 @@ def prepare_bytes(data: bytes, height: int, width: int, quality: int, max_pixels
             ) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             raise LocateInputError("not an image Pillow can read") from None
-        with im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise LocateInputError(
-                    f"image is {w}×{h} = {w * h} pixels, over the limit of {max_pixels} "
-                    "(locate.max_pixels); refused before decoding"
-                )
-            problem = pixel_format_problem(im)  # from the header's mode: before decoding, and before
-            if problem:  # shard_rendition sets the JPEG draft (a loaded image decodes at full size)
-                raise LocateInputError(f"{problem} ({im.mode}: 32-bit integer or float samples)")
-            try:
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise LocateInputError(
+                f"image is {w}×{h} = {w * h} pixels, over the limit of {max_pixels} "
+                "(locate.max_pixels); refused before decoding"
+            )
+        problem = pixel_format_problem(im)  # from the header's mode: before decoding, and before
+        if problem:  # shard_rendition sets the JPEG draft (a loaded image decodes at full size)
+            raise LocateInputError(f"{problem} ({im.mode}: 32-bit integer or float samples)")
+        try:
+            with strict_decoding():  # the pixels: beside other requests' decodes, not one at a time
                 upright = shard_rendition(_reduced(im, width, height), width, height)
-            except Exception as exc:  # noqa: BLE001 - truncated data, broken codecs, zlib errors...
-                raise LocateInputError(f"truncated or corrupt image: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - truncated data, broken codecs, zlib errors...
+            raise LocateInputError(f"truncated or corrupt image: {exc}") from None
         return decode_rgb(encode_jpeg(upright, quality))  # the JPEG round trip the shards went through
 
 
@@ -160,8 +161,7 @@ def answer(
     searched — with ``estimate`` None, confidence 0 and a ``reason`` saying why nothing was found."""
     keep = ids >= 0
     distances, ids = distances[keep], ids[keep]
-    found = release.ids.filter(pl.col("id").is_in(ids.tolist()))
-    by_id = {r["id"]: r for r in found.iter_rows(named=True)}
+    by_id = release.rows(ids)
     matches = []
     for rank, (d, i) in enumerate(zip(distances.tolist(), ids.tolist()), start=1):
         r = by_id[i]
@@ -238,11 +238,30 @@ class Answering:
         """Search ``descriptors`` (one row per ready image; None when none is ready) and fill the answers;
         ``empty_reason`` is what an answer without matches says (see ``answer``)."""
         if self.ready:
-            radius = float(radius_m if radius_m is not None else release.manifest.get("test_positive_m", 25.0))
-            distances, ids = release.search(descriptors, max(1, min(top_k, release.index.ntotal)), allowed)
-            for (slot, _), d, i in zip(self.ready, distances, ids):
-                self.results[slot].update(answer(release, d, i, radius, empty_reason))
+            distances, ids = release.search(descriptors, search_k(release, top_k), allowed)
+            self.fill(release, distances, ids, radius_m=radius_m, empty_reason=empty_reason)
         return self.results
+
+    def fill(
+        self,
+        release: Release,
+        distances: np.ndarray,
+        ids: np.ndarray,
+        *,
+        radius_m: float | None = None,
+        empty_reason: str | None = None,
+    ) -> list[dict]:
+        """The answers from the ready images' ranked matches (one row each, as ``Release.search`` gives,
+        with ``search_k`` columns): what ``answer`` does after its search (the service searches batched)."""
+        radius = float(radius_m if radius_m is not None else release.manifest.get("test_positive_m", 25.0))
+        for (slot, _), d, i in zip(self.ready, distances, ids):
+            self.results[slot].update(answer(release, d, i, radius, empty_reason))
+        return self.results
+
+
+def search_k(release: Release, top_k: int) -> int:
+    """How many matches a ``top_k`` request searches for: at least one, at most the indexed images."""
+    return max(1, min(top_k, release.index.ntotal))
 
 
 def locate(

@@ -251,6 +251,7 @@ class ApiConfig(Strict):
     max_top_k: StrictInt = Field(100, gt=0)
     batch_images: StrictInt = Field(32, gt=0)  # concurrent requests' images encoded together, at most
     batch_wait_ms: float = Field(5.0, ge=0)  # how long the first image waits for others to join its batch
+    decode_threads: StrictInt = Field(4, gt=0)  # uploads decoded at once, in threads beside the event loop
     poll_s: float = Field(1.0, gt=0)  # how often the live release pointer is checked (hot swap)
     # Host names answered besides host, localhost, 127.0.0.1 and ::1 ("*": any; DNS rebinding guard)
     allowed_hosts: list[str] = Field(default_factory=list)

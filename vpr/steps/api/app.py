@@ -9,6 +9,10 @@
   (a database image, read from the shards).
 - ``GET /``: the page (``page.html``): drop a photo, see the estimate and matches on a locally drawn map.
 
+A locate request's event loop work is the multipart body and the JSON answer: its images are decoded in
+the batcher's decode threads (``api.decode_threads``), encoded and searched with concurrent requests'
+(``vpr.steps.api.batcher``), and answered with the matches each gets searched alone.
+
 Limits: the request body (``api.max_request_mb``: 413, never read past; ``api.body_idle_s`` and
 ``api.body_timeout_s``: 408), images per request (``api.max_images``: 413), ``top_k``
 (``api.max_top_k``: 422), per-image file size and pixels (``locate.*``: a per-image error), pixels
@@ -32,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vpr.foundations.config import ApiConfig, LocateConfig
 from vpr.shared.release import ReleaseError
-from vpr.steps.api.batcher import MicroBatcher
+from vpr.steps.api.batcher import MicroBatcher, Search
 from vpr.steps.api.guards import (
     WILDCARD_HOSTS,
     BodyGuard,
@@ -43,7 +47,7 @@ from vpr.steps.api.guards import (
     return_large_buffers_to_the_os,
 )
 from vpr.steps.api.live import LiveRelease
-from vpr.steps.locate import Answering, LocateInputError, decode_cost, prepare_bytes
+from vpr.steps.locate import Answering, LocateInputError, decode_cost, prepare_bytes, search_k
 
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
@@ -59,7 +63,7 @@ def _prepare(data: bytes, *, img: dict, limits: LocateConfig, budget: DecodeBudg
 
 def create_app(live: LiveRelease, api: ApiConfig, limits: LocateConfig, *, watch: bool = True) -> FastAPI:
     """The service over ``live``; with ``watch`` the release pointer is polled every ``api.poll_s``."""
-    batcher = MicroBatcher(api.batch_images, api.batch_wait_ms / 1000)
+    batcher = MicroBatcher(api.batch_images, api.batch_wait_ms / 1000, api.decode_threads)
     return_large_buffers_to_the_os()
     budget = DecodeBudget(max(api.decode_budget_pixels, limits.max_pixels))  # one allowed image always fits
 
@@ -139,18 +143,19 @@ def create_app(live: LiveRelease, api: ApiConfig, limits: LocateConfig, *, watch
             files = [(u.filename or f"image{i}", await u.read(limit)) for i, u in enumerate(uploads)]
         finally:
             await form.close()  # the spooled upload files
-        img = release.manifest["image"]
-        prepare = partial(_prepare, img=img, limits=limits, budget=budget)
+        prepare = partial(_prepare, img=release.manifest["image"], limits=limits, budget=budget)
+        decode = partial(Answering.prepare, files, prepare)  # in the batcher's decode threads, never on this loop
         try:
-            batch = await asyncio.to_thread(Answering.prepare, files, prepare)
+            batch, found = await asyncio.wrap_future(
+                batcher.submit_decoded(release, decode, Search(search_k(release, top_k), allowed))
+            )
         except DecodeBusy as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
-        desc = await asyncio.wrap_future(batcher.submit(release, batch.images)) if batch.ready else None
         prior = None if lat is None else {"lat": lat, "lon": lon, "radius_m": radius_m or 100.0}
         empty = None
         if prior is not None and not np.size(allowed):
             empty = f"no database image within {prior['radius_m']:g} m of {lat:g}, {lon:g} (the GPS prior)"
-        results = await asyncio.to_thread(batch.answer, release, desc, top_k, allowed=allowed, empty_reason=empty)
+        results = batch.fill(release, found.distances, found.ids, empty_reason=empty) if batch.ready else batch.results
         return {
             "version": served.version,
             "head": release.manifest.get("head"),

@@ -185,7 +185,7 @@ class DecodeBudget:
     many requests arrive. One image up to ``locate.max_pixels`` always fits an idle service. Small
     decodes (under 1/64 of the budget: ordinary photos, JPEGs decoded at their drafted size) are always
     admitted, so bombs cannot starve normal requests; their sum stays bounded by the decode threads
-    (asyncio's default pool: at most 32 × 1/64 = half the budget more).
+    (``api.decode_threads`` × 1/64 of the budget more: 4 × 1/64 by default).
     """
 
     def __init__(self, pixels: int) -> None:
