@@ -16,6 +16,7 @@ import polars as pl
 import pytest
 
 from vpr.foundations.config import IndexConfig
+from vpr.shared import retrieval
 from vpr.shared.release import ID_SCHEMA, Release
 from vpr.shared.retrieval import flat_vectors, search_alone
 from vpr.steps.index import new_index
@@ -52,8 +53,10 @@ def _alone(index: faiss.Index, queries: np.ndarray, k: int, params=None) -> tupl
     return np.sqrt(np.maximum(sq, 0)), np.concatenate([i for _, i in found])
 
 
+@pytest.mark.parametrize("shortlist_rows", [1, retrieval.SHORTLIST_ROWS])  # short-listed; scanned
 @pytest.mark.parametrize("k", [1, 5, 100])
-def test_an_exact_index_answers_many_rows_as_each_alone(k):
+def test_an_exact_index_answers_many_rows_as_each_alone(k, shortlist_rows, monkeypatch):
+    monkeypatch.setattr(retrieval, "SHORTLIST_ROWS", shortlist_rows)
     release, queries = _release("exact")
     distances, ids = release.search(queries, k)
     want_d, want_i = _alone(release.index, queries, k)
@@ -84,9 +87,10 @@ def test_approximate_indexes_answer_many_rows_as_each_alone(kind):
     np.testing.assert_array_equal(distances, want_d)
 
 
-def test_nearly_equidistant_vectors_are_answered_as_alone_too():
+def test_nearly_equidistant_vectors_are_answered_as_alone_too(monkeypatch):
     """Vectors closer together than float32 products can tell apart (an untrained model's descriptors):
     no short list of candidates is safe, every vector is scored exactly."""
+    monkeypatch.setattr(retrieval, "SHORTLIST_ROWS", 8)  # short-listed where norms are given (then scanned)
     rng = np.random.default_rng(3)
     base = rng.standard_normal(DIM).astype(np.float32)
     db = (base + 1e-4 * rng.standard_normal((N, DIM))).astype(np.float32)
@@ -101,7 +105,8 @@ def test_nearly_equidistant_vectors_are_answered_as_alone_too():
         np.testing.assert_array_equal(np.sqrt(np.maximum(sq, 0)), want_sq)
 
 
-def test_search_alone_scans_in_blocks_and_spans_with_the_same_result():
+def test_search_alone_scans_in_blocks_and_spans_with_the_same_result(monkeypatch):
+    monkeypatch.setattr(retrieval, "SHORTLIST_ROWS", 8)  # 40 rows: short-listed where norms are given
     db, queries, _ = _data(2)
     index = faiss.IndexFlatL2(DIM)
     index.add(db)

@@ -28,10 +28,9 @@ def exact_search(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.
 # Database bytes per distance call of ``search_alone``: a block stays in a core's cache while every query of
 # the call scans it (the database is read from memory once per call, not once per query)
 ALONE_BLOCK_BYTES = 1 << 20
-# Fewer query rows are scanned: the shortlist's product reads the database twice (FAISS recomputes its norms),
-# a scan once; the product's lower cost per row pays for that from about 8 rows on (measured on 5,000 × 4,096:
-# a call costs the same at 8 rows, 0.78× at 16)
-SHORTLIST_ROWS = 8
+# Fewer query rows are scanned. The scan was the faster way at every size measured on a quiet machine (1 to
+# 512 rows of a 5,000 × 4,096 release, BENCHMARKS.md "Service"), so the service's batches are always scanned
+SHORTLIST_ROWS = 1024
 _FLOAT_MAX = float(np.finfo(np.float32).max)  # FAISS's empty result slot (and nothing at or above it is a match)
 
 
