@@ -4,9 +4,12 @@ Every measured stage runs in a fresh process (``_stage``), so its peak RSS (``ru
 and its children, torch's ~0.4 GB import included) is its own; times are the stage's wall time.
 
 * ``real``: images of the synthetic city rendered at 60×80 (a test split of N database images and N/10
-  queries, tiny train/val), through the library's own steps: ingest → shard → mine → extract (untrained
-  NetVLAD, 16 clusters, 4,096-d, into the descriptor store) → index (exact, from the store) → evaluate
-  (store warm: chunked exact search + Recall@N, what ``vpr evaluate`` runs).
+  queries, at most ``MAX_QUERIES``, tiny train/val), through the library's own steps: ingest → shard →
+  mine → extract (untrained NetVLAD, 16 clusters, 4,096-d, into the descriptor store) → index (from the
+  store: exact where its vectors fit in ``EXACT_INDEX_BYTES``, IVF-PQ beyond) → evaluate (store warm:
+  chunked exact search + Recall@N, what ``vpr evaluate`` runs). ``--keep`` keeps each rung's folder and
+  its finished stages' results (``results.json``): a run stopped part way resumes at the first stage
+  without a result.
 * ``synthetic``: descriptors with place structure (256-d float32, one store file per 10,000 "images")
   and UTM coordinates (one database image per 100 m², queries N/10): index build (exact to 10⁶,
   IVF-PQ with nlist 1024 to 10⁷), search of 1,000 queries (chunked exact over the store within
@@ -17,6 +20,7 @@ and its children, torch's ~0.4 GB import included) is its own; times are the sta
   whole release (the pre-segment cost) and ``append_to_catalog`` (one new part beside the catalog's base).
 
     .venv/bin/python bench/scale.py real --sizes 1000 10000 100000
+    .venv/bin/python bench/scale.py real --sizes 1000000 --keep --stage-timeout 10800
     .venv/bin/python bench/scale.py synthetic --sizes 10000 100000 1000000 10000000
     .venv/bin/python bench/scale.py evaluate
     .venv/bin/python bench/scale.py reindex --sizes 100000 1000000 --rounds 3
@@ -38,9 +42,13 @@ from pathlib import Path
 import _common
 import numpy as np
 
+from vpr.foundations.atomic import write_text_atomic
+
 BENCH = Path(__file__).resolve()
 WORK = _common.CACHE / "scale"
 LATENT, STYLES, VIEWS, SHARD_ROWS, QUERIES = 64, 32, 5, 10_000, 1_000
+MAX_QUERIES = 10_000  # real rungs: N/10 queries up to 10⁵, then N/100 at 10⁶ (10⁵ × 10⁶ exact 4,096-d: hours)
+EXACT_INDEX_BYTES = 4 << 30  # a flat index holds every vector in RAM; past this the real rung's index is IVF-PQ
 STAGES: dict = {}
 
 
@@ -55,7 +63,7 @@ def peak_rss_mb() -> float:
     return max(own, kids) / 1024
 
 
-STAGE_TIMEOUT_S = 3600.0
+STAGE_TIMEOUT_S = [3600.0]  # --stage-timeout
 
 
 def child(name: str, **args) -> dict:
@@ -66,9 +74,9 @@ def child(name: str, **args) -> dict:
     """
     cmd = [sys.executable, str(BENCH), "_stage", name, json.dumps(args)]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=STAGE_TIMEOUT_S)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=STAGE_TIMEOUT_S[0])
     except subprocess.TimeoutExpired:
-        return {"failed": f"over {STAGE_TIMEOUT_S:.0f} s"}
+        return {"failed": f"over {STAGE_TIMEOUT_S[0]:.0f} s"}
     if out.returncode != 0:
         lines = out.stderr.strip().splitlines() or [f"exit {out.returncode}"]
         print(f"# stage {name} {args} failed:\n{out.stderr[-4000:]}", file=sys.stderr)
@@ -112,7 +120,8 @@ def table(title: str, results: dict[str, list[tuple[int, dict]]], unit: str = "i
 def real_params(n: int) -> dict:
     raw = _common.default_params()
     tiny = {"database": 40, "queries": 20}
-    raw["synth"].update(height=60, width=80, train=tiny, val=tiny, test={"database": n, "queries": max(100, n // 10)})
+    queries = min(MAX_QUERIES, max(100, n // 10))
+    raw["synth"].update(height=60, width=80, train=tiny, val=tiny, test={"database": n, "queries": queries})
     raw["shards"].update(height=60, width=80)
     raw["model"].update(weights="none")
     raw["train"].update(device="cpu")
@@ -135,7 +144,7 @@ def render(root: str, n: int) -> dict:
     Path(root).mkdir(parents=True, exist_ok=True)
     cfg = write_params(Path(root), real_params(n))
     generate_city(Path(root) / "data", cfg.synth)
-    return {"items": n + max(100, n // 10)}
+    return {"items": n + min(MAX_QUERIES, max(100, n // 10))}
 
 
 @stage
@@ -201,10 +210,13 @@ def index(root: str) -> dict:
     from vpr.steps.index import index_from_set
 
     cfg, db, _, _ = _test_sets(root)  # store warm: nothing encoded
+    kind, params = "exact", cfg.index
+    if len(db) * db.dim * 4 > EXACT_INDEX_BYTES:  # IVF-PQ, about 4·√N cells, 32 bytes a vector
+        kind, params = "ivfpq", cfg.index.model_copy(update={"nlist": 4 * int(math.sqrt(len(db)))})
     t0 = time.perf_counter()
-    built = index_from_set(db, cfg.index, "exact", cfg.resources.memory_gb)
+    built = index_from_set(db, params, kind, cfg.resources.memory_gb)
     faiss.write_index(built, str(Path(root) / "bench-index.faiss"))
-    return {"items": len(db), "seconds": time.perf_counter() - t0}
+    return {"items": len(db), "seconds": time.perf_counter() - t0, "kind": kind}
 
 
 @stage
@@ -216,21 +228,30 @@ def evaluate(root: str) -> dict:
     return {"items": metrics["database"], "recall@1": metrics["recall@1"]}
 
 
-def run_real(sizes: list[int]) -> None:
+def run_real(sizes: list[int], keep: bool = False) -> None:
     results: dict[str, list] = {s: [] for s in ("render", "ingest", "shard", "mine", "extract", "index", "evaluate")}
     for n in sizes:
         root = WORK / f"real-{n}"
-        shutil.rmtree(root, ignore_errors=True)
-        results["render"].append((n, child("render", root=str(root), n=n)))
-        for name in list(results)[1:]:
-            if "failed" in results["render"][-1][1]:
+        done_file = root / "results.json"
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+        done = json.loads(done_file.read_text()) if keep and done_file.exists() else {}
+        for name in results:
+            if name in done and "failed" not in done[name]:
+                print(f"# real {n}: {name} kept from an earlier run {done[name]}", file=sys.stderr)
+            else:
+                args = {"root": str(root), "n": n} if name == "render" else {"root": str(root)}
+                done[name] = child(name, **args)
+                print(f"# real {n}: {name} {done[name]}", file=sys.stderr, flush=True)
+                if keep:
+                    root.mkdir(parents=True, exist_ok=True)
+                    write_text_atomic(done_file, json.dumps(done, indent=1))
+            results[name].append((n, done[name]))
+            if "failed" in done[name]:
                 break
-            results[name].append((n, child(name, root=str(root))))
-            print(f"# real {n}: {name} {results[name][-1]}", file=sys.stderr)
-            if "failed" in results[name][-1][1]:
-                break
-        shutil.rmtree(root, ignore_errors=True)
-    table("Real images (synthetic city, 60×80): database N, queries N/10", results)
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    table(f"Real images (synthetic city, 60×80): database N, queries N/10 up to {MAX_QUERIES:,}", results)
 
 
 # --------------------------------------------------------------------------- synthetic descriptors
@@ -569,11 +590,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+")
     parser.add_argument("--new", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", action="store_true", help="real: keep the rungs' folders; resume finished stages")
+    parser.add_argument("--stage-timeout", type=float, default=STAGE_TIMEOUT_S[0], help="seconds per stage")
     args = parser.parse_args()
+    STAGE_TIMEOUT_S[0] = args.stage_timeout
     print(f"machine: {_common.machine()}")
     WORK.mkdir(parents=True, exist_ok=True)
     if args.part == "real":
-        run_real(args.sizes or [10_000])
+        run_real(args.sizes or [10_000], args.keep)
     elif args.part == "synthetic":
         run_synthetic(args.sizes or [10_000, 100_000, 1_000_000])
     elif args.part == "evaluate":
