@@ -228,8 +228,115 @@ def evaluate(root: str) -> dict:
     return {"items": metrics["database"], "recall@1": metrics["recall@1"]}
 
 
+def _flow_project(root: str, name: str) -> Path:
+    """A project beside the rung's that reads its params, data, catalog, shards and mining tables and has a
+    descriptor store of its own (a flow run finds nothing encoded by another)."""
+    cfg, src = _project(root)
+    project = Path(root) / name
+    shutil.rmtree(project, ignore_errors=True)
+    (project / "artifacts").mkdir(parents=True)
+    shutil.copy(Path(root) / "params.yaml", project / "params.yaml")
+    links = {"data": src.data, "artifacts/catalog": src.catalog_dir, "artifacts/shards": src.shards_dir}
+    links["artifacts/mining"] = src.mining_dir
+    for where, target in links.items():
+        (project / where).symlink_to(target.resolve(), target_is_directory=True)
+    return project
+
+
+def _encode_flow(root: str, runner: str) -> dict:
+    """The ``encode-shards`` flow (stage ``baseline``: the untrained avg model over the test split) on the
+    thread runner, or on a Dask cluster of real processes on 127.0.0.1 (a scheduler and two single-threaded
+    workers in folders of their own, shards read over HTTP, descriptors sent back and stored by the flow)."""
+    import functools
+    import os
+    import socket
+    import tempfile
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    import yaml
+
+    home = Path(tempfile.mkdtemp(prefix=f"vpr-scale-{runner}-"))
+    os.environ.update(PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    from prefect import flow
+
+    from flows.encode import encode_shards
+    from vpr.shared.shardio import ShardReader
+
+    project = _flow_project(root, f"encode-{runner}")
+    cfg, layout = _project(str(project))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["orchestration"].update(task_runner=runner, max_workers=2, dask_address=None)
+    procs: list[subprocess.Popen] = []
+    server = None
+    try:
+        if runner == "dask":
+
+            class Quiet(SimpleHTTPRequestHandler):
+                def log_message(self, *args) -> None:
+                    pass
+
+            handler = functools.partial(Quiet, directory=str(layout.shards_dir.resolve()))
+            server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            address = f"tcp://127.0.0.1:{port}"
+            env = {**os.environ, "PYTHONPATH": str(_common.ROOT), "OMP_NUM_THREADS": "1"}
+            log = open(home / "cluster.log", "w")  # noqa: SIM115 (closed below)
+            scheduler = ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
+            launch = functools.partial(subprocess.Popen, stdout=log, stderr=subprocess.STDOUT, env=env)
+            procs.append(launch([sys.executable, "-m", *scheduler], cwd=home))
+            for n in range(2):
+                machine = home / f"machine{n}"
+                machine.mkdir()
+                worker = ["distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard"]
+                worker += ["--name", f"machine{n}", "--local-directory", str(machine)]
+                procs.append(launch([sys.executable, "-m", *worker], cwd=machine))
+            from distributed import Client
+
+            with Client(address, timeout=60) as client:
+                client.wait_for_workers(2, timeout=120)
+            params["orchestration"].update(dask_address=address)
+            params["resources"]["shards_url"] = f"http://127.0.0.1:{server.server_address[1]}"
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        flow(name="scale-warm-up")(lambda: None)()  # Prefect's temporary server starts here, not in the timing
+        t0 = time.perf_counter()
+        result = encode_shards(stage="baseline", params=str(project / "params.yaml"), root=str(project))
+        seconds = time.perf_counter() - t0
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(30)
+        if server is not None:
+            server.shutdown()
+    images = ShardReader(layout.shards_dir, ("test",)).index.height
+    stored = sum(1 for _ in layout.descriptors_dir.rglob("*.npy"))
+    shutil.rmtree(project, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
+    return {
+        "items": images,
+        "seconds": seconds,
+        "shards": result["shards"],
+        "encoded": result["encoded"],
+        "stored": stored,
+    }
+
+
+@stage
+def encode_threads(root: str) -> dict:
+    return _encode_flow(root, "threads")
+
+
+@stage
+def encode_dask(root: str) -> dict:
+    return _encode_flow(root, "dask")
+
+
 def run_real(sizes: list[int], keep: bool = False) -> None:
-    results: dict[str, list] = {s: [] for s in ("render", "ingest", "shard", "mine", "extract", "index", "evaluate")}
+    names = ("render", "ingest", "shard", "mine", "extract", "index", "evaluate", "encode_threads", "encode_dask")
+    results: dict[str, list] = {s: [] for s in names}
     for n in sizes:
         root = WORK / f"real-{n}"
         done_file = root / "results.json"
