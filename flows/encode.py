@@ -7,13 +7,16 @@ to fill the descriptor store of a large database on a Dask cluster (``orchestrat
 
 With ``orchestration.dask_address`` the workers are taken not to share the project folder: each is sent
 the model and its shard's index rows, reads the shard from ``resources.shards_url`` and sends the
-descriptors back, and this process writes them into the store (docs/cluster.md).
+descriptors back, and this process writes them into the store (docs/cluster.md). At most
+``orchestration.max_in_flight`` shards are submitted at once, so a million-image database's submission
+does not hold a copy of the model per shard.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import deque
 
 from prefect import flow
 from prefect.futures import as_completed
@@ -30,8 +33,15 @@ def encode_shards_steps(params: str, root: str, stage: str) -> dict:
     shards = tasks.stage_shards(cfg, root, stage)
     if cfg.orchestration.dask_address:  # workers elsewhere: descriptors come back, stored here
         encode = tasks.encode_detached.with_options(retries=cfg.orchestration.task_retries)
-        futures = [encode.submit(cfg, job) for job in tasks.detached_jobs(cfg, root, stage)]
-        results = [tasks.store_detached(cfg, root, future.result()) for future in as_completed(futures)]
+        waiting = deque(tasks.detached_jobs(cfg, root, stage))
+        running: set = set()
+        results = []
+        while waiting or running:  # at most max_in_flight submitted: each task carries the model's bytes
+            while waiting and len(running) < cfg.orchestration.max_in_flight:
+                running.add(encode.submit(cfg, waiting.popleft()))
+            done = next(as_completed(list(running)))
+            running.remove(done)
+            results.append(tasks.store_detached(cfg, root, done.result()))
     else:
         futures = [tasks.configure(tasks.encode_shard, cfg, root, stage).submit(cfg, root, stage, s) for s in shards]
         results = [f.result() for f in futures]

@@ -145,7 +145,8 @@ def test_two_dask_workers_elsewhere_encode_over_http_and_survive_a_killed_worker
         client.close()
 
         params = yaml.safe_load((root / "params.yaml").read_text())
-        params["orchestration"].update(task_runner="dask", dask_address=address)
+        # two shards in flight at once: the flow submits the rest as those finish (a shard's task carries the model)
+        params["orchestration"].update(task_runner="dask", dask_address=address, max_in_flight=2)
         params["resources"]["shards_url"] = f"http://127.0.0.1:{server.server_address[1]}"
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

@@ -280,6 +280,9 @@ class OrchestrationConfig(Strict):
     # two at once only contend (measured: README, CPU demo)
     train_lanes: StrictInt = Field(1, ge=1)
     dask_address: str | None = None
+    # shards sent to the cluster at once: each task carries the model's bytes, so this bounds the memory a
+    # large database's submission holds in the flow and the scheduler (64 × a 10.7 MB model: about 0.7 GB)
+    max_in_flight: StrictInt = Field(64, ge=1)
     reindex_cron: str = "*/15 * * * *"
     task_retries: StrictInt = Field(2, ge=0)
     reindex_split: Literal["train", "val", "test"] = "test"  # new inbox imagery joins this split's database
