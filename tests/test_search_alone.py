@@ -53,10 +53,8 @@ def _alone(index: faiss.Index, queries: np.ndarray, k: int, params=None) -> tupl
     return np.sqrt(np.maximum(sq, 0)), np.concatenate([i for _, i in found])
 
 
-@pytest.mark.parametrize("shortlist_rows", [1, retrieval.SHORTLIST_ROWS])  # short-listed; scanned
 @pytest.mark.parametrize("k", [1, 5, 100])
-def test_an_exact_index_answers_many_rows_as_each_alone(k, shortlist_rows, monkeypatch):
-    monkeypatch.setattr(retrieval, "SHORTLIST_ROWS", shortlist_rows)
+def test_an_exact_index_answers_many_rows_as_each_alone(k):
     release, queries = _release("exact")
     distances, ids = release.search(queries, k)
     want_d, want_i = _alone(release.index, queries, k)
@@ -87,10 +85,9 @@ def test_approximate_indexes_answer_many_rows_as_each_alone(kind):
     np.testing.assert_array_equal(distances, want_d)
 
 
-def test_nearly_equidistant_vectors_are_answered_as_alone_too(monkeypatch):
+def test_nearly_equidistant_vectors_are_answered_as_alone_too():
     """Vectors closer together than float32 products can tell apart (an untrained model's descriptors):
-    no short list of candidates is safe, every vector is scored exactly."""
-    monkeypatch.setattr(retrieval, "SHORTLIST_ROWS", 8)  # short-listed where norms are given (then scanned)
+    every vector is scored by the one-row kernel, so ties and orders are FAISS's own."""
     rng = np.random.default_rng(3)
     base = rng.standard_normal(DIM).astype(np.float32)
     db = (base + 1e-4 * rng.standard_normal((N, DIM))).astype(np.float32)
@@ -98,23 +95,23 @@ def test_nearly_equidistant_vectors_are_answered_as_alone_too(monkeypatch):
     index.add(db)
     queries = (base + 1e-4 * rng.standard_normal((ROWS, DIM))).astype(np.float32)
     vectors, _ = flat_vectors(index)
-    for norms in (None, np.einsum("ij,ij->i", vectors, vectors)):
-        sq, pos = search_alone(vectors, queries, 5, norms=norms)
-        want_sq, want_pos = _alone(index, queries, 5)
-        np.testing.assert_array_equal(pos, want_pos)
-        np.testing.assert_array_equal(np.sqrt(np.maximum(sq, 0)), want_sq)
+    sq, pos = search_alone(vectors, queries, 5)
+    want_sq, want_pos = _alone(index, queries, 5)
+    np.testing.assert_array_equal(pos, want_pos)
+    np.testing.assert_array_equal(np.sqrt(np.maximum(sq, 0)), want_sq)
 
 
 def test_search_alone_scans_in_blocks_and_spans_with_the_same_result(monkeypatch):
-    monkeypatch.setattr(retrieval, "SHORTLIST_ROWS", 8)  # 40 rows: short-listed where norms are given
+    monkeypatch.setattr(retrieval, "ALONE_BLOCK_BYTES", 16 * 4 * DIM)  # 16 vectors a block: many blocks a span
     db, queries, _ = _data(2)
     index = faiss.IndexFlatL2(DIM)
     index.add(db)
     vectors, id_map = flat_vectors(index)
     assert id_map is None and np.shares_memory(vectors, faiss.rev_swig_ptr(index.get_xb(), N * DIM))
     want_sq, want_pos = zip(*(index.search(queries[i : i + 1], 7) for i in range(40)))
-    for norms in (None, np.einsum("ij,ij->i", vectors, vectors)):  # scanned; short-listed
-        sq, pos = search_alone(vectors, queries[:40], 7, norms=norms, span=100)  # 6 spans, merged
-        np.testing.assert_array_equal(pos, np.concatenate(want_pos))
-        np.testing.assert_array_equal(sq, np.concatenate(want_sq))
+    sq, pos = search_alone(vectors, queries[:40], 7, span=100)  # 6 spans, merged
+    np.testing.assert_array_equal(pos, np.concatenate(want_pos))
+    np.testing.assert_array_equal(sq, np.concatenate(want_sq))
+    empty_d, empty_p = search_alone(vectors, queries[:0], 7)
+    assert empty_d.shape == empty_p.shape == (0, 7)
     assert flat_vectors(faiss.IndexHNSWFlat(DIM, 8)) is None

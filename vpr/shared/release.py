@@ -109,11 +109,11 @@ class Release:
         x = np.ascontiguousarray(descriptors, dtype=np.float32)
         flat = self._flat()
         if flat is not None:
-            vectors, id_map, norms = flat
+            vectors, id_map = flat
             candidates = None
             if allowed is not None:
                 candidates = np.flatnonzero(np.isin(id_map, np.asarray(allowed, dtype=np.int64)))
-            sq, pos = search_alone(vectors, x, k, candidates, norms=norms)
+            sq, pos = search_alone(vectors, x, k, candidates)
             ids = np.where(pos >= 0, id_map[pos], -1)
             return np.sqrt(np.maximum(sq, 0)), ids
         params = None
@@ -127,17 +127,15 @@ class Release:
         sq, ids = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return np.sqrt(np.maximum(sq, 0)), ids
 
-    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-        """(stored vectors, id of each, their squared norms — None unless all finite) of an exact index, read
-        once per loaded index; None for other kinds."""
+    def _flat(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(stored vectors, id of each) of an exact index, read once per loaded index; None for other
+        kinds."""
         key = ("flat", self.index.ntotal)
         if key not in self._cache:
             found = flat_vectors(self.index)
             if found is not None:
                 vectors, id_map = found
-                norms = np.einsum("ij,ij->i", vectors, vectors)
-                ids = np.arange(len(vectors), dtype=np.int64) if id_map is None else id_map
-                found = (vectors, ids, norms if np.isfinite(norms).all() else None)
+                found = (vectors, np.arange(len(vectors), dtype=np.int64) if id_map is None else id_map)
             self._cache[key] = found
         return self._cache[key]
 

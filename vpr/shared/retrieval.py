@@ -28,9 +28,6 @@ def exact_search(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.
 # Database bytes per distance call of ``search_alone``: a block stays in a core's cache while every query of
 # the call scans it (the database is read from memory once per call, not once per query)
 ALONE_BLOCK_BYTES = 1 << 20
-# Fewer query rows are scanned. The scan was the faster way at every size measured on a quiet machine (1 to
-# 512 rows of a 5,000 × 4,096 release, BENCHMARKS.md "Service"), so the service's batches are always scanned
-SHORTLIST_ROWS = 1024
 _FLOAT_MAX = float(np.finfo(np.float32).max)  # FAISS's empty result slot (and nothing at or above it is a match)
 
 
@@ -71,7 +68,6 @@ def search_alone(
     k: int,
     candidates: np.ndarray | None = None,
     *,
-    norms: np.ndarray | None = None,
     span: int = 1 << 16,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact squared L2 k-NN of each query row among ``vectors`` (or only the sorted storage positions
@@ -81,42 +77,25 @@ def search_alone(
     pair (its sequential kernel ``fvec_L2sqr``; ties: the lower position first) — always on one thread,
     and below 10,000 vectors on any — however many rows come together: one FAISS call over many rows
     switches to a BLAS product whose last bits differ (as FAISS 1.15 does for one row on 10,000 vectors
-    or more with several threads). Two ways to the same result:
-
-    - with ``norms`` (the vectors' squared norms, all finite), no ``candidates`` and at least
-      ``SHORTLIST_ROWS`` rows: a shortlist per row from one matrix product for all rows (``_shortlists``:
-      a few vectors each, for descriptors that tell places apart), then the exact kernel on it; a row
-      whose shortlist is long (a quarter of the database: nearly equidistant vectors) is scanned;
-    - the scan: every vector by the exact kernel, for all rows together block by block
-      (``ALONE_BLOCK_BYTES`` of vectors per call, held in cache while every row scans them): the
-      database is read once per call, not once per row.
+    or more with several threads). Every vector is scored by that kernel, for all rows together block by
+    block (``ALONE_BLOCK_BYTES`` of vectors per call, held in cache while every row scans them): the
+    database is read once per call, not once per row. (A shortlist from one BLAS product, then the
+    kernel on each row's candidates, was slower at every batch size from 1 to 512 rows: BENCHMARKS.md
+    "Service".)
 
     Everything runs on the calling thread (FAISS's OpenMP team is 1 for it: forking a team per block
     costs more than it gains, and the service's other threads want the second core). Memory: Q ×
     ``span`` distances at a time.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    nq = len(queries)
-    best_d, best_p = _k_smallest(np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64), k)
-    scan = np.arange(nq)
+    if not len(queries):
+        return _k_smallest(np.empty((0, 0), np.float32), np.empty((0, 0), np.int64), k)
     team = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # this thread's OpenMP setting only
     try:
-        if norms is not None and candidates is None and nq >= SHORTLIST_ROWS and len(vectors):
-            lists = _shortlists(vectors, norms, queries, k, span)
-            short = [row for row, found in enumerate(lists) if found is not None]
-            if short:
-                ids = np.full((len(short), max(len(lists[row]) for row in short)), -1, np.int64)  # −1: no vector
-                for i, row in enumerate(short):
-                    ids[i, : len(lists[row])] = lists[row]
-                dist = _exact(vectors, np.ascontiguousarray(queries[short]), ids)
-                best_d[short], best_p[short] = _k_smallest(dist, ids, k)
-            scan = np.array([row for row, found in enumerate(lists) if found is None], dtype=np.int64)
-        if len(scan):
-            best_d[scan], best_p[scan] = _scan(vectors, queries[scan], k, candidates, span)
+        return _scan(vectors, queries, k, candidates, span)
     finally:
         faiss.omp_set_num_threads(team)
-    return best_d, best_p
 
 
 def _exact(vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -145,51 +124,6 @@ def _scan(
         positions = np.broadcast_to(part, dist.shape)
         best_d, best_p = _k_smallest(np.hstack([best_d, dist]), np.hstack([best_p, positions]), k)
     return best_d, best_p
-
-
-_UNIT_ROUNDOFF = 2.0**-24  # float32
-
-
-def _shortlists(
-    vectors: np.ndarray, norms: np.ndarray, queries: np.ndarray, k: int, span: int
-) -> list[np.ndarray | None]:
-    """Per query row, the sorted positions among which its k nearest by the exact kernel surely lie
-    (None: more than a quarter of the database, or a non-finite query — scan it instead).
-
-    ``‖x‖² + ‖y‖² − 2 x·y`` from one float32 matrix product for all rows (``faiss.pairwise_L2sqr``: BLAS,
-    on this thread) approximates each squared distance t within D = γ·(‖x‖ + ‖y‖)², γ = 2·(d + 4)·u
-    (twice the worst-case float32 error of the d-term dot product, the norms and the two additions,
-    whatever the summation order: Higham, Accuracy and Stability, §3.1); the exact kernel's own result
-    e is within γ·t ≤ D of t. With a the row's k-th smallest approximation, the shortlist keeps every
-    vector approximated at most a + 4D: the k vectors approximated at most a have e ≤ a + 2D, any
-    vector left out has e > a + 2D — so the k nearest by (e, position), ties included, are kept.
-    """
-    nq, d = queries.shape
-    gamma = 2 * (d + 4) * _UNIT_ROUNDOFF
-    q64 = queries.astype(np.float64)
-    q_len = np.sqrt(np.einsum("ij,ij->i", q64, q64))
-    y_len = float(np.sqrt(float(norms.max()) * (1 + gamma)))  # above the stored norms' own rounding
-    band = 4 * gamma * (q_len + y_len) ** 2
-    kept: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(nq)]
-    ptr = faiss.swig_ptr
-    for s0 in range(0, len(vectors), span):
-        block = vectors[s0 : s0 + span]
-        approx = np.empty((nq, len(block)), np.float32)
-        faiss.pairwise_L2sqr(d, nq, ptr(queries), len(block), ptr(block), ptr(approx), -1, -1, -1)
-        j = min(k, len(block)) - 1
-        local_kth = np.partition(approx, j, axis=1)[:, j]  # ≥ the row's k-th over everything: keeps a superset
-        for row in range(nq):
-            sel = np.flatnonzero(approx[row] <= local_kth[row] + band[row])
-            kept[row].append((approx[row, sel], sel + s0))
-    lists: list[np.ndarray | None] = []
-    for row in range(nq):
-        values = np.concatenate([v for v, _ in kept[row]])
-        positions = np.concatenate([p for _, p in kept[row]])
-        kth = np.partition(values, k - 1)[k - 1] if len(values) >= k else np.inf
-        found = positions[values <= kth + band[row]]
-        usable = np.isfinite(band[row]) and (len(values) < k or np.isfinite(kth))
-        lists.append(np.sort(found) if usable and len(found) <= max(4 * k, len(vectors) // 4) else None)
-    return lists
 
 
 def rows_within(memory_bytes: float, dim: int, share: float = 0.25) -> int:
