@@ -59,14 +59,16 @@ def _replay(history: list[dict], folder: Path) -> None:
     from dvclive.plots import Metric  # imports dvclive: only when a history is written
     from dvclive.serialize import dump_json
 
-    summary: dict = {}
+    metrics = {key: Metric(name, str(folder / "plots")) for key, name in METRICS.items()}
     for row in history:
-        for key, name in METRICS.items():
-            metric = Metric(name, str(folder / "plots"))
+        for key, metric in metrics.items():
             metric.step = int(row["epoch"])
             metric.dump(float(row[key]))
-            group, leaf = name.split("/")
-            summary.setdefault(group, {})[leaf] = float(row[key])
+    summary: dict = {}  # the last epoch, nested as dvclive nests it (train/loss → {"train": {"loss": …}})
     if history:
-        summary["step"] = int(history[-1]["epoch"])
+        last = history[-1]
+        for key, name in METRICS.items():
+            group, leaf = name.split("/")
+            summary.setdefault(group, {})[leaf] = float(last[key])
+        summary["step"] = int(last["epoch"])
     dump_json(summary, folder / "metrics.json")
